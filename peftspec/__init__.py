@@ -1,0 +1,62 @@
+"""peftspec: declarative, pluggable parameter-efficient fine-tuning for PyTorch.
+
+Write a TOML spec, compile it against a model, apply it::
+
+    import peftspec
+    spec = peftspec.load_spec("specs/lora.toml")
+    plan = peftspec.compile_plan(spec, model)   # validates; changes nothing
+    peftspec.apply_plan(plan, model)            # patches in place, freezes the base
+    ...train...
+    peftspec.save_adapter(model, "lora.safetensors")
+    peftspec.remove(model)                      # original modules back, bit-identical
+
+Plugin authors: subclass :class:`Method`, register it from a
+``register_methods`` hook marked with :data:`hookimpl`, and declare an entry
+point in the ``peftspec`` group.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from pathlib import Path  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from .errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402
+                     PeftspecError, PluginError, Problem, SpecError)
+from .hookspecs import hookimpl  # noqa: E402
+from .method import AdapterModule, Method, adapter_params  # noqa: E402
+from .options import option, selectors  # noqa: E402
+from .patching import apply_plan, is_patched, merge, remove  # noqa: E402
+from .plan import Plan, Step, compile_plan  # noqa: E402
+from .plugins import build_registry, get_registry  # noqa: E402
+from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
+from .adapter_file import load_adapter, save_adapter  # noqa: E402
+
+
+def apply(spec: Spec | str | Path, model: nn.Module, registry=None) -> nn.Module:
+    """Load (if a path), compile and apply ``spec`` to ``model`` in place."""
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec, registry=registry)
+    return apply_plan(compile_plan(spec, model, registry=registry), model, registry=registry)
+
+
+def load_model(source: str | None = None, registry=None) -> nn.Module:
+    """Build the model a ``--model`` string names (``None``: the built-in default)."""
+    return (registry or get_registry()).load_model(source)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters left trainable (what to hand an optimizer)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+__all__ = [
+    "__version__", "AdapterFileError", "AdapterModule", "Method", "ModelSourceError",
+    "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
+    "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",
+    "compile_plan", "get_registry", "hookimpl", "is_patched", "load_adapter", "load_model",
+    "load_spec", "merge", "option", "parse_spec", "remove", "save_adapter", "selectors",
+    "trainable_parameters",
+]

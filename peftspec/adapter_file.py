@@ -1,0 +1,222 @@
+"""Adapter files: one self-describing safetensors file per adapter.
+
+The file holds the trainable tensors keyed by their names in the patched
+model's state dict (``blocks.0.attn.q_proj.lora_A``, ``blocks.0.ln1.bias``)
+and string metadata:
+
+========================  ==================================================
+``format``                ``peftspec.adapter``
+``format_version``        ``1``
+``peftspec_version``      the writer's version
+``spec``                  the spec's TOML text (re-compiled on load)
+``base_digest``           SHA-256 of the base's tensor names and shapes
+``base_fingerprint``      the same list, zlib-compressed JSON in base64, used
+                          to say *what* differs on a mismatch (omitted for
+                          bases so large it would not fit in 48 KiB)
+========================  ==================================================
+
+Writes are atomic (temporary file in the same folder, fsync, rename): a crash
+mid-save leaves the previous file intact. Loads validate everything before
+touching the model, and roll back if anything fails after: a failed load
+leaves the model exactly as it was. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from . import __version__
+from .errors import AdapterFileError, PeftspecError, SpecError
+from .fingerprint import decode, describe_difference, digest, encode, fingerprint
+from .method import adapter_params
+from .patching import apply_plan, remove, state_of
+from .plan import compile_plan
+from .spec import parse_spec
+
+FORMAT = "peftspec.adapter"
+FORMAT_VERSION = "1"
+MAX_FINGERPRINT_CHARS = 48 * 1024
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds: adapter params and ``[[train]]`` picks."""
+    state = state_of(model)
+    out = dict(adapter_params(model))
+    params = dict(model.named_parameters())
+    for name in state.trained_base_names():
+        out[name] = params[name]
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapter on ``model`` to ``path`` atomically; return the path."""
+    state = state_of(model)
+    tensors = adapter_state(model)
+    base_fp = fingerprint(model, skip=adapter_params(model).keys())
+    if digest(base_fp) != state.plan.base_digest:
+        raise PeftspecError("the model's base tensors changed names or shapes since the "
+                            "adapter was applied; cannot describe its base")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftspec_version": __version__,
+        "spec": state.plan.spec.text,
+        "base_digest": state.plan.base_digest,
+    }
+    encoded = encode(base_fp)
+    if len(encoded) <= MAX_FINGERPRINT_CHARS:
+        metadata["base_fingerprint"] = encoded
+    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                   metadata=metadata)
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would create it
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The adapter file's metadata, validated; raises :class:`AdapterFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{path}: not a peftspec adapter (metadata 'format' is "
+                               f"{meta.get('format')!r}, expected {FORMAT!r}); for HF PEFT "
+                               "adapters use `peftspec import`")
+    for key in ("format_version", "spec", "base_digest"):
+        if key not in meta:
+            raise AdapterFileError(f"{path}: metadata lacks '{key}'")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise AdapterFileError(f"{path}: format version {meta['format_version']} is not "
+                               f"supported by peftspec {__version__} (expected "
+                               f"{FORMAT_VERSION}); upgrade peftspec")
+    return meta
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, registry=None,
+                 allow_nonfinite: bool = False) -> nn.Module:
+    """Re-create the adapter saved at ``path`` on ``model`` (an unpatched base).
+
+    Raises:
+        AdapterFileError: unreadable file, another base, missing or extra
+            tensors, wrong shapes, non-finite values. The model is unchanged.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        spec = parse_spec(meta["spec"], file=f"{path} (embedded spec)", registry=registry)
+    except SpecError as exc:
+        raise AdapterFileError(f"{path}: its embedded spec does not load here:\n{exc}") from None
+
+    actual = fingerprint(model)
+    if digest(actual) != meta["base_digest"]:
+        detail = []
+        if "base_fingerprint" in meta:
+            try:
+                detail = describe_difference(decode(meta["base_fingerprint"]), actual)
+            except Exception:  # noqa: BLE001 - a corrupt fingerprint is reported below
+                detail = ["(the file's base fingerprint is unreadable)"]
+        raise AdapterFileError(f"{path}: this adapter was made for another base model:\n  " +
+                               "\n  ".join(detail or ["tensor names or shapes differ"]))
+    try:
+        plan = compile_plan(spec, model, registry=registry)
+    except SpecError as exc:
+        raise AdapterFileError(f"{path}: its spec does not fit this model:\n{exc}") from None
+
+    with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
+        apply_plan(plan, model, registry=registry)
+    try:
+        _copy_tensors(model, path, allow_nonfinite)
+    except BaseException:
+        remove(model)
+        raise
+    return model
+
+
+def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:
+    targets = adapter_state(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(targets) - keys)
+            extra = sorted(keys - set(targets))
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+                if extra:
+                    parts.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:5])}")
+                raise AdapterFileError(f"{path}: tensors do not match the spec: " +
+                                       "; ".join(parts))
+            loaded = {}
+            for name, param in targets.items():
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(param.shape):
+                    raise AdapterFileError(f"{path}: tensor '{name}' has shape "
+                                           f"{list(t.shape)}, the model expects "
+                                           f"{list(param.shape)}")
+                if t.is_floating_point() and not allow_nonfinite and \
+                        not torch.isfinite(t).all():
+                    raise AdapterFileError(f"{path}: tensor '{name}' holds NaN or Inf values "
+                                           "(pass allow_nonfinite=True / --allow-nonfinite "
+                                           "to load it anyway)")
+                loaded[name] = t
+    except (SafetensorError, OSError) as exc:
+        raise AdapterFileError(f"{path}: cannot read tensors ({exc})") from None
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(loaded[name])
+
+
+def describe_file(path: str | os.PathLike) -> dict:
+    """Metadata and tensor list of an adapter file (for ``peftspec inspect``)."""
+    meta = read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {"metadata": {k: v for k, v in meta.items() if k != "base_fingerprint"},
+            "tensors": tensors}
+
+
+__all__ = ["save_adapter", "load_adapter", "read_metadata", "atomic_write_bytes",
+           "describe_file"]

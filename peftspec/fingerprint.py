@@ -1,0 +1,76 @@
+"""A base model's identity: the names, shapes and dtypes of its tensors.
+
+Saved (compressed) with every adapter, so loading onto the wrong base is an
+error that says *what* differs (a missing layer, another width) instead of a
+shape error deep inside ``load_state_dict`` or, worse, a silent partial load.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from typing import Iterable
+
+from torch import nn
+
+Entry = tuple[str, tuple[int, ...], str]
+
+
+def fingerprint(model: nn.Module, skip: Iterable[str] = ()) -> list[Entry]:
+    """``(name, shape, dtype)`` of every parameter and buffer, in model order."""
+    skip = set(skip)
+    out: list[Entry] = []
+    for name, t in model.named_parameters():
+        if name not in skip:
+            out.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    for name, t in model.named_buffers():
+        if name not in skip:
+            out.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    return out
+
+
+def digest(fp: list[Entry]) -> str:
+    """SHA-256 over names and shapes (not dtypes, see :func:`describe_difference`)."""
+    h = hashlib.sha256()
+    for name, shape, _ in fp:
+        h.update(f"{name}|{','.join(map(str, shape))}\n".encode())
+    return h.hexdigest()
+
+
+def encode(fp: list[Entry]) -> str:
+    raw = json.dumps([[n, list(s), d] for n, s, d in fp], separators=(",", ":")).encode()
+    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def decode(text: str) -> list[Entry]:
+    raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    return [(n, tuple(s), d) for n, s, d in json.loads(raw)]
+
+
+def describe_difference(expected: list[Entry], actual: list[Entry], limit: int = 6) -> list[str]:
+    """Differences in names and shapes between two fingerprints, most telling first.
+
+    Dtypes are not compared: an adapter trained on a float32 base may be loaded
+    onto the same base in bfloat16 (its tensors are cast on load). An empty
+    list means the bases are compatible.
+    """
+    exp = {n: s for n, s, _ in expected}
+    act = {n: s for n, s, _ in actual}
+    lines: list[str] = []
+    changed = [n for n in exp if n in act and exp[n] != act[n]]
+    missing = [n for n in exp if n not in act]
+    extra = [n for n in act if n not in exp]
+    for n in changed[:limit]:
+        lines.append(f"'{n}' has shape {list(act[n])} in this model but {list(exp[n])} in the "
+                     "adapter's base")
+    if missing:
+        lines.append(f"{len(missing)} tensor(s) of the adapter's base are missing from this "
+                     f"model, e.g. {', '.join(repr(n) for n in missing[:3])}")
+    if extra:
+        lines.append(f"this model has {len(extra)} tensor(s) the adapter's base did not, e.g. "
+                     f"{', '.join(repr(n) for n in extra[:3])}")
+    if len(changed) > limit:
+        lines.append(f"... and {len(changed) - limit} more tensors differ in shape or dtype")
+    return lines

@@ -1,0 +1,62 @@
+"""The hooks a peftspec plugin may implement. These docstrings are the reference.
+
+A plugin is a module (or object) with functions decorated by
+:data:`peftspec.hookimpl`, made known through the ``peftspec`` entry-point
+group of its distribution::
+
+    [project.entry-points.peftspec]
+    my_method = "my_package.plugin"
+
+Every hook is optional. Hooks take keyword arguments by name; an
+implementation may accept any subset of them.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("peftspec")
+hookimpl = pluggy.HookimplMarker("peftspec")
+
+
+@hookspec
+def register_methods(register):
+    """Register method objects: call ``register(method)`` once per method.
+
+    ``method`` is an instance of a :class:`peftspec.Method` subclass. Its
+    ``name`` must be unique across all installed plugins; a clash is reported
+    against the plugin that registered second, and that method is ignored.
+    """
+
+
+@hookspec
+def register_model_sources(register):
+    """Register model sources: ``register(prefix, loader, help)``.
+
+    ``--model PREFIX:REST`` calls ``loader(REST)``, which returns an
+    ``nn.Module`` or raises :class:`peftspec.ModelSourceError`. The prefix
+    ``default`` is used when no model is given.
+    """
+
+
+@hookspec
+def check_plan(plan):
+    """Validate a compiled plan beyond what each method checks.
+
+    Return a list of problems (:class:`peftspec.Problem` or ``str``) or
+    ``None``. Problems of all plugins are gathered into one ``SpecError``.
+    """
+
+
+@hookspec
+def after_apply(model, plan):
+    """Called after a plan was applied to ``model`` and parameters frozen.
+
+    For post-apply steps that need the whole model. Must not change base
+    weights.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the ``peftspec`` click group ``cli``."""

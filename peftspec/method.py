@@ -1,0 +1,105 @@
+"""What a plugin author implements: a :class:`Method`, and modules that
+expose their new parameters through :class:`AdapterModule`.
+
+A method is a small object with a name, a family, an options dataclass and
+the operations its family needs. The compiler resolves a rule's selectors to
+targets and asks the method, per target, whether it can handle it
+(:meth:`Method.check`) and how many parameters it adds
+(:meth:`Method.count_params`). Applying calls :meth:`Method.apply`, which
+returns the module to install at the target's path: a new module (a
+reparameterization swaps the module) or the same module with adapter children
+and hooks attached. Removal and merge undo or fold that.
+
+New trainable parameters are found through :class:`AdapterModule`, never by
+matching names: any module in the model whose ``adapter_params()`` returns
+parameters contributes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Step
+
+FAMILIES = ("train", "reparameterize", "augment", "prefix")
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module holding adapter parameters (as in torchtune).
+
+    ``adapter_params()`` maps names relative to the module (as they appear in
+    its ``state_dict``) to the parameters peftspec adds, trains and saves.
+    """
+
+    def adapter_params(self) -> dict[str, nn.Parameter]: ...
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All adapter parameters of ``model``, keyed by their full dotted name."""
+    out: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        fn = getattr(module, "adapter_params", None)
+        if fn is None or not callable(fn):
+            continue
+        prefix = f"{name}." if name else ""
+        for key, p in fn().items():
+            out[prefix + key] = p
+    return out
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For methods without options."""
+
+
+class Method:
+    """Base class of a method plugin. Subclass it and register an instance.
+
+    Class attributes:
+        name: the spec's ``method = "..."`` value; unique across plugins.
+        family: one of ``train``, ``reparameterize``, ``augment``, ``prefix``.
+        Options: a frozen dataclass (see :mod:`peftspec.options`); unknown
+            keys in a rule are errors.
+        summary: one line for ``peftspec plugins``.
+        mergeable: whether :meth:`merge` folds the method into base weights.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    summary: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+
+    def check(self, module: nn.Module, step: "Step") -> str | None:
+        """Return why ``module`` cannot take this step, or ``None`` if it can."""
+        return None
+
+    def count_params(self, module: nn.Module, step: "Step") -> int:
+        """How many parameters :meth:`apply` will add to ``module``."""
+        return 0
+
+    def apply(self, module: nn.Module, step: "Step") -> nn.Module:
+        """Patch ``module``; return the module to install at ``step.target``.
+
+        The base module's parameters must stay the same objects with the same
+        values; they will be frozen by the caller. New parameters must be
+        reachable through :class:`AdapterModule`.
+        """
+        raise NotImplementedError
+
+    def remove(self, installed: nn.Module, original: nn.Module) -> None:
+        """Undo :meth:`apply` (detach hooks, children). The caller puts
+        ``original`` back at the path afterwards."""
+
+    def merge(self, installed: nn.Module, original: nn.Module) -> nn.Module:
+        """Fold the adapter into ``original``'s weights; return the plain module."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "summary": self.summary,
+                "mergeable": self.mergeable}

@@ -1,0 +1,150 @@
+"""The built-in default model: a small nanoGPT-shaped causal language model.
+
+One readable file, as Karpathy's nanoGPT: token and position embeddings,
+pre-norm transformer blocks with separate ``q_proj``/``k_proj``/``v_proj``/
+``o_proj`` attention projections and an ``up_proj``/``down_proj`` MLP, a final
+LayerNorm and an LM head tied to the token embedding. The initialisation is
+deterministic (its own seeded generator), so ``--model default`` is the same
+model on every machine, and nothing is downloaded. Module names::
+
+    tok_emb, pos_emb, blocks.{i}.ln1, blocks.{i}.attn.{q,k,v,o}_proj,
+    blocks.{i}.ln2, blocks.{i}.mlp.{up,down}_proj, ln_f, lm_head
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 257  # 256 bytes + end-of-text, for the byte-level tokenizer
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    seed: int = 0
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.n_head
+
+        def heads(y):
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.down_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A causal LM taking ``input_ids`` (or ``inputs_embeds``), ``attention_mask``
+    and ``labels`` like a transformers model, returning :class:`CausalLMOutput`."""
+
+    def __init__(self, cfg: GPTConfig = GPTConfig()):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        self._init_weights(cfg)
+
+    @torch.no_grad()
+    def _init_weights(self, cfg: GPTConfig) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("ln1.weight") or name.endswith("ln2.weight")
+                        or name == "ln_f.weight" else 0.0)
+            else:
+                std = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_emb
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None, labels=None,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, _ = x.shape
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of {t} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        mask = None
+        if attention_mask is None:
+            pos = torch.arange(t, device=x.device).expand(b, t)
+        else:
+            am = attention_mask.to(torch.bool)
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = (causal[None] & am[:, None, :])[:, None]
+            mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)  # no empty rows
+        x = self.drop(x + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)

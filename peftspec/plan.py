@@ -1,0 +1,252 @@
+"""Compiling a spec against a model into a deterministic :class:`Plan`.
+
+The compiler resolves each rule's selectors against the model's module (or
+parameter) names, asks the rule's method whether it can handle each target,
+finds conflicts between rules, lets plugins add checks (``check_plan``), and
+reports every problem at once. Nothing in the model changes here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import PeftspecError, Problem, SpecError, did_you_mean
+from .fingerprint import digest, fingerprint
+from .options import selector_fields
+from .matching import class_names, parse_selector
+from .spec import Rule, Spec
+
+APPLY_ORDER = ("reparameterize", "augment", "prefix", "train")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: apply ``method`` to ``target`` with ``options``.
+
+    ``roles`` names the selector options that picked the target (e.g.
+    ``("modules", "feedforward")`` for IA3); ``rule`` and ``line`` say where
+    in the spec it came from.
+    """
+
+    target: str
+    method: str
+    family: str
+    options: Any
+    roles: tuple[str, ...]
+    rule: str
+    line: int | None
+    params_added: int = 0
+    bytes_added: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "method": self.method, "family": self.family,
+                "roles": list(self.roles), "rule": self.rule, "line": self.line,
+                "params_added": self.params_added, "bytes_added": self.bytes_added}
+
+
+@dataclass(frozen=True)
+class RuleSummary:
+    rule: str
+    method: str
+    line: int | None
+    targets: tuple[str, ...]
+    params_added: int
+    params_trained: int  # existing parameters made trainable ([[train]])
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The ordered steps that apply a spec to one base model."""
+
+    spec: Spec
+    steps: tuple[Step, ...]
+    base_digest: str
+    base_params: int
+    # [[train]] picks: parameter name -> (numel, bytes)
+    trained_base: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def params_added(self) -> int:
+        return sum(s.params_added for s in self.steps)
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters added plus existing parameters made trainable."""
+        return self.params_added + sum(n for n, _ in self.trained_base.values())
+
+    @property
+    def total_params(self) -> int:
+        return self.base_params + self.params_added
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes of tensor data an adapter file of this plan holds."""
+        return sum(s.bytes_added for s in self.steps) + sum(b for _, b in
+                                                            self.trained_base.values())
+
+    def rules(self) -> list[RuleSummary]:
+        out = []
+        for rule in self.spec.rules:
+            steps = [s for s in self.steps if s.rule == rule.where]
+            trained = [s for s in steps if s.family == "train"]
+            out.append(RuleSummary(
+                rule=rule.where, method=rule.method, line=rule.line,
+                targets=tuple(s.target for s in steps),
+                params_added=sum(s.params_added for s in steps),
+                params_trained=sum(self.trained_base[s.target][0] for s in trained),
+                bytes=sum(s.bytes_added for s in steps) +
+                sum(self.trained_base[s.target][1] for s in trained)))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": {"name": self.spec.name, "file": self.spec.file},
+            "base_params": self.base_params,
+            "params_added": self.params_added,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
+            "adapter_bytes": self.adapter_bytes,
+            "rules": [{"rule": r.rule, "method": r.method, "line": r.line,
+                       "matched": len(r.targets), "targets": list(r.targets),
+                       "params_added": r.params_added, "params_trained": r.params_trained,
+                       "bytes": r.bytes} for r in self.rules()],
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
+    """Resolve ``spec`` against ``model``.
+
+    Raises:
+        SpecError: every selector that matched nothing, every target a method
+            cannot handle, every conflict between rules, and every problem a
+            ``check_plan`` hook reported, all at once.
+        PeftspecError: the model already carries a peftspec adapter.
+    """
+    if registry is None:
+        from .plugins import get_registry
+
+        registry = get_registry()
+    if getattr(model, "_peftspec", None) is not None:
+        raise PeftspecError("this model already has a peftspec adapter applied; "
+                            "call peftspec.remove(model) first")
+
+    modules = dict(model.named_modules())
+    module_types = {name: class_names(m) for name, m in modules.items()}
+    params = dict(model.named_parameters())
+    param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
+    problems: list[Problem] = []
+
+    def problem(rule: Rule, message: str, key: str | None = None, hint: str | None = None):
+        problems.append(Problem(message, file=spec.file, line=rule.line,
+                                key=f"{rule.where}.{key}" if key else rule.where, hint=hint))
+
+    steps: list[Step] = []
+    trained_base: dict[str, tuple[int, int]] = {}
+    reparam_owner: dict[str, Rule] = {}
+    augment_owner: dict[tuple[str, str], Rule] = {}
+
+    rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
+    for rule in rules:
+        method = registry.method(rule.method)
+        fields = selector_fields(method.Options)
+        chosen: dict[str, list[str]] = {}  # target -> roles, in model order later
+        excluded = _resolve_all(rule, "exclude", rule.exclude, "params" if rule.family == "train"
+                                else "modules", modules, module_types, params,
+                                param_owner_types, problem)
+        for f in fields:
+            sels = getattr(rule.options, f.name)
+            names = _resolve_all(rule, f.name, sels, f.metadata["selector"], modules,
+                                 module_types, params, param_owner_types, problem)
+            for n in names:
+                if n not in excluded:
+                    chosen.setdefault(n, []).append(f.name)
+        order = params if rule.family == "train" else modules
+        for target in [n for n in order if n in chosen]:
+            step = Step(target=target, method=rule.method, family=rule.family,
+                        options=rule.options, roles=tuple(chosen[target]), rule=rule.where,
+                        line=rule.line)
+            if rule.family == "train":
+                p = params[target]
+                trained_base[target] = (p.numel(), p.numel() * p.element_size())
+                steps.append(step)
+                continue
+            module = modules[target]
+            reason = method.check(module, step)
+            if reason:
+                problem(rule, f"method '{rule.method}' cannot apply to '{target}' "
+                              f"({type(module).__name__}): {reason}")
+                continue
+            if rule.family == "reparameterize":
+                if target in reparam_owner:
+                    other = reparam_owner[target]
+                    problem(rule, f"module '{target}' is already reparameterized by "
+                                  f"{other.where} (line {other.line}); one module takes one "
+                                  "reparameterization", hint="narrow one rule with 'exclude'")
+                    continue
+                reparam_owner[target] = rule
+            elif rule.family == "augment":
+                key = (target, rule.method)
+                if key in augment_owner:
+                    other = augment_owner[key]
+                    problem(rule, f"module '{target}' already gets '{rule.method}' from "
+                                  f"{other.where} (line {other.line})",
+                            hint="narrow one rule with 'exclude'")
+                    continue
+                augment_owner[key] = rule
+            n_added = int(method.count_params(module, step))
+            itemsize = next((p.element_size() for p in module.parameters()), 4)
+            steps.append(Step(**{**step.__dict__, "params_added": n_added,
+                                 "bytes_added": n_added * itemsize}))
+
+    if not problems:
+        draft = Plan(spec, tuple(steps), "", 0, trained_base)
+        for result in registry.pm.hook.check_plan(plan=draft):
+            for item in result or ():
+                problems.append(item if isinstance(item, Problem)
+                                else Problem(str(item), file=spec.file))
+    if problems:
+        raise SpecError(problems)
+    base_params = sum(p.numel() for p in params.values())
+    return Plan(spec, tuple(steps), digest(fingerprint(model)), base_params, trained_base)
+
+
+def _resolve_all(rule, key, selectors, kind, modules, module_types, params, param_owner_types,
+                 problem) -> set[str]:
+    found: set[str] = set()
+    for text in selectors:
+        sel = parse_selector(text)
+        if kind == "params":
+            hits = [n for n in params if sel.matches(n, param_owner_types[n])]
+        else:
+            hits = [n for n in modules if n and sel.matches(n, module_types[n])]
+        if not hits and not rule.optional:
+            pool = params if kind == "params" else modules
+            problem(rule, f"selector '{text}' matched no {'parameter' if kind == 'params' else 'module'}",
+                    key=key, hint=_near_miss(text, pool, module_types, kind))
+        found.update(hits)
+    return found
+
+
+def _near_miss(text: str, names, module_types, kind: str) -> str:
+    if text.startswith("type:"):
+        types = sorted({t for ts in module_types.values() for t in ts
+                        if t not in ("Module", "object")})
+        return did_you_mean(text[5:], types) or f"module types here: {', '.join(types[:12])}"
+    last = text.rsplit(".", 1)[-1]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    hint = did_you_mean(last, leaves)
+    if hint:
+        return hint
+    sample = [n for n in names if n][:6]
+    return (f"no {kind} name ends like that; `peftspec plan` lists names, e.g. "
+            f"{', '.join(sample)}")

@@ -1,0 +1,204 @@
+"""Finding, loading and indexing plugins.
+
+Built-in methods live in the ``peftspec_plugins`` package (the repository's
+``plugins/`` folder) and are registered through the same ``peftspec``
+entry-point group as a third party's. ``PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD=1``
+loads only the entry points of the ``peftspec`` distribution itself.
+
+A plugin that fails to import, fails ``check_pending`` (a misspelled hook), or
+raises while registering is recorded as a :class:`LoadFailure` naming its
+distribution; the other plugins keep working.
+
+There is no plugin manager built at import time: :func:`build_registry` makes
+a fresh one, and :func:`get_registry` caches one for the CLI and the
+convenience API.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import ModelSourceError, PluginError, did_you_mean
+from .method import FAMILIES, Method
+
+GROUP = "peftspec"
+OWN_DIST = "peftspec"
+DISABLE_ENV = "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    method: Method
+    dist: str  # distribution that provides it ("<local>" for in-process plugins)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    prefix: str
+    loader: Callable[[str], Any]
+    help: str
+    dist: str
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    dist: str
+    entry_point: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.entry_point!r} from distribution {self.dist!r} was not loaded: {self.error}"
+
+
+@dataclass
+class Registry:
+    """Plugin manager plus the methods and model sources the plugins registered."""
+
+    pm: pluggy.PluginManager
+    methods: dict[str, MethodInfo] = field(default_factory=dict)
+    sources: dict[str, SourceInfo] = field(default_factory=dict)
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    def method(self, name: str) -> Method:
+        try:
+            return self.methods[name].method
+        except KeyError:
+            hint = did_you_mean(name, self.methods)
+            raise PluginError(f"unknown method {name!r}" + (f" ({hint})" if hint else "")) from None
+
+    def method_names(self, family: str | None = None) -> list[str]:
+        return sorted(n for n, i in self.methods.items()
+                      if family is None or i.method.family == family)
+
+    def load_model(self, source: str | None):
+        """Resolve a ``--model`` string (``None`` = the built-in default)."""
+        source = source or "default"
+        prefix, _, rest = source.partition(":")
+        if prefix not in self.sources:
+            known = ", ".join(f"{p}:" if p != "default" else p for p in sorted(self.sources))
+            raise ModelSourceError(
+                f"unknown model source {source!r}: expected one of {known} "
+                "(e.g. 'hf:./my-model' or 'py:my_pkg.models:build')")
+        return self.sources[prefix].loader(rest)
+
+
+def build_registry(*, autoload: bool | None = None, plugins: Iterable[object] = ()) -> Registry:
+    """Make a fresh plugin manager and index what its plugins register.
+
+    Args:
+        autoload: load third-party entry points; defaults to ``True`` unless
+            ``PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
+        plugins: extra in-process plugin objects (tests, notebooks).
+    """
+    if autoload is None:
+        autoload = os.environ.get(DISABLE_ENV, "") in ("", "0")
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    reg = Registry(pm)
+    dist_of: dict[int, str] = {}
+
+    eps = sorted(metadata.entry_points(group=GROUP),
+                 key=lambda ep: (ep.dist is None or ep.dist.name != OWN_DIST, ep.name))
+    seen: set[str] = set()
+    for ep in eps:
+        dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        if (dist, ep.name) in seen:  # the same dist found twice on sys.path
+            continue
+        seen.add((dist, ep.name))
+        if dist != OWN_DIST and not autoload:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break others
+            reg.failures.append(LoadFailure(dist, ep.name, f"import failed: {exc!r}"))
+            continue
+        _register(reg, plugin, ep.name, dist, dist_of)
+    for plugin in plugins:
+        _register(reg, plugin, getattr(plugin, "__name__", repr(plugin)),
+                  getattr(plugin, "__peftspec_dist__", "<local>"), dist_of)
+
+    for impl in pm.hook.register_methods.get_hookimpls():
+        dist = dist_of.get(id(impl.plugin), "<unknown>")
+        _call_register(reg, impl, dist, lambda m, dist=dist: _add_method(reg, m, dist))
+    for impl in pm.hook.register_model_sources.get_hookimpls():
+        dist = dist_of.get(id(impl.plugin), "<unknown>")
+        _call_register(reg, impl, dist,
+                       lambda prefix, loader, help="", dist=dist: _add_source(reg, prefix, loader,
+                                                                              help, dist))
+    return reg
+
+
+def _register(reg: Registry, plugin: object, name: str, dist: str, dist_of: dict) -> None:
+    pm = reg.pm
+    if pm.is_registered(plugin):
+        return
+    try:
+        pm.register(plugin, name=f"{dist}:{name}")
+        pm.check_pending()
+    except Exception as exc:  # noqa: BLE001
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        reg.failures.append(LoadFailure(dist, name, f"registration failed: {exc}"))
+        return
+    dist_of[id(plugin)] = dist
+
+
+def _call_register(reg: Registry, impl, dist: str, register: Callable) -> None:
+    try:
+        impl.function(register=register)
+    except Exception as exc:  # noqa: BLE001
+        reg.failures.append(LoadFailure(dist, impl.plugin_name.split(":", 1)[-1],
+                                        f"{impl.function.__name__} raised {exc!r}"))
+
+
+def _add_method(reg: Registry, method: Method, dist: str) -> None:
+    if not isinstance(method, Method):
+        raise PluginError(f"register() takes a peftspec.Method instance, got {method!r}")
+    name = getattr(method, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"method {method!r} has no name")
+    if method.family not in FAMILIES:
+        raise PluginError(f"method {name!r} has family {method.family!r}; "
+                          f"expected one of {', '.join(FAMILIES)}")
+    if name in reg.methods:
+        raise PluginError(f"method {name!r} is already provided by "
+                          f"{reg.methods[name].dist!r}")
+    reg.methods[name] = MethodInfo(method, dist)
+
+
+def _add_source(reg: Registry, prefix: str, loader: Callable, help: str, dist: str) -> None:
+    if prefix in reg.sources:
+        raise PluginError(f"model source {prefix!r} is already provided by "
+                          f"{reg.sources[prefix].dist!r}")
+    reg.sources[prefix] = SourceInfo(prefix, loader, help, dist)
+
+
+_cached: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use (not at import)."""
+    global _cached
+    if _cached is None:
+        _cached = build_registry()
+        for failure in _cached.failures:
+            warnings.warn(str(failure), RuntimeWarning, stacklevel=2)
+    return _cached
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (after installing a plugin at run time)."""
+    global _cached
+    _cached = None
+    metadata_cache_clear = getattr(metadata, "_cache_clear", None)
+    if metadata_cache_clear:
+        metadata_cache_clear()
+    sys.path_importer_cache.clear()

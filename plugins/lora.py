@@ -1,0 +1,224 @@
+"""LoRA, rsLoRA and DoRA for ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Embedding``.
+
+The update is ``W + s·B·A`` with ``s = alpha/r`` (``alpha/sqrt(r)`` with
+``rslora``). ``B`` starts at zero, so the model's outputs are unchanged at
+apply. With ``dora``, a magnitude vector ``m`` (one entry per output row,
+initialised to the row norms of ``W``) rescales the adapted weight:
+``W' = m · (W + s·B·A) / ||W + s·B·A||``, the norm detached from the graph as
+the DoRA paper recommends.
+
+The patched module keeps the original ``weight`` and ``bias`` parameters as
+the same objects under the same names, so the base model's state-dict keys do
+not change; the new tensors appear beside them as ``lora_A``, ``lora_B`` and
+``lora_magnitude``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftspec import Method, hookimpl, option, selectors
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    modules: tuple[str, ...] = selectors(doc="modules to adapt: Linear, Conv1D or Embedding")
+    r: int = option(8, doc="rank of the update", min=1)
+    alpha: float = option(8.0, doc="scale numerator: s = alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = option(0.0, doc="dropout on the adapter's input", min=0.0, max=0.999)
+    rslora: bool = option(False, doc="rank-stabilised scaling alpha/sqrt(r)")
+    dora: bool = option(False, doc="weight-decomposed LoRA: learn a per-row magnitude")
+    init: Literal["zeros", "gaussian"] = option(
+        "zeros", doc="B = 0 with A Kaiming-uniform ('zeros') or A ~ N(0, 1/r) ('gaussian')")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2 and hasattr(module, "nf"):
+        return "conv1d"
+    return None
+
+
+def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
+    """(in, out) of the linear map; for embeddings (num_embeddings, dim)."""
+    w = module.weight
+    if kind == "linear":
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]  # conv1d stores (in, out); embedding (num, dim)
+
+
+class LoRALinear(nn.Module):
+    """LoRA beside a frozen ``nn.Linear`` or ``Conv1D`` (``fan_in_fan_out``)."""
+
+    def __init__(self, base: nn.Module, kind: str, opts: LoRAOptions):
+        super().__init__()
+        self.kind = kind
+        self.in_features, self.out_features = _dims(base, kind)
+        if kind == "conv1d":
+            self.nf = base.nf
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        self.r = opts.r
+        self.scale = opts.scale
+        self.dropout = opts.dropout
+        self.lora_A = nn.Parameter(torch.empty(opts.r, self.in_features, dtype=w.dtype,
+                                               device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, opts.r, dtype=w.dtype,
+                                               device=w.device))
+        with torch.no_grad():
+            if opts.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / opts.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dora = opts.dora
+        if opts.dora:
+            self.lora_magnitude = nn.Parameter(
+                self._weight_norm(torch.zeros_like(self._weight_out_in())).detach())
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.dora:
+            out["lora_magnitude"] = self.lora_magnitude
+        return out
+
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.t() if self.kind == "conv1d" else self.weight
+
+    def delta(self) -> torch.Tensor:
+        """``s·B·A`` as an (out, in) matrix, computed in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        # In the weight's own dtype, exactly as forward() computes it, so that
+        # m / ||W|| is exactly 1 at init and outputs are unchanged bit for bit.
+        w = self._weight_out_in()
+        return (w + delta.to(w.dtype)).norm(p=2, dim=1)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base(x)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        if not self.dora:
+            return out.add_(lora, alpha=self.scale)
+        # DoRA, as HF PEFT computes it: rescale the base output by m/||W + sBA||.
+        w = self._weight_out_in()
+        lora_w = self.lora_B @ self.lora_A
+        norm = (w + self.scale * lora_w).norm(p=2, dim=1).detach()
+        mag = self.lora_magnitude / norm
+        base = out if self.bias is None else out - self.bias
+        return out + (mag - 1) * base + mag * lora * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """The folded weight in the base's layout and dtype (math in float32)."""
+        w = self._weight_out_in().float()
+        new = w + self.delta()
+        if self.dora:
+            new = new * (self.lora_magnitude.float() / new.norm(p=2, dim=1)).unsqueeze(1)
+        if self.kind == "conv1d":
+            new = new.t()
+        return new.to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scale={self.scale:g}, dora={self.dora}")
+
+
+class LoRAEmbedding(nn.Module):
+    """LoRA beside a frozen ``nn.Embedding``: ``E + s·(B·A)ᵀ`` looked up by index."""
+
+    def __init__(self, base: nn.Embedding, opts: LoRAOptions):
+        super().__init__()
+        self.weight = base.weight
+        self.num_embeddings, self.embedding_dim = base.weight.shape
+        for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            setattr(self, attr, getattr(base, attr))
+        w = base.weight
+        self.r = opts.r
+        self.scale = opts.scale
+        self.dropout = opts.dropout
+        # As HF PEFT: A (r, num) starts at zero, B (dim, r) Gaussian; the update is zero.
+        self.lora_A = nn.Parameter(torch.zeros(opts.r, self.num_embeddings, dtype=w.dtype,
+                                               device=w.device))
+        self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, opts.r, dtype=w.dtype,
+                                               device=w.device))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_B)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._lookup(x, self.weight)
+        after_a = self._lookup(x, self.lora_A.t())
+        return out + (after_a @ self.lora_B.t()) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.float() @ self.lora_A.float()).t() * self.scale
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"embedding, num={self.num_embeddings}, dim={self.embedding_dim}, r={self.r}, "
+                f"scale={self.scale:g}")
+
+
+class LoRA(Method):
+    name = "lora"
+    family = "reparameterize"
+    Options = LoRAOptions
+    summary = "low-rank update W + s·B·A (rsLoRA, DoRA); Linear, Conv1D, Embedding"
+    mergeable = True
+
+    def check(self, module, step):
+        kind = _kind(module)
+        if kind is None:
+            return "LoRA adapts Linear, Conv1D and Embedding modules only"
+        if kind == "embedding" and step.options.dora:
+            return "DoRA is not supported on Embedding modules; use dora = false here"
+        return None
+
+    def count_params(self, module, step):
+        kind = _kind(module)
+        n_in, n_out = _dims(module, kind)
+        extra = n_out if step.options.dora else 0
+        return step.options.r * (n_in + n_out) + extra
+
+    def apply(self, module, step):
+        kind = _kind(module)
+        if kind == "embedding":
+            return LoRAEmbedding(module, step.options)
+        return LoRALinear(module, kind, step.options)
+
+    def merge(self, installed, original):
+        with torch.no_grad():
+            original.weight.copy_(installed.merged_weight())
+        return original
+
+
+@hookimpl
+def register_methods(register):
+    register(LoRA())
