@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__
@@ -38,6 +37,7 @@ from .errors import AdapterFileError, PeftspecError, SpecError
 from .fingerprint import decode, describe_difference, digest, encode, fingerprint
 from .method import adapter_params
 from .patching import apply_plan, remove, state_of
+from .safetensors_io import serialize
 from .plan import compile_plan
 from .spec import parse_spec
 
@@ -74,8 +74,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     encoded = encode(base_fp)
     if len(encoded) <= MAX_FINGERPRINT_CHARS:
         metadata["base_fingerprint"] = encoded
-    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                   metadata=metadata)
+    data = serialize(tensors, metadata)
     path = Path(path)
     atomic_write_bytes(path, data)
     return path

@@ -72,5 +72,5 @@ def describe_difference(expected: list[Entry], actual: list[Entry], limit: int =
         lines.append(f"this model has {len(extra)} tensor(s) the adapter's base did not, e.g. "
                      f"{', '.join(repr(n) for n in extra[:3])}")
     if len(changed) > limit:
-        lines.append(f"... and {len(changed) - limit} more tensors differ in shape or dtype")
+        lines.append(f"... and {len(changed) - limit} more tensors differ in shape")
     return lines

@@ -58,7 +58,9 @@ def describe_type(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(a) for a in get_args(tp) if a is not type(None))
     if origin in (tuple, list):
-        return f"a list of {describe_type(get_args(tp)[0])}s"
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        item = get_args(tp)[0]
+        return f"a list of {plural.get(item, describe_type(item))}"
     if origin is dict or tp is dict:
         return "a table"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

@@ -16,6 +16,7 @@ No model and no torch computation is needed here.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,16 @@ def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        msg = getattr(exc, "msg", None) or str(exc)
-        col = getattr(exc, "colno", None)
+        # Python < 3.14 puts the position only in the message: "... (at line 4, column 5)"
+        msg = str(exc)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
+        line = col = None
+        if m:
+            line, col = int(m.group(1)), int(m.group(2))
+            msg = msg[:m.start()]
+        elif msg.endswith("(at end of document)"):
+            line = max(1, len(text.splitlines()))
+            msg = msg[: -len("(at end of document)")].rstrip() + " at the end of the file"
         if col is not None:
             msg = f"TOML syntax error at column {col}: {msg}"
         else:

@@ -38,7 +38,12 @@ def load_py(rest: str) -> nn.Module:
     factory = getattr(mod, attr, None)
     if factory is None:
         raise ModelSourceError(f"module '{mod_name}' has no attribute '{attr}'")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    model = factory
+    if callable(factory) and not isinstance(factory, nn.Module):
+        try:
+            model = factory()
+        except Exception as exc:  # noqa: BLE001 - user code; report it as bad input
+            raise ModelSourceError(f"'py:{rest}' raised {exc!r}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"'py:{rest}' returned {type(model).__name__}, not a "
                                "torch.nn.Module")

@@ -1,0 +1,162 @@
+"""(IA)³ (Liu et al., 2022): learned vectors that rescale activations.
+
+Each targeted module gets a vector ``ia3_l``, initialised to ones. By default
+it scales the module's output, ``y = (x Wᵀ + b) ⊙ l`` (one entry per output
+feature); for modules also picked by ``feedforward`` it scales the input,
+``y = (x ⊙ l) Wᵀ + b`` (one entry per input feature), as the paper does for
+the second layer of each feed-forward block. The arithmetic, dtypes and merge
+are HF PEFT's ``IA3`` tuner's, so the two agree value for value; only the
+vector's shape differs (1-D here, ``(out, 1)`` / ``(1, in)`` there).
+
+This module uses only peftspec's public plugin API; it is an example of what a
+third party writes. The package's entry point makes it known::
+
+    [project.entry-points.peftspec]
+    ia3 = "peftspec_ia3.plugin"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftspec import Method, Problem, hookimpl, selectors
+
+
+@dataclass(frozen=True)
+class IA3Options:
+    modules: tuple[str, ...] = selectors(
+        doc="modules whose output is rescaled: Linear or GPT-2 Conv1D")
+    feedforward: tuple[str, ...] = selectors(
+        required=False, doc="a subset of modules to rescale on the input side instead")
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    # transformers' Conv1D (GPT-2), detected by shape rather than imported:
+    # a plugin should not need transformers to load.
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2 and hasattr(module, "nf"):
+        return "conv1d"
+    return None
+
+
+def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
+    """(in, out) of the module's linear map."""
+    w = module.weight
+    if kind == "linear":
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]  # Conv1D stores its weight as (in, out)
+
+
+class IA3Linear(nn.Module):
+    """A frozen ``nn.Linear`` or ``Conv1D`` whose output (or input) is rescaled.
+
+    Keeps the base module's ``weight`` and ``bias`` parameters as the same
+    objects under the same names, so the base state-dict keys are unchanged;
+    the vector sits beside them as ``ia3_l``.
+    """
+
+    def __init__(self, base: nn.Module, kind: str, feedforward: bool):
+        super().__init__()
+        self.kind = kind
+        self.feedforward = feedforward
+        self.in_features, self.out_features = _dims(base, kind)
+        if kind == "conv1d":
+            self.nf = base.nf
+        self.weight = base.weight
+        self.bias = base.bias
+        n = self.in_features if feedforward else self.out_features
+        w = base.weight
+        self.ia3_l = nn.Parameter(torch.ones(n, dtype=w.dtype, device=w.device))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"ia3_l": self.ia3_l}
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Multiplying by exactly 1.0 at init keeps outputs bit-identical.
+        if self.feedforward:
+            return self._base((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))
+        out = self._base(x)
+        return (out * self.ia3_l).to(out.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, original: nn.Module) -> None:
+        """Fold the vector into ``original``'s weight (and bias, for output
+        scaling) in place; the math is done in float32 (float64 stays float64)."""
+        w = original.weight
+        dt = torch.promote_types(w.dtype, torch.float32)
+        l = self.ia3_l.to(dt)
+        # The axis of the stored weight the vector runs along: Linear stores
+        # (out, in), Conv1D (in, out).
+        out_axis = 0 if self.kind == "linear" else 1
+        axis = 1 - out_axis if self.feedforward else out_axis
+        shape = [1, 1]
+        shape[axis] = -1
+        w.copy_((w.to(dt) * l.view(shape)).to(w.dtype))
+        if not self.feedforward and original.bias is not None:
+            b = original.bias
+            b.copy_((b.to(dt) * l).to(b.dtype))
+
+    def extra_repr(self) -> str:
+        side = "input" if self.feedforward else "output"
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, scales={side}"
+
+
+class IA3(Method):
+    name = "ia3"
+    family = "augment"
+    Options = IA3Options
+    summary = "(IA)^3: learned vectors rescale outputs (inputs for feedforward); Linear, Conv1D"
+    mergeable = True
+
+    def check(self, module, step):
+        if "feedforward" in step.roles and "modules" not in step.roles:
+            return ("it is listed under 'feedforward' but not under 'modules'; "
+                    "feedforward must be a subset of modules")
+        if _kind(module) is None:
+            return "(IA)^3 adapts Linear and Conv1D modules only"
+        return None
+
+    def count_params(self, module, step):
+        n_in, n_out = _dims(module, _kind(module))
+        return n_in if "feedforward" in step.roles else n_out
+
+    def apply(self, module, step):
+        return IA3Linear(module, _kind(module), feedforward="feedforward" in step.roles)
+
+    def merge(self, installed, original):
+        installed.merge_into(original)
+        return original
+
+
+@hookimpl
+def register_methods(register):
+    register(IA3())
+
+
+@hookimpl
+def check_plan(plan):
+    """(IA)³ swaps in its own module holding the base weight, so it cannot sit
+    on top of a reparameterization (LoRA) of the same module."""
+    reparameterized = {s.target: s for s in plan.steps if s.family == "reparameterize"}
+    problems = []
+    for step in plan.steps:
+        other = reparameterized.get(step.target)
+        if step.method == IA3.name and other is not None:
+            problems.append(Problem(
+                f"module '{step.target}' is reparameterized by '{other.method}' "
+                f"({other.rule}, line {other.line}); ia3 cannot be combined with it",
+                file=plan.spec.file, line=step.line, key=step.rule,
+                hint="narrow one rule with 'exclude'"))
+    return problems

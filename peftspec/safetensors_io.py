@@ -1,0 +1,65 @@
+"""A deterministic safetensors writer.
+
+The ``safetensors`` library writes its metadata from a hash map, so the same
+tensors saved twice can differ byte for byte. Adapter files should be
+reproducible (same seed, same bytes), so peftspec writes the format itself:
+an 8-byte little-endian header length, a JSON header with keys in sorted
+order (padded with spaces to a multiple of 8), then the raw little-endian
+tensor data. Reading stays with the ``safetensors`` library, which validates
+headers, offsets and sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Iterable, Iterator
+
+import torch
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def header_and_chunks(tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> tuple[bytes, Iterator[bytes]]:
+    """The file's header bytes, and an iterator over each tensor's bytes in order."""
+    names = sorted(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in DTYPES:
+            raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, (_raw(tensors[n]) for n in names)
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The whole file as bytes (for small files such as adapters)."""
+    head, chunks = header_and_chunks(tensors, metadata)
+    return head + b"".join(chunks)
+
+
+def write_chunks(f, head: bytes, chunks: Iterable[bytes]) -> None:
+    f.write(head)
+    for chunk in chunks:
+        f.write(chunk)

@@ -1,0 +1,32 @@
+"""The README's quick start is what CI runs, word for word."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1]
+    block = re.search(r"```(?:bash|sh)\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_them():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci, f"README command not in .ci/run: {command}"
+
+
+def test_example_specs_all_check(registry):
+    import peftspec
+
+    for path in sorted((ROOT / "specs").glob("*.toml")):
+        if path.name == "bad.toml":
+            continue
+        peftspec.load_spec(path, registry=registry)
