@@ -7,12 +7,14 @@ usage). Human output by default; ``--json`` where a machine reads it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -32,8 +34,16 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PeftspecError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure: exit 1, no traceback
+            if os.environ.get("PEFTSPEC_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}"
+                      "\n(set PEFTSPEC_DEBUG=1 for the traceback)", soft_wrap=True)
+            ctx.exit(1)
 
 
 def _registry():
@@ -102,7 +112,8 @@ def _load(spec: Path, model: str | None):
 
     reg = _registry()
     s = load_spec(spec, registry=reg)
-    m = reg.load_model(model)
+    with err.status(f"loading model {model or 'default'}..."):
+        m = reg.load_model(model)
     return reg, s, m, compile_plan(s, m, registry=reg)
 
 

@@ -193,3 +193,11 @@ def test_apply_is_deterministic_for_a_seed(tmp_path):
     assert invoke("apply", SPECS / "lora.toml", "--out", b, "--seed", "3").exit_code == 0
     assert a.read_bytes() == b.read_bytes()
     torch.manual_seed(0)
+
+
+def test_unexpected_failure_is_exit_1_without_traceback(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = invoke("apply", SPECS / "lora.toml", "--out", blocker / "sub" / "a.safetensors")
+    assert r.exit_code == 1
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
