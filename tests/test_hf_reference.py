@@ -8,15 +8,15 @@ with ``peft.get_peft_model``, gives HF's adapter random non-zero weights
 copies them into peftspec's tensors under the documented name mapping, and
 compares outputs in eval mode:
 
-==========================================================  ===================
-HF PEFT (``base_model.model.<path>.``...)                    peftspec (``<path>.``...)
-==========================================================  ===================
-``lora_A.default.weight`` (r, in)                           ``lora_A``
-``lora_B.default.weight`` (out, r)                          ``lora_B``
-``lora_magnitude_vector.default.weight`` (out,)             ``lora_magnitude``
-``lora_embedding_A.default`` (r, num_embeddings)            ``lora_A``
-``lora_embedding_B.default`` (dim, r)                       ``lora_B``
-==========================================================  ===================
+================================================  ==========================
+HF PEFT (``base_model.model.<path>.`` ...)        peftspec (``<path>.`` ...)
+================================================  ==========================
+``lora_A.default.weight`` (r, in)                 ``lora_A``
+``lora_B.default.weight`` (out, r)                ``lora_B``
+``lora_magnitude_vector.default.weight`` (out,)   ``lora_magnitude``
+``lora_embedding_A.default`` (r, num_embeddings)  ``lora_A``
+``lora_embedding_B.default`` (dim, r)             ``lora_B``
+================================================  ==========================
 
 GPT-2 exercises ``Conv1D`` (HF needs ``fan_in_fan_out=True`` there), Llama
 ``nn.Linear``; both exercise ``nn.Embedding``. Merge equivalence is checked as
