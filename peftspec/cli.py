@@ -120,13 +120,19 @@ def _load(spec: Path, model: str | None):
 def _print_plan(plan, verbose: bool) -> None:
     t = Table(title=f"plan for {plan.spec.file}", title_justify="left")
     for col, just in (("rule", "left"), ("method", "left"), ("line", "right"),
-                      ("matched", "right"), ("params added", "right"),
-                      ("params trained", "right"), ("bytes", "right")):
-        t.add_column(col, justify=just, no_wrap=col == "rule")
+                      ("matched", "right"), ("added", "right"), ("trained", "right"),
+                      ("bytes", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    t.caption = "added: new parameters; trained: existing parameters made trainable"
     for r in plan.rules():
         t.add_row(r.rule, r.method, str(r.line or ""), str(len(r.targets)),
                   f"{r.params_added:,}", f"{r.params_trained:,}", human_bytes(r.bytes))
     out.print(t)
+    for rule in plan.spec.rules:  # show what a preset expanded to
+        preset = getattr(rule.options, "preset", None)
+        if preset:
+            sels = "; ".join(f"{k} = {v}" for k, v in plan.selectors_of(rule.where).items() if v)
+            out.print(f"{rule.where}: preset '{preset}' expands to {sels}")
     if verbose:
         for r in plan.rules():
             out.print(f"[bold]{r.rule}[/] ({r.method}):")

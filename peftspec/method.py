@@ -43,8 +43,12 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """All adapter parameters of ``model``, keyed by their full dotted name."""
     out: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
-        fn = getattr(module, "adapter_params", None)
-        if fn is None or not callable(fn):
+        # Ask the class first: a miss through nn.Module.__getattr__ is slow, and
+        # most modules of a model are not adapters.
+        if not hasattr(type(module), "adapter_params") and "adapter_params" not in vars(module):
+            continue
+        fn = module.adapter_params
+        if not callable(fn):
             continue
         prefix = f"{name}." if name else ""
         for key, p in fn().items():
@@ -75,6 +79,16 @@ class Method:
     summary: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
 
+    def resolve_options(self, options: Any, model: nn.Module) -> Any:
+        """Return the options to compile with, given the whole model.
+
+        For options that depend on the architecture, such as a preset that
+        expands to selectors. Raise ``ValueError`` with a readable reason when
+        the options cannot apply to this model. The default returns
+        ``options`` unchanged.
+        """
+        return options
+
     def check(self, module: nn.Module, step: "Step") -> str | None:
         """Return why ``module`` cannot take this step, or ``None`` if it can."""
         return None
@@ -85,6 +99,11 @@ class Method:
 
     def apply(self, module: nn.Module, step: "Step") -> nn.Module:
         """Patch ``module``; return the module to install at ``step.target``.
+
+        ``module`` is what is installed at the path when the step runs: the
+        base module, or another method's module when rules stack on one path
+        (reparameterizations are applied before augmentations, so an adapter
+        placed after a LoRA-adapted projection receives the LoRA module).
 
         The base module's parameters must stay the same objects with the same
         values; they will be frozen by the caller. New parameters must be

@@ -83,19 +83,26 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None) -> nn.Module:
                             "shapes differ); compile it against this model")
     state = PatchState(plan, requires_grad=[(p, p.requires_grad) for p in model.parameters()])
     try:
+        parent_name, parent = None, None
         for step in plan.steps:
             if step.family == "train":
                 continue
             method = registry.method(step.method)
-            original = model.get_submodule(step.target)
+            # Steps come in model order, so siblings are consecutive: look their
+            # parent up once. (No step between them can replace the parent.)
+            path, _, child = step.target.rpartition(".")
+            if path != parent_name:
+                parent_name, parent = path, model.get_submodule(path)
+            original = parent.get_submodule(child)
             installed = method.apply(original, step)
             state.records.append(Record(step, method, original, installed))
             if installed is not original:
-                _install(model, step.target, installed)
+                setattr(parent, child, installed)
         for p in model.parameters():
             p.requires_grad_(False)
-        params = dict(model.named_parameters())
-        for name in state.trained_base_names():
+        trained = state.trained_base_names()
+        params = dict(model.named_parameters()) if trained else {}
+        for name in trained:
             params[name].requires_grad_(True)
             state.saved_base[name] = (params[name], params[name].detach().clone())
         for p in adapter_params(model).values():
@@ -133,6 +140,25 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _tied_targets(model: nn.Module, state: PatchState) -> list[str]:
+    """Mergeable steps whose base tensors are shared with another module (tied)."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(path)
+    out = []
+    for rec in state.records:
+        if not rec.method.mergeable:
+            continue
+        for name, p in rec.original.named_parameters(recurse=False):
+            others = [o for o in owners.get(id(p), []) if o != rec.step.target]
+            if others:
+                out.append(f"{rec.step.method} on '{rec.step.target}' ({rec.step.rule}): its "
+                           f"{name} is tied to '{others[0]}'")
+    return out
+
+
 def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
     """Fold reparameterizations into the base weights; return the plain model.
 
@@ -141,6 +167,12 @@ def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
     ``skip_unmergeable`` is set: then those are removed instead.
     """
     state = state_of(model)
+    tied = _tied_targets(model, state)
+    if tied:
+        raise NotMergeableError(
+            "cannot merge: " + "; ".join(tied) + ". Merging would write the shared tensor "
+            "and change the other module too; untie the weights first (e.g. clone the "
+            "embedding into the head) or keep this adapter unmerged")
     blocked = [r for r in state.records if not r.method.mergeable]
     if blocked and not skip_unmergeable:
         names = sorted({f"{r.step.method} ({r.step.rule})" for r in blocked})

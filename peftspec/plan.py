@@ -69,6 +69,15 @@ class Plan:
     base_params: int
     # [[train]] picks: parameter name -> (numel, bytes)
     trained_base: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # each rule's options as compiled (presets expanded), by rule.where
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def selectors_of(self, rule: str) -> dict[str, list[str]]:
+        """The selector options a rule was compiled with (after preset expansion)."""
+        opts = self.options.get(rule)
+        if opts is None:
+            return {}
+        return {f.name: list(getattr(opts, f.name)) for f in selector_fields(type(opts))}
 
     @property
     def params_added(self) -> int:
@@ -113,6 +122,7 @@ class Plan:
             "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
             "adapter_bytes": self.adapter_bytes,
             "rules": [{"rule": r.rule, "method": r.method, "line": r.line,
+                       "selectors": self.selectors_of(r.rule),
                        "matched": len(r.targets), "targets": list(r.targets),
                        "params_added": r.params_added, "params_trained": r.params_trained,
                        "bytes": r.bytes} for r in self.rules()],
@@ -156,15 +166,22 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
     augment_owner: dict[tuple[str, str], Rule] = {}
 
     rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
+    resolved: dict[str, Any] = {}
     for rule in rules:
         method = registry.method(rule.method)
         fields = selector_fields(method.Options)
+        try:
+            options = method.resolve_options(rule.options, model)
+        except ValueError as exc:
+            problem(rule, str(exc))
+            continue
+        resolved[rule.where] = options
         chosen: dict[str, list[str]] = {}  # target -> roles, in model order later
         excluded = _resolve_all(rule, "exclude", rule.exclude, "params" if rule.family == "train"
                                 else "modules", modules, module_types, params,
                                 param_owner_types, problem)
         for f in fields:
-            sels = getattr(rule.options, f.name)
+            sels = getattr(options, f.name)
             names = _resolve_all(rule, f.name, sels, f.metadata["selector"], modules,
                                  module_types, params, param_owner_types, problem)
             for n in names:
@@ -173,7 +190,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
         order = params if rule.family == "train" else modules
         for target in [n for n in order if n in chosen]:
             step = Step(target=target, method=rule.method, family=rule.family,
-                        options=rule.options, roles=tuple(chosen[target]), rule=rule.where,
+                        options=options, roles=tuple(chosen[target]), rule=rule.where,
                         line=rule.line)
             if rule.family == "train":
                 p = params[target]
@@ -204,12 +221,12 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
                     continue
                 augment_owner[key] = rule
             n_added = int(method.count_params(module, step))
-            itemsize = next((p.element_size() for p in module.parameters()), 4)
+            itemsize = _itemsize(module)
             steps.append(Step(**{**step.__dict__, "params_added": n_added,
                                  "bytes_added": n_added * itemsize}))
 
     if not problems:
-        draft = Plan(spec, tuple(steps), "", 0, trained_base)
+        draft = Plan(spec, tuple(steps), "", 0, trained_base, resolved)
         for result in registry.pm.hook.check_plan(plan=draft):
             for item in result or ():
                 problems.append(item if isinstance(item, Problem)
@@ -217,7 +234,16 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
     if problems:
         raise SpecError(problems)
     base_params = sum(p.numel() for p in params.values())
-    return Plan(spec, tuple(steps), digest(fingerprint(model)), base_params, trained_base)
+    return Plan(spec, tuple(steps), digest(fingerprint(model)), base_params, trained_base,
+                resolved)
+
+
+def _itemsize(module: nn.Module) -> int:
+    """Bytes per element of ``module``'s first parameter (4 if it has none)."""
+    for p in module._parameters.values():  # its own come first; much cheaper than parameters()
+        if p is not None:
+            return p.element_size()
+    return next((p.element_size() for p in module.parameters()), 4)
 
 
 def _resolve_all(rule, key, selectors, kind, modules, module_types, params, param_owner_types,

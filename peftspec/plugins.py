@@ -16,8 +16,8 @@ convenience API.
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -198,7 +198,4 @@ def reset_registry() -> None:
     """Forget the cached registry (after installing a plugin at run time)."""
     global _cached
     _cached = None
-    metadata_cache_clear = getattr(metadata, "_cache_clear", None)
-    if metadata_cache_clear:
-        metadata_cache_clear()
-    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()

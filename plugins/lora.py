@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -61,31 +62,37 @@ def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
     return w.shape[0], w.shape[1]  # conv1d stores (in, out); embedding (num, dim)
 
 
+@lru_cache(maxsize=None)
+def _kaiming_bound(fan_in: int) -> float:
+    """The bound of ``nn.init.kaiming_uniform_(w, a=math.sqrt(5))`` for this fan-in,
+    computed exactly as torch computes it (that call's checks cost more than the draw)."""
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+
+
 class LoRALinear(nn.Module):
     """LoRA beside a frozen ``nn.Linear`` or ``Conv1D`` (``fan_in_fan_out``)."""
 
     def __init__(self, base: nn.Module, kind: str, opts: LoRAOptions):
         super().__init__()
-        self.kind = kind
-        self.in_features, self.out_features = _dims(base, kind)
+        n_in, n_out = _dims(base, kind)
+        # Plain attributes go straight into __dict__: nn.Module.__setattr__ costs
+        # microseconds per call, which adds up when a spec patches thousands of modules.
+        vars(self).update(kind=kind, in_features=n_in, out_features=n_out, r=opts.r,
+                          scale=opts.scale, dropout=opts.dropout, dora=opts.dora)
         if kind == "conv1d":
             self.nf = base.nf
         self.weight = base.weight
         self.bias = base.bias
         w = base.weight
-        self.r = opts.r
-        self.scale = opts.scale
-        self.dropout = opts.dropout
-        self.lora_A = nn.Parameter(torch.empty(opts.r, self.in_features, dtype=w.dtype,
-                                               device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, opts.r, dtype=w.dtype,
-                                               device=w.device))
-        with torch.no_grad():
-            if opts.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / opts.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dora = opts.dora
+        a = w.new_empty((opts.r, n_in))  # initialised before it becomes a Parameter
+        if opts.init == "gaussian":
+            nn.init.normal_(a, std=1.0 / opts.r)
+        else:  # = nn.init.kaiming_uniform_(a, a=math.sqrt(5)), HF PEFT's init, draw for draw
+            bound = _kaiming_bound(n_in)
+            a.uniform_(-bound, bound)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(w.new_zeros((n_out, opts.r)))
         if opts.dora:
             self.lora_magnitude = nn.Parameter(
                 self._weight_norm(torch.zeros_like(self._weight_out_in())).detach())

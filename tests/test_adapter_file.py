@@ -196,3 +196,19 @@ def test_describe_file(trained):
     info = describe_file(path)
     assert "blocks.0.attn.q_proj.lora_magnitude" in info["tensors"]
     assert json.dumps(info)
+
+
+def test_merge_refuses_tied_weights_and_changes_nothing():
+    model = small()  # lm_head.weight is tok_emb.weight
+    peftspec.apply(peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\n'
+                                       'modules = ["lm_head"]\n'), model)
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+    ids = torch.randint(0, 257, (2, 5))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(peftspec.NotMergeableError, match="tied to 'tok_emb'"):
+        peftspec.merge(model)
+    assert peftspec.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

@@ -146,12 +146,14 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-# name -> (factory, vocab size, peftspec selectors, HF PEFT target and feedforward names)
+# name -> (factory, vocab size, peftspec selectors, HF PEFT's IA3Config arguments)
 MODELS = {
     "nanogpt": (nanogpt, 257, (["**.k_proj", "**.v_proj", "**.down_proj"], ["**.down_proj"]),
-                (["k_proj", "v_proj", "down_proj"], ["down_proj"])),
+                dict(target_modules=["k_proj", "v_proj", "down_proj"],
+                     feedforward_modules=["down_proj"])),
     "gpt2": (gpt2, 100, (["**.attn.c_attn", "**.mlp.c_fc", "**.mlp.c_proj"], ["**.mlp.c_proj"]),
-             (["attn.c_attn", "mlp.c_fc", "mlp.c_proj"], ["mlp.c_proj"])),
+             dict(target_modules=["attn.c_attn", "mlp.c_fc", "mlp.c_proj"],
+                  feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),  # Conv1D
 }
 
 
@@ -192,7 +194,7 @@ def test_registry_lists_ia3_from_its_distribution(reg, ia3_site):
     assert module.__name__ == "peftspec_ia3.plugin"
     assert Path(module.__file__).resolve().is_relative_to(ia3_site.resolve())
     assert reg.methods["lora"].dist == reg.methods["select"].dist == "peftspec"
-    assert reg.method_names("augment") == ["ia3"]
+    assert "ia3" in reg.method_names("augment")
     assert not [f for f in reg.failures if f.dist == "peftspec-ia3"]
 
 
@@ -206,7 +208,7 @@ def test_get_registry_sees_a_plugin_after_reset(ia3_site):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_ia3_matches_hf_peft(name, reg, tmp_path):
     peft = pytest.importorskip("peft")
-    factory, vocab, (modules, feedforward), (hf_targets, hf_ff) = MODELS[name]
+    factory, vocab, (modules, feedforward), hf_config = MODELS[name]
     model = factory()
     hf = copy.deepcopy(model)
     ids = tokens(vocab)
@@ -232,8 +234,7 @@ def test_ia3_matches_hf_peft(name, reg, tmp_path):
         {f"{t}.ia3_l" for t in targets}
 
     # trainable parameter count: as HF PEFT's, and as the plan promised
-    hf = peft.inject_adapter_in_model(
-        peft.IA3Config(target_modules=hf_targets, feedforward_modules=hf_ff), hf)
+    hf = peft.inject_adapter_in_model(peft.IA3Config(**hf_config), hf)
     hf_trainable = {n: p for n, p in hf.named_parameters() if p.requires_grad}
     n_hf = sum(p.numel() for p in hf_trainable.values())
     assert sum(p.numel() for p in trainable.values()) == n_hf == plan.trainable_params
@@ -251,6 +252,15 @@ def test_ia3_matches_hf_peft(name, reg, tmp_path):
     adapted = logits(model, ids)
     assert not torch.allclose(adapted, base_out, atol=1e-3)
     torch.testing.assert_close(adapted, logits(hf, ids), atol=1e-5, rtol=0)
+
+    # and the same gradients; the base gets none
+    for m in (model, hf):
+        m(ids).logits.pow(2).mean().backward()
+    for t in targets:
+        ours, theirs = model.get_submodule(t).ia3_l.grad, hf_layers[t].ia3_l["default"].grad
+        assert ours is not None and ours.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs.reshape(ours.shape), atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in base_params.values())
 
     # save / load onto a fresh base: bit-exact
     path = peftspec.save_adapter(model, tmp_path / "ia3.safetensors")
@@ -425,8 +435,10 @@ def test_ia3_module_is_the_formula(reg, n_in, n_out, conv1d, feedforward, bias, 
 def test_broken_plugins_are_reported_and_the_rest_work(broken_site, reg):
     with on_sys_path(broken_site, ("broken_plugin", "typo_plugin")):
         registry = peftspec.build_registry()
-        with pytest.warns(RuntimeWarning, match="broken-plugin"):
+        with pytest.warns(RuntimeWarning) as warned:  # the cached registry warns
             assert peftspec.get_registry().methods["ia3"].dist == "peftspec-ia3"
+    assert any("broken-plugin" in str(w.message) for w in warned)
+    assert any("typo-plugin" in str(w.message) for w in warned)
     failures = {f.dist: f for f in registry.failures}
     assert {"broken-plugin", "typo-plugin"} <= set(failures)
     broken, typo = failures["broken-plugin"], failures["typo-plugin"]

@@ -2,7 +2,7 @@
 
 (a) frozen tensors stay bit-identical through apply and AdamW training with
     weight decay, every parameter handed to the optimizer;
-(b) zero-init LoRA and DoRA leave outputs exactly unchanged at apply;
+(b) zero-init LoRA, DoRA and bottleneck adapters leave outputs exactly unchanged;
 (c) save -> load round-trips bit-exactly;
 (d) remove restores the original modules with bit-identical weights;
 (e) compiling a spec twice gives the same plan.
@@ -31,7 +31,8 @@ def configs(draw):
 
 @st.composite
 def specs(draw, allow_train=True):
-    """TOML text of a valid spec for ToyNet: LoRA rules on disjoint modules, maybe [[train]]."""
+    """TOML text of a valid spec for ToyNet: LoRA rules on disjoint modules, maybe a
+    bottleneck adapter rule, maybe [[train]]."""
     names = list(MODULE_SELECTORS)
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True))
     if "type:Linear" in chosen:
@@ -51,6 +52,16 @@ def specs(draw, allow_train=True):
                   f"dora = {str(False if has_emb else draw(st.booleans())).lower()}",
                   f'init = "{draw(st.sampled_from(["zeros", "gaussian"]))}"',
                   "optional = true"]
+    if draw(st.booleans()):
+        where = draw(st.sampled_from(["after", "parallel_to"]))
+        pool = ["**.attn.o", "**.mlp", "**.attn.q", "head"] if where == "after" else ["**.mlp"]
+        mods = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True))
+        lines += ["[[augment]]", 'method = "bottleneck"',
+                  f"{where} = [" + ", ".join(f'"{m}"' for m in mods) + "]",
+                  f"size = {draw(st.integers(1, 4))}",
+                  f'activation = "{draw(st.sampled_from(["relu", "gelu", "silu", "tanh"]))}"',
+                  f"layer_norm = {str(draw(st.booleans())).lower()}",
+                  f"scaling = {draw(st.sampled_from([0.5, 1.0, 4.0]))}"]
     if allow_train and draw(st.booleans()):
         params = draw(st.lists(st.sampled_from(PARAM_SELECTORS), min_size=1, max_size=2,
                                unique=True))
@@ -108,7 +119,7 @@ def test_frozen_tensors_bit_identical_through_training(cfg, text):
 
 
 @given(cfg=configs(), text=specs(allow_train=False), seed=st.integers(0, 100))
-def test_zero_init_lora_and_dora_leave_outputs_unchanged(cfg, text, seed):
+def test_zero_init_methods_leave_outputs_unchanged(cfg, text, seed):
     model = ToyNet(cfg).eval()
     ids = tokens(cfg, seed)
     with torch.no_grad():
