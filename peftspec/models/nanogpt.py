@@ -37,6 +37,7 @@ class GPTConfig:
 class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Attention(nn.Module):
@@ -50,7 +51,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``past``: cached (key, value), each (batch, heads, P, head_dim), that the
+        queries may attend to before the current tokens. Returns (output, (k, v))."""
         b, t, d = x.shape
         h = self.n_head
 
@@ -58,12 +62,15 @@ class Attention(nn.Module):
             return y.view(b, t, h, d // h).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
         p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
 
 
 class MLP(nn.Module):
@@ -85,9 +92,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask)
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past=None):
+        a, present = self.attn(self.ln1(x), mask, past)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), present
 
 
 class GPT(nn.Module):
@@ -122,29 +130,76 @@ class GPT(nn.Module):
         return self.tok_emb
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None, labels=None,
-                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+                inputs_embeds: torch.Tensor | None = None, past_key_values=None,
+                position_ids: torch.Tensor | None = None,
+                use_cache: bool = False) -> CausalLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (batch, T) token ids, or give ``inputs_embeds`` (batch, T, d).
+            attention_mask: (batch, P + T), 1 for tokens to attend to, covering the
+                cached positions too (as in transformers).
+            labels: (batch, T) targets, shifted inside; -100 is ignored.
+            past_key_values: per layer, cached (key, value) of shape
+                (batch, heads, P, head_dim), e.g. from ``use_cache=True`` or a
+                prefix-tuning method.
+            position_ids: (batch, T); by default counted from the attention mask
+                (left padding safe), else from P.
+            use_cache: return ``past_key_values`` for the next call.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
-        if t > self.config.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size "
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if past_len + t > self.config.block_size:
+            raise ValueError(f"sequence of {past_len + t} positions is longer than block_size "
                              f"{self.config.block_size}")
         mask = None
-        if attention_mask is None:
-            pos = torch.arange(t, device=x.device).expand(b, t)
-        else:
+        if attention_mask is not None:
             am = attention_mask.to(torch.bool)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & am[:, None, :])[:, None]
-            mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)  # no empty rows
-        x = self.drop(x + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x, mask)
+            if am.shape[1] != past_len + t:
+                raise ValueError(f"attention_mask covers {am.shape[1]} positions; expected "
+                                 f"{past_len + t} (cached {past_len} + current {t})")
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            q_pos = torch.arange(past_len, past_len + t, device=x.device)
+            k_pos = torch.arange(past_len + t, device=x.device)
+            causal = k_pos[None, :] <= q_pos[:, None]
+            mask = causal[None] & am[:, None, :]
+            # a fully masked row (a padding query) would give NaN: let it see itself
+            mask = mask | (k_pos[None, None, :] == q_pos[None, :, None])
+            mask = mask[:, None]
+        elif past_len:
+            q_pos = torch.arange(past_len, past_len + t, device=x.device)
+            mask = (torch.arange(past_len + t, device=x.device)[None, :] <= q_pos[:, None])
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=x.device).expand(b, t)
+        x = self.drop(x + self.pos_emb(position_ids))
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, mask, past_key_values[i] if past_key_values else None)
+            presents.append(present)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=logits, loss=loss,
+                              past_key_values=presents if use_cache else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding; returns the prompt followed by the new tokens."""
+        ids = input_ids
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        past, step_ids = None, ids
+        for _ in range(max_new_tokens):
+            out = self(step_ids if use_cache else ids, attention_mask=mask,
+                       past_key_values=past if use_cache else None, use_cache=use_cache)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            past, step_ids = out.past_key_values, nxt
+        return ids
