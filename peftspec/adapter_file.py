@@ -35,7 +35,7 @@ from torch import nn
 from . import __version__
 from .errors import AdapterFileError, PeftspecError, SpecError
 from .fingerprint import decode, describe_difference, digest, encode, fingerprint
-from .method import adapter_params
+from .method import adapter_params, adapter_state, load_adapter_state
 from .patching import apply_plan, remove, state_of
 from .safetensors_io import serialize
 from .plan import compile_plan
@@ -46,10 +46,11 @@ FORMAT_VERSION = "1"
 MAX_FINGERPRINT_CHARS = 48 * 1024
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds: adapter params and ``[[train]]`` picks."""
+def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds: the adapter modules' state and the
+    base parameters ``[[train]]`` made trainable."""
     state = state_of(model)
-    out = dict(adapter_params(model))
+    out = dict(adapter_state(model))
     params = dict(model.named_parameters())
     for name in state.trained_base_names():
         out[name] = params[name]
@@ -59,7 +60,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter on ``model`` to ``path`` atomically; return the path."""
     state = state_of(model)
-    tensors = adapter_state(model)
+    tensors = file_tensors(model)
     base_fp = fingerprint(model, skip=adapter_params(model).keys())
     if digest(base_fp) != state.plan.base_digest:
         raise PeftspecError("the model's base tensors changed names or shapes since the "
@@ -174,7 +175,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, registry=None,
 
 
 def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:
-    targets = adapter_state(model)
+    targets = file_tensors(model)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -203,9 +204,12 @@ def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:
                 loaded[name] = t
     except (SafetensorError, OSError) as exc:
         raise AdapterFileError(f"{path}: cannot read tensors ({exc})") from None
+    adapter_names = set(adapter_state(model))
+    load_adapter_state(model, {k: v for k, v in loaded.items() if k in adapter_names})
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, param in targets.items():
-            param.copy_(loaded[name])
+        for name in loaded.keys() - adapter_names:
+            params[name].copy_(loaded[name])
 
 
 def describe_file(path: str | os.PathLike) -> dict:

@@ -13,22 +13,42 @@ import json
 import zlib
 from typing import Iterable
 
+import torch
 from torch import nn
 
 Entry = tuple[str, tuple[int, ...], str]
+Tensors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def fingerprint(model: nn.Module, skip: Iterable[str] = ()) -> list[Entry]:
-    """``(name, shape, dtype)`` of every parameter and buffer, in model order."""
+def named_tensors(model: nn.Module) -> Tensors:
+    """``dict(model.named_parameters())`` and ``dict(model.named_buffers())`` (same
+    names, order and de-duplication) in one walk of the model instead of two: on
+    a model of thousands of modules each walk costs milliseconds."""
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    seen_params: set[torch.Tensor] = set()
+    seen_buffers: set[torch.Tensor] = set()
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for out, seen, own in ((params, seen_params, module._parameters),
+                               (buffers, seen_buffers, module._buffers)):
+            for key, t in own.items():
+                if t is not None and t not in seen:
+                    seen.add(t)
+                    out[prefix + key] = t
+    return params, buffers
+
+
+def fingerprint(model: nn.Module, skip: Iterable[str] = (),
+                tensors: Tensors | None = None) -> list[Entry]:
+    """``(name, shape, dtype)`` of every parameter and buffer, in model order.
+
+    ``tensors``: ``named_tensors(model)`` where the caller already has it.
+    """
+    params, buffers = tensors if tensors is not None else named_tensors(model)
     skip = set(skip)
-    out: list[Entry] = []
-    for name, t in model.named_parameters():
-        if name not in skip:
-            out.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
-    for name, t in model.named_buffers():
-        if name not in skip:
-            out.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
-    return out
+    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for named in (params, buffers) for name, t in named.items() if name not in skip]
 
 
 def digest(fp: list[Entry]) -> str:

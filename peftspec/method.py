@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,21 +40,51 @@ class AdapterModule(Protocol):
     def adapter_params(self) -> dict[str, nn.Parameter]: ...
 
 
-def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """All adapter parameters of ``model``, keyed by their full dotted name."""
-    out: dict[str, nn.Parameter] = {}
+def _adapter_modules(model: nn.Module):
     for name, module in model.named_modules():
         # Ask the class first: a miss through nn.Module.__getattr__ is slow, and
         # most modules of a model are not adapters.
         if not hasattr(type(module), "adapter_params") and "adapter_params" not in vars(module):
             continue
-        fn = module.adapter_params
-        if not callable(fn):
+        if callable(module.adapter_params):
+            yield (f"{name}." if name else ""), module
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All adapter parameters of ``model``, keyed by their full dotted name."""
+    return {prefix + key: p for prefix, module in _adapter_modules(model)
+            for key, p in module.adapter_params().items()}
+
+
+def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    fn = getattr(module, "adapter_state", None)
+    return fn() if callable(fn) else dict(module.adapter_params())
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file stores for the adapter modules, by full name.
+
+    A module may define ``adapter_state()`` to store something other than its
+    parameters (P-tuning stores its prompt encoder's output, so inference
+    needs no encoder) and ``load_adapter_state(tensors)`` to take it back.
+    Otherwise its ``adapter_params()`` are stored and copied back.
+    """
+    return {prefix + key: t for prefix, module in _adapter_modules(model)
+            for key, t in _module_state(module).items()}
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``tensors`` (named as :func:`adapter_state` names them) back into the modules."""
+    for prefix, module in _adapter_modules(model):
+        mine = {key: tensors[prefix + key] for key in _module_state(module)}
+        fn = getattr(module, "load_adapter_state", None)
+        if callable(fn):
+            fn(mine)
             continue
-        prefix = f"{name}." if name else ""
-        for key, p in fn().items():
-            out[prefix + key] = p
-    return out
+        params = module.adapter_params()
+        for key, value in mine.items():
+            params[key].copy_(value)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import NotMergeableError, PeftspecError
-from .fingerprint import digest, fingerprint
+from .fingerprint import digest, fingerprint, named_tensors
 from .method import Method, adapter_params
 from .plan import Plan, Step
 
@@ -78,10 +78,11 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None) -> nn.Module:
     if is_patched(model):
         raise PeftspecError("this model already has a peftspec adapter applied; "
                             "call peftspec.remove(model) first")
-    if digest(fingerprint(model)) != plan.base_digest:
+    params, buffers = named_tensors(model)
+    if digest(fingerprint(model, tensors=(params, buffers))) != plan.base_digest:
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
                             "shapes differ); compile it against this model")
-    state = PatchState(plan, requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+    state = PatchState(plan, requires_grad=[(p, p.requires_grad) for p in params.values()])
     try:
         parent_name, parent = None, None
         for step in plan.steps:

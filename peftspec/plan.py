@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import PeftspecError, Problem, SpecError, did_you_mean
-from .fingerprint import digest, fingerprint
+from .fingerprint import digest, fingerprint, named_tensors
 from .options import selector_fields
 from .matching import class_names, parse_selector
 from .spec import Rule, Spec
@@ -152,7 +152,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
 
     modules = dict(model.named_modules())
     module_types = {name: class_names(m) for name, m in modules.items()}
-    params = dict(model.named_parameters())
+    params, buffers = named_tensors(model)
     param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
     problems: list[Problem] = []
 
@@ -177,16 +177,19 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
             continue
         resolved[rule.where] = options
         chosen: dict[str, list[str]] = {}  # target -> roles, in model order later
-        excluded = _resolve_all(rule, "exclude", rule.exclude, "params" if rule.family == "train"
-                                else "modules", modules, module_types, params,
-                                param_owner_types, problem)
-        for f in fields:
-            sels = getattr(options, f.name)
-            names = _resolve_all(rule, f.name, sels, f.metadata["selector"], modules,
-                                 module_types, params, param_owner_types, problem)
-            for n in names:
-                if n not in excluded:
-                    chosen.setdefault(n, []).append(f.name)
+        if rule.family == "prefix":  # a soft prompt acts on the whole model
+            chosen[""] = ["model"]
+        else:
+            excluded = _resolve_all(rule, "exclude", rule.exclude,
+                                    "params" if rule.family == "train" else "modules", modules,
+                                    module_types, params, param_owner_types, problem)
+            for f in fields:
+                names = _resolve_all(rule, f.name, getattr(options, f.name),
+                                     f.metadata["selector"], modules, module_types, params,
+                                     param_owner_types, problem)
+                for n in names:
+                    if n not in excluded:
+                        chosen.setdefault(n, []).append(f.name)
         order = params if rule.family == "train" else modules
         for target in [n for n in order if n in chosen]:
             step = Step(target=target, method=rule.method, family=rule.family,
@@ -234,8 +237,8 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
     if problems:
         raise SpecError(problems)
     base_params = sum(p.numel() for p in params.values())
-    return Plan(spec, tuple(steps), digest(fingerprint(model)), base_params, trained_base,
-                resolved)
+    return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
+                base_params, trained_base, resolved)
 
 
 def _itemsize(module: nn.Module) -> int:

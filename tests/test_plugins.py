@@ -519,3 +519,11 @@ def test_cli_plan_with_ia3(ia3_site, tmp_path):
     res = run_cli("plan", str(spec), sites=[ia3_site],
                   env_extra={plugin_loading.DISABLE_ENV: "1"})
     assert res.returncode == 2 and "unknown method 'ia3'" in res.stderr
+
+
+def test_example_spec_uses_the_plugin(reg):
+    spec = peftspec.load_spec(REPO / "specs" / "ia3.toml", registry=reg)
+    model = nanogpt()
+    plan = peftspec.compile_plan(spec, model, registry=reg)
+    d = 32
+    assert plan.params_added == 2 * 2 * d + 2 * 4 * d  # k, v: out; down_proj: its input

@@ -45,8 +45,11 @@ class ToyNet(nn.Module):
             self.head.weight = self.emb.weight
         self.register_buffer("scale", torch.tensor(1.0))
 
-    def forward(self, ids):
-        x = self.emb(ids)
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
         for b in self.blocks:
             x = b(x)
         return self.head(x) * self.scale
