@@ -71,6 +71,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "peftspec_version": __version__,
         "spec": state.plan.spec.text,
         "base_digest": state.plan.base_digest,
+        # what each step targeted, for tools that need the module kinds (export
+        # to HF PEFT sets fan_in_fan_out for GPT-2's Conv1D)
+        "targets": json.dumps({r.step.target: type(r.original).__name__
+                               for r in state.records}, separators=(",", ":")),
     }
     encoded = encode(base_fp)
     if len(encoded) <= MAX_FINGERPRINT_CHARS:
