@@ -28,7 +28,8 @@ from .errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # n
 from .hookspecs import hookimpl  # noqa: E402
 from .method import AdapterModule, Method, adapter_params  # noqa: E402
 from .options import option, selectors  # noqa: E402
-from .patching import apply_plan, is_patched, merge, remove  # noqa: E402
+from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
+                       is_patched, merge, remove, use, using)
 from .plan import Plan, Step, compile_plan  # noqa: E402
 from .plugins import build_registry, get_registry  # noqa: E402
 from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
@@ -53,7 +54,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 __all__ = [
-    "__version__", "AdapterFileError", "AdapterModule", "Method", "ModelSourceError",
+    "__version__", "active_adapter", "adapter_names", "disabled", "use", "using",
+    "AdapterFileError", "AdapterModule", "Method", "ModelSourceError",
     "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
     "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",
     "compile_plan", "get_registry", "hookimpl", "is_patched", "load_adapter", "load_model",

@@ -36,7 +36,8 @@ from . import __version__
 from .errors import AdapterFileError, PeftspecError, SpecError
 from .fingerprint import decode, describe_difference, digest, encode, fingerprint
 from .method import adapter_params, adapter_state, load_adapter_state
-from .patching import apply_plan, remove, state_of
+from .patching import (DEFAULT_NAME, active_adapter, apply_plan, base_view, remove, state_of,
+                       use, using)
 from .safetensors_io import serialize
 from .plan import compile_plan
 from .spec import parse_spec
@@ -57,8 +58,11 @@ def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter on ``model`` to ``path`` atomically; return the path."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Write the active adapter (or adapter ``name``) to ``path`` atomically."""
+    if name is not None and name != active_adapter(model):
+        with using(model, name):
+            return save_adapter(model, path)
     state = state_of(model)
     tensors = file_tensors(model)
     base_fp = fingerprint(model, skip=adapter_params(model).keys())
@@ -138,14 +142,38 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, registry=None,
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
+                 activate: bool | None = None, registry=None,
                  allow_nonfinite: bool = False) -> nn.Module:
-    """Re-create the adapter saved at ``path`` on ``model`` (an unpatched base).
+    """Re-create the adapter saved at ``path`` on ``model`` as adapter ``name``.
+
+    The first adapter on a model becomes active; a further one is loaded beside
+    it, inactive unless ``activate=True`` (switch with :func:`peftspec.use`).
 
     Raises:
         AdapterFileError: unreadable file, another base, missing or extra
             tensors, wrong shapes, non-finite values. The model is unchanged.
     """
+    name = name or DEFAULT_NAME
+    previous = active_adapter(model)
+    with base_view(model):
+        plan = _checked_plan(model, path, registry)
+    with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
+        apply_plan(plan, model, name=name, activate=True, registry=registry)
+    try:
+        _copy_tensors(model, Path(path), allow_nonfinite)
+    except BaseException:
+        remove(model, name)
+        if previous is not None:
+            use(model, previous)
+        raise
+    if previous is not None and not activate:
+        use(model, previous)
+    return model
+
+
+def _checked_plan(model: nn.Module, path, registry):
+    """Read ``path``'s header and spec, check the base, compile: touches nothing."""
     path = Path(path)
     meta = read_metadata(path)
     try:
@@ -164,18 +192,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, registry=None,
         raise AdapterFileError(f"{path}: this adapter was made for another base model:\n  " +
                                "\n  ".join(detail or ["tensor names or shapes differ"]))
     try:
-        plan = compile_plan(spec, model, registry=registry)
+        return compile_plan(spec, model, registry=registry)
     except SpecError as exc:
         raise AdapterFileError(f"{path}: its spec does not fit this model:\n{exc}") from None
-
-    with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
-        apply_plan(plan, model, registry=registry)
-    try:
-        _copy_tensors(model, path, allow_nonfinite)
-    except BaseException:
-        remove(model)
-        raise
-    return model
 
 
 def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:

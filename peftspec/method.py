@@ -142,9 +142,22 @@ class Method:
         """
         raise NotImplementedError
 
-    def remove(self, installed: nn.Module, original: nn.Module) -> None:
-        """Undo :meth:`apply` (detach hooks, children). The caller puts
-        ``original`` back at the path afterwards."""
+    def detach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """Undo what :meth:`apply` attached outside ``installed`` (hooks, children
+        of ``original``). The caller then puts ``original`` back at the path.
+        Called when the adapter is switched off, removed, or merged away.
+
+        ``step`` is the object :meth:`apply` was given; when ``installed is
+        original`` (a method that patches in place), it tells which adapter's
+        attachment this is, as several adapters may patch the same module."""
+
+    def attach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """Redo what :meth:`detach` undid, when the adapter is switched on again
+        (the caller has put ``installed`` back at the path first)."""
+
+    def release(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """The adapter is gone for good (removed or merged; already detached):
+        drop anything kept for :meth:`attach`."""
 
     def merge(self, installed: nn.Module, original: nn.Module) -> nn.Module:
         """Fold the adapter into ``original``'s weights; return the plain module."""

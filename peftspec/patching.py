@@ -1,11 +1,17 @@
-"""Applying a plan to a model, and undoing it: remove and merge.
+"""Applying plans to a model, switching between adapters, and undoing them.
 
 ``apply_plan`` swaps or augments the planned modules, then freezes every
 parameter except the adapter's and the ones ``[[train]]`` selected. Base
-tensors stay the same objects with the same bits. What was done is recorded
-on the model (``model._peftspec``), so :func:`remove` restores the original
-modules and ``requires_grad`` flags exactly, and :func:`merge` folds
-reparameterizations into the base weights.
+tensors stay the same objects with the same bits.
+
+A model may carry several named adapters over one base (``model._peftspec``
+records them). At most one is *active*: its modules are installed and its
+``[[train]]`` values sit in the base tensors they train. Switching
+(:func:`use`, :func:`disabled`) uninstalls one adapter's modules and installs
+another's; no frozen base weight is copied. :func:`remove` restores the
+original modules, values and ``requires_grad`` flags exactly, and
+:func:`merge` folds the active adapter's reparameterizations into the base
+weights.
 
 If anything fails half-way, what was applied is rolled back before the error
 propagates: the model is never left half-patched.
@@ -13,7 +19,9 @@ propagates: the model is never left half-patched.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,6 +30,8 @@ from .errors import NotMergeableError, PeftspecError
 from .fingerprint import digest, fingerprint, named_tensors
 from .method import Method, adapter_params
 from .plan import Plan, Step
+
+DEFAULT_NAME = "default"
 
 
 @dataclass
@@ -33,18 +43,49 @@ class Record:
 
 
 @dataclass
-class PatchState:
-    """What peftspec did to a model; kept as ``model._peftspec``."""
+class Adapter:
+    """One adapter on the model: its plan, its modules, its ``[[train]]`` values."""
 
+    name: str
     plan: Plan
     records: list[Record] = field(default_factory=list)
-    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
-    # values of the base parameters [[train]] made trainable, as they were at
-    # apply: training and loading change them, remove() puts them back
-    saved_base: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    # values of the base parameters its [[train]] rules train, kept here while
+    # another adapter (or the base) is active
+    stashed: dict[str, torch.Tensor] | None = None
 
     def trained_base_names(self) -> list[str]:
         return [s.target for s in self.plan.steps if s.family == "train"]
+
+
+@dataclass
+class PatchState:
+    """What peftspec did to a model; kept as ``model._peftspec``."""
+
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    active: str | None = None
+    # requires_grad of every base parameter before the first adapter
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    # base values of parameters any adapter's [[train]] rules train
+    base_values: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def current(self) -> Adapter:
+        if self.active is None:
+            raise PeftspecError("no adapter is active (the base model is); "
+                                "call peftspec.use(model, name) first")
+        return self.adapters[self.active]
+
+    # the active adapter's plan and records (what save and merge act on)
+    @property
+    def plan(self) -> Plan:
+        return self.current.plan
+
+    @property
+    def records(self) -> list[Record]:
+        return self.current.records
+
+    def trained_base_names(self) -> list[str]:
+        return self.current.trained_base_names()
 
 
 def state_of(model: nn.Module) -> PatchState:
@@ -58,31 +99,167 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, "_peftspec", None) is not None
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters loaded on ``model``, in load order."""
+    st = getattr(model, "_peftspec", None)
+    return list(st.adapters) if st else []
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name; ``None`` when the base model is active."""
+    st = getattr(model, "_peftspec", None)
+    return st.active if st else None
+
+
 def _install(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_name, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def apply_plan(plan: Plan, model: nn.Module, registry=None) -> nn.Module:
-    """Execute ``plan`` on ``model`` in place and return it.
+# --- switching ---------------------------------------------------------------------
+
+def _deactivate(model: nn.Module, state: PatchState) -> None:
+    """Uninstall the active adapter: original modules back, base values back."""
+    if state.active is None:
+        return
+    adapter = state.adapters[state.active]
+    for rec in reversed(adapter.records):
+        rec.method.detach(rec.installed, rec.original, rec.step)
+        if rec.installed is not rec.original:
+            _install(model, rec.step.target, rec.original)
+    trained = adapter.trained_base_names()
+    if trained:
+        with torch.no_grad():
+            adapter.stashed = {}
+            for name in trained:
+                param, base = state.base_values[name]
+                adapter.stashed[name] = param.detach().clone()
+                param.copy_(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state.active = None
+
+
+def _activate(model: nn.Module, state: PatchState, name: str) -> None:
+    """Install adapter ``name`` (the base must be active)."""
+    if state.active is not None:  # an internal invariant: never attach twice
+        raise PeftspecError(f"internal error: activating {name!r} while {state.active!r} is "
+                            "active")
+    adapter = state.adapters[name]
+    for rec in adapter.records:
+        if rec.installed is not rec.original:
+            _install(model, rec.step.target, rec.installed)
+        rec.method.attach(rec.installed, rec.original, rec.step)
+    state.active = name
+    _set_trainable(model, state, adapter)
+    if adapter.stashed:
+        with torch.no_grad():
+            for pname, value in adapter.stashed.items():
+                state.base_values[pname][0].copy_(value)
+        adapter.stashed = None
+
+
+def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = adapter.trained_base_names()
+    if trained:
+        for name in trained:
+            state.base_values[name][0].requires_grad_(True)
+    for p in adapter_params(model).values():
+        p.requires_grad_(True)
+
+
+def use(model: nn.Module, name: str | None) -> nn.Module:
+    """Make adapter ``name`` the active one (``None``: the plain base model).
+
+    Only modules are swapped; no frozen base weight is copied.
+    """
+    state = state_of(model)
+    if name is not None and name not in state.adapters:
+        raise PeftspecError(f"no adapter named {name!r} on this model; loaded: "
+                            f"{', '.join(state.adapters) or 'none'}")
+    if name == state.active:
+        return model
+    _deactivate(model, state)
+    if name is not None:
+        _activate(model, state, name)
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the plain base model inside the block; the active adapter comes back after.
+
+    Outputs inside are bit-identical to the model without peftspec.
+    """
+    state = state_of(model)
+    previous = state.active
+    _deactivate(model, state)
+    try:
+        yield model
+    finally:
+        if previous is not None and previous in state.adapters and state.active is None:
+            _activate(model, state, previous)
+
+
+@contextmanager
+def using(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Adapter ``name`` active inside the block; the previous one after."""
+    previous = active_adapter(model)
+    use(model, name)
+    try:
+        yield model
+    finally:
+        if is_patched(model) and (previous is None or previous in state_of(model).adapters):
+            use(model, previous)
+
+
+@contextmanager
+def base_view(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block (for compiling another plan against it)."""
+    if not is_patched(model):
+        yield model
+        return
+    with disabled(model):
+        yield model
+
+
+# --- apply and remove ----------------------------------------------------------------
+
+def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
+               name: str = DEFAULT_NAME, activate: bool | None = None) -> nn.Module:
+    """Execute ``plan`` on ``model`` in place, as adapter ``name``; return the model.
+
+    The first adapter on a model becomes active. A further one is loaded beside
+    the active one and stays inactive unless ``activate=True``.
 
     Raises:
-        PeftspecError: the model is already patched, or is not the model the
-            plan was compiled for (its tensor names or shapes differ).
+        PeftspecError: an adapter of that name is loaded already, or the model
+            is not the one the plan was compiled for.
     """
     if registry is None:
         from .plugins import get_registry
 
         registry = get_registry()
-    if is_patched(model):
-        raise PeftspecError("this model already has a peftspec adapter applied; "
-                            "call peftspec.remove(model) first")
+    state = getattr(model, "_peftspec", None)
+    if state is not None and name in state.adapters:
+        raise PeftspecError(f"an adapter named {name!r} is already loaded on this model; "
+                            "give another name or remove it first")
+    previous = state.active if state is not None else None
+    if state is not None:
+        _deactivate(model, state)
     params, buffers = named_tensors(model)
     if digest(fingerprint(model, tensors=(params, buffers))) != plan.base_digest:
+        if state is not None and previous is not None:
+            _activate(model, state, previous)
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
                             "shapes differ); compile it against this model")
-    state = PatchState(plan, requires_grad=[(p, p.requires_grad) for p in params.values()])
+    fresh = state is None
+    if fresh:
+        state = PatchState(requires_grad=[(p, p.requires_grad) for p in params.values()])
+    adapter = Adapter(name, plan)
     try:
         parent_name, parent = None, None
         for step in plan.steps:
@@ -96,52 +273,82 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None) -> nn.Module:
                 parent_name, parent = path, model.get_submodule(path)
             original = parent.get_submodule(child)
             installed = method.apply(original, step)
-            state.records.append(Record(step, method, original, installed))
+            adapter.records.append(Record(step, method, original, installed))
             if installed is not original:
                 setattr(parent, child, installed)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        trained = state.trained_base_names()
-        params = dict(model.named_parameters()) if trained else {}
-        for name in trained:
-            params[name].requires_grad_(True)
-            state.saved_base[name] = (params[name], params[name].detach().clone())
-        for p in adapter_params(model).values():
-            p.requires_grad_(True)
+        for pname in adapter.trained_base_names():
+            if pname not in state.base_values:
+                p = params[pname]
+                state.base_values[pname] = (p, p.detach().clone())
+        state.adapters[name] = adapter
+        state.active = name
         model.__dict__["_peftspec"] = state
+        _set_trainable(model, state, adapter)
         registry.pm.hook.after_apply(model=model, plan=plan)
     except BaseException:
-        model.__dict__["_peftspec"] = state
-        _undo(model, state)
+        state.adapters.pop(name, None)
+        state.active = None
+        _undo_records(model, adapter.records)
+        for rec in adapter.records:
+            rec.method.release(rec.installed, rec.original, rec.step)
+        _finish(model, state, previous)
         raise
+    if previous is not None and not activate:
+        _deactivate(model, state)
+        _activate(model, state, previous)
     return model
 
 
-def _undo(model: nn.Module, state: PatchState) -> None:
-    for rec in reversed(state.records):
-        rec.method.remove(rec.installed, rec.original)
+def _undo_records(model: nn.Module, records: list[Record]) -> None:
+    for rec in reversed(records):
+        rec.method.detach(rec.installed, rec.original, rec.step)
         if rec.installed is not rec.original:
             _install(model, rec.step.target, rec.original)
+
+
+def _finish(model: nn.Module, state: PatchState, activate: str | None) -> None:
+    """After an adapter is gone: reactivate one, or restore the plain base."""
+    if activate is not None and activate in state.adapters and state.active is None:
+        _activate(model, state, activate)
+        return
+    if state.adapters:
+        model.__dict__["_peftspec"] = state
+        return
     with torch.no_grad():
-        for param, value in state.saved_base.values():
+        for param, value in state.base_values.values():
             param.copy_(value)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     model.__dict__.pop("_peftspec", None)
 
 
-def remove(model: nn.Module) -> nn.Module:
-    """Take the adapter off: original modules back, ``requires_grad`` as before apply.
+def remove(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Take adapter ``name`` off (all adapters when ``None``).
 
-    The base weights are the same tensor objects, bit-identical to before,
-    including base parameters that ``[[train]]`` trained: their values at
-    apply time are restored (use :func:`merge` to keep them).
+    With the last adapter gone, the original modules are back and
+    ``requires_grad`` is as before the first apply. Base weights are the same
+    tensor objects, bit-identical to before, including base parameters that
+    ``[[train]]`` trained: their values at apply time are restored (use
+    :func:`merge` to keep them).
     """
-    _undo(model, state_of(model))
+    state = state_of(model)
+    names = list(state.adapters) if name is None else [name]
+    for n in names:
+        if n not in state.adapters:
+            raise PeftspecError(f"no adapter named {n!r} on this model; loaded: "
+                                f"{', '.join(state.adapters)}")
+    for n in names:
+        if state.active == n:
+            _deactivate(model, state)
+        for rec in state.adapters.pop(n).records:
+            rec.method.release(rec.installed, rec.original, rec.step)
+    _finish(model, state, None)  # the base is active if the active adapter went
     return model
 
 
-def _tied_targets(model: nn.Module, state: PatchState) -> list[str]:
+# --- merge -----------------------------------------------------------------------------
+
+def _tied_targets(model: nn.Module, records: list[Record]) -> list[str]:
     """Mergeable steps whose base tensors are shared with another module (tied)."""
     owners: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -149,45 +356,50 @@ def _tied_targets(model: nn.Module, state: PatchState) -> list[str]:
             if p is not None:
                 owners.setdefault(id(p), []).append(path)
     out = []
-    for rec in state.records:
+    for rec in records:
         if not rec.method.mergeable:
             continue
-        for name, p in rec.original.named_parameters(recurse=False):
+        for pname, p in rec.original.named_parameters(recurse=False):
             others = [o for o in owners.get(id(p), []) if o != rec.step.target]
             if others:
                 out.append(f"{rec.step.method} on '{rec.step.target}' ({rec.step.rule}): its "
-                           f"{name} is tied to '{others[0]}'")
+                           f"{pname} is tied to '{others[0]}'")
     return out
 
 
 def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
-    """Fold reparameterizations into the base weights; return the plain model.
+    """Fold the active adapter into the base weights; return the plain model.
 
     This is the one operation that writes base weights. Methods that cannot be
     merged make it fail before anything changes, naming them, unless
-    ``skip_unmergeable`` is set: then those are removed instead.
+    ``skip_unmergeable`` is set: then those are removed instead. Other loaded
+    adapters are dropped (they were trained against the unmerged base).
     """
     state = state_of(model)
-    tied = _tied_targets(model, state)
+    records = state.records
+    tied = _tied_targets(model, records)
     if tied:
         raise NotMergeableError(
             "cannot merge: " + "; ".join(tied) + ". Merging would write the shared tensor "
             "and change the other module too; untie the weights first (e.g. clone the "
             "embedding into the head) or keep this adapter unmerged")
-    blocked = [r for r in state.records if not r.method.mergeable]
+    blocked = [r for r in records if not r.method.mergeable]
     if blocked and not skip_unmergeable:
         names = sorted({f"{r.step.method} ({r.step.rule})" for r in blocked})
         raise NotMergeableError("cannot merge: " + ", ".join(names) + " add computation that "
                                 "does not fold into base weights (pass skip_unmergeable=True / "
                                 "--skip-unmergeable to drop them)")
-    for rec in reversed(state.records):
+    for rec in reversed(records):
         if rec.method.mergeable:
             merged = rec.method.merge(rec.installed, rec.original)
         else:
-            rec.method.remove(rec.installed, rec.original)
+            rec.method.detach(rec.installed, rec.original, rec.step)
             merged = rec.original
         if merged is not rec.installed:
             _install(model, rec.step.target, merged)
+    for adapter in state.adapters.values():
+        for rec in adapter.records:
+            rec.method.release(rec.installed, rec.original, rec.step)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     model.__dict__.pop("_peftspec", None)

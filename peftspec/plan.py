@@ -146,9 +146,12 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
         from .plugins import get_registry
 
         registry = get_registry()
-    if getattr(model, "_peftspec", None) is not None:
-        raise PeftspecError("this model already has a peftspec adapter applied; "
-                            "call peftspec.remove(model) first")
+    state = getattr(model, "_peftspec", None)
+    if state is not None and state.active is not None:  # compile against the plain base
+        from .patching import base_view
+
+        with base_view(model):
+            return compile_plan(spec, model, registry)
 
     modules = dict(model.named_modules())
     module_types = {name: class_names(m) for name, m in modules.items()}

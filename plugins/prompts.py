@@ -348,16 +348,34 @@ class _SoftPromptMethod(Method):
     def apply(self, module, step):
         emb = self._parts(module, step.options)
         prompt = self.build(module, step.options, emb)
-        setattr(module, CHILD, prompt)
         geometry = kv_geometry(module) if self.kind == "prefix" else None
-        hook = _Rewriter(module, prompt, emb, self.kind, geometry)
-        prompt.__dict__["_handle"] = module.register_forward_pre_hook(hook, with_kwargs=True)
+        # One entry per adapter (several adapters may prompt one model), kept
+        # outside the module registry: the rewriter must not be a submodule.
+        _attachments(module)[id(step)] = (prompt, _Rewriter(module, prompt, emb, self.kind,
+                                                            geometry))
+        self.attach(module, module, step)
         return module
 
-    def remove(self, installed, original):
-        prompt = getattr(installed, CHILD)
-        prompt.__dict__["_handle"].remove()
+    def attach(self, installed, original, step):
+        prompt, rewriter = _attachments(installed)[id(step)]
+        setattr(installed, CHILD, prompt)
+        prompt.__dict__["_handle"] = installed.register_forward_pre_hook(rewriter,
+                                                                         with_kwargs=True)
+
+    def detach(self, installed, original, step):
+        prompt, _ = _attachments(installed)[id(step)]
+        prompt.__dict__.pop("_handle").remove()
         delattr(installed, CHILD)
+
+
+    def release(self, installed, original, step):
+        _attachments(installed).pop(id(step), None)
+        if not _attachments(installed):
+            del installed.__dict__["_peftspec_prompts"]
+
+
+def _attachments(model: nn.Module) -> dict:
+    return model.__dict__.setdefault("_peftspec_prompts", {})
 
 
 def _like(emb: nn.Module) -> dict:
