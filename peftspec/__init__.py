@@ -31,6 +31,7 @@ from .options import option, selectors  # noqa: E402
 from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
                        is_patched, merge, remove, use, using)
 from .plan import Plan, Step, compile_plan  # noqa: E402
+from .rows import rows  # noqa: E402
 from .plugins import build_registry, get_registry  # noqa: E402
 from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
 from .adapter_file import load_adapter, save_adapter  # noqa: E402
@@ -54,7 +55,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 __all__ = [
-    "__version__", "active_adapter", "adapter_names", "disabled", "use", "using",
+    "__version__", "active_adapter", "adapter_names", "disabled", "rows", "use", "using",
     "AdapterFileError", "AdapterModule", "Method", "ModelSourceError",
     "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
     "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",

@@ -159,6 +159,13 @@ class Method:
         """The adapter is gone for good (removed or merged; already detached):
         drop anything kept for :meth:`attach`."""
 
+    def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
+        """For methods that patch the whole model in place (soft prompts): take
+        part in a per-row forward where row ``i`` uses adapter ``names[i]``
+        (``steps`` maps each participating adapter to its step). Return an
+        object with ``remove()``. Module-replacing methods need nothing here."""
+        raise NotImplementedError(f"method {self.name!r} does not support per-row adapters")
+
     def merge(self, installed: nn.Module, original: nn.Module) -> nn.Module:
         """Fold the adapter into ``original``'s weights; return the plain module."""
         raise NotImplementedError(f"method {self.name!r} cannot be merged")

@@ -123,7 +123,11 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._base(x)
+        return self.adapt(x, self._base(x))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adapted output, given the base output ``out`` for ``x`` (which it
+        may overwrite). Per-row batches compute the base once for all rows."""
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
         if not self.dora:
@@ -180,7 +184,10 @@ class LoRAEmbedding(nn.Module):
                            self.scale_grad_by_freq, self.sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._lookup(x, self.weight)
+        return self.adapt(x, self._lookup(x, self.weight))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adapted output, given the base lookup ``out`` for ``x``."""
         after_a = self._lookup(x, self.lora_A.t())
         return out + (after_a @ self.lora_B.t()) * self.scale
 

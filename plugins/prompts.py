@@ -225,9 +225,11 @@ class _Rewriter:
     """Forward pre-hook (with kwargs) on the whole model."""
 
     def __init__(self, model: nn.Module, prompt: SoftPrompt, embedding: nn.Module, kind: str,
-                 geometry: tuple[int, int, int] | None):
+                 geometry: tuple[int, int, int] | None, rows: list | None = None):
         self.sig = _forward_params(model)
         self.prompt = prompt
+        # per-row mode: rows[i] is row i's SoftPrompt, or None for a row without one
+        self.rows = rows
         self.embedding = embedding
         self.kind = kind  # "prompt" or "prefix"
         self.geometry = geometry
@@ -260,8 +262,18 @@ class _Rewriter:
             return None
         b = ref.shape[0]
         mask = kw.get("attention_mask")
+        slots = None
+        if self.rows is not None and not decoding:
+            # rows without a prompt get masked slots; positions count unmasked slots
+            slots = torch.tensor([[p is not None] * n for p in self.rows], device=ref.device)
+            if mask is None:
+                mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+            if kw.get("position_ids") is None and "position_ids" in self.sig.parameters:
+                ext = torch.cat([slots.to(mask.dtype), mask], dim=1)
+                kw["position_ids"] = ((ext.long().cumsum(-1) - 1).clamp(min=0))[:, n:] - n
         if mask is not None and mask.dim() == 2:
-            kw["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
+            lead = mask.new_ones(b, n) if slots is None else slots.to(mask.dtype)
+            kw["attention_mask"] = torch.cat([lead, mask], dim=1)
         pos = kw.get("position_ids")
         if decoding:
             if pos is not None:
@@ -272,8 +284,13 @@ class _Rewriter:
             emb = kw.get("inputs_embeds")
             if emb is None:
                 emb = self.embedding(ids)
-            table = self.prompt.table().to(emb.dtype)
-            kw["inputs_embeds"] = torch.cat([table.unsqueeze(0).expand(b, -1, -1), emb], dim=1)
+            if self.rows is None:
+                table = self.prompt.table().to(emb.dtype).unsqueeze(0).expand(b, -1, -1)
+            else:
+                zeros = emb.new_zeros(n, emb.shape[-1])
+                table = torch.stack([zeros if p is None else p.table().to(emb.dtype)
+                                     for p in self.rows])
+            kw["inputs_embeds"] = torch.cat([table, emb], dim=1)
             if pos is not None:
                 lead = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(b, n)
                 kw["position_ids"] = torch.cat([lead, pos + n], dim=1)
@@ -367,6 +384,21 @@ class _SoftPromptMethod(Method):
         prompt.__dict__.pop("_handle").remove()
         delattr(installed, CHILD)
 
+
+    def rows_attach(self, model, steps, names):
+        if self.kind != "prompt":
+            raise NotImplementedError(f"{self.name} does not support per-row adapters")
+        entries = {n: _attachments(model)[id(step)] for n, step in steps.items()}
+        counts = {prompt.tokens for prompt, _ in entries.values()}
+        if len(counts) != 1:
+            raise NotImplementedError("per-row soft prompts need the same number of tokens "
+                                      f"in every adapter, got {sorted(counts)}")
+        prompt, rewriter = next(iter(entries.values()))
+        per_row = [entries[n][0] if n in entries else None for n in names]
+        rows = _Rewriter.__new__(_Rewriter)
+        rows.__dict__.update(rewriter.__dict__)
+        rows.rows = per_row
+        return model.register_forward_pre_hook(rows, with_kwargs=True)
 
     def release(self, installed, original, step):
         _attachments(installed).pop(id(step), None)

@@ -1,0 +1,133 @@
+"""Per-row adapters: one forward pass in which each batch row uses its own adapter.
+
+::
+
+    with peftspec.rows(model, ["summarize", "translate", None, "summarize"]):
+        out = model(input_ids)          # row 2 runs the plain base model
+
+Inside the block, every module that any of the named adapters replaces is
+stood in for by a :class:`RowDispatch`, which runs each row group through
+that adapter's module (``None`` rows through the original). Modules that can
+adapt a precomputed base output (LoRA's ``adapt(x, base_out)``) share one base
+computation for all rows. Methods that patch the whole model in place (soft
+prompts) take part through :meth:`Method.rows_attach`. Outputs equal running
+each row alone. The batch must have ``len(names)`` rows.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import PeftspecError
+from .patching import _install, state_of, use
+
+
+class RowContext:
+    """Which adapter each row of the tensors now flowing through the model uses.
+
+    An outer dispatch that runs a subset of rows through a module (which may
+    hold inner dispatches) narrows ``names`` to that subset for the call."""
+
+    def __init__(self, names: Sequence[str | None]):
+        self.names = list(names)
+
+    def groups(self, device) -> dict[str | None, torch.Tensor]:
+        out: dict[str | None, list[int]] = {}
+        for i, n in enumerate(self.names):
+            out.setdefault(n, []).append(i)
+        return {n: torch.tensor(idx, device=device) for n, idx in out.items()}
+
+    @contextmanager
+    def narrowed(self, idx: torch.Tensor):
+        saved = self.names
+        self.names = [saved[i] for i in idx.tolist()]
+        try:
+            yield
+        finally:
+            self.names = saved
+
+
+class RowDispatch(nn.Module):
+    """Stands in for one module path during a per-row forward."""
+
+    def __init__(self, original: nn.Module, branches: dict[str, nn.Module], ctx: RowContext):
+        super().__init__()
+        self.__dict__["original"] = original
+        self.__dict__["branches"] = branches
+        self.__dict__["ctx"] = ctx
+        self.shared_base = all(callable(getattr(m, "adapt", None)) for m in branches.values())
+
+    def forward(self, x, *args, **kwargs):
+        ctx = self.ctx
+        if x.shape[0] != len(ctx.names):
+            raise PeftspecError(f"per-row adapters were given for {len(ctx.names)} rows, but "
+                                f"the batch has {x.shape[0]}")
+        groups = ctx.groups(x.device)
+        if self.shared_base:
+            base = self.original(x, *args, **kwargs)
+            out = base.clone()
+            for name, idx in groups.items():
+                module = self.branches.get(name) if name is not None else None
+                if module is not None:
+                    out[idx] = module.adapt(x[idx], base[idx])
+            return out
+        parts = []
+        for name, idx in groups.items():
+            module = self.branches.get(name) if name is not None else None
+            module = module if module is not None else self.original
+            with ctx.narrowed(idx):
+                parts.append((idx, module(x[idx], *args, **kwargs)))
+        first = parts[0][1]
+        if isinstance(first, tuple):
+            raise PeftspecError("per-row dispatch supports modules returning one tensor")
+        out = first.new_empty((x.shape[0],) + tuple(first.shape[1:]))
+        for idx, value in parts:
+            out[idx] = value
+        return out
+
+
+@contextmanager
+def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, batch row ``i`` of ``model``'s input uses adapter ``names[i]``."""
+    state = state_of(model)
+    wanted = [n for n in dict.fromkeys(names) if n is not None]
+    for n in wanted:
+        if n not in state.adapters:
+            raise PeftspecError(f"no adapter named {n!r} on this model; loaded: "
+                                f"{', '.join(state.adapters)}")
+    previous = state.active
+    use(model, None)
+    ctx = RowContext(names)
+    # per path: the original module, and each adapter's outermost module there
+    originals: dict[str, nn.Module] = {}
+    branches: dict[str, dict[str, nn.Module]] = {}
+    in_place: dict[str, list] = {}  # method name -> [(adapter, record)]
+    for n in wanted:
+        for rec in state.adapters[n].records:
+            if rec.installed is rec.original:
+                in_place.setdefault(rec.step.method, []).append((n, rec))
+                continue
+            originals.setdefault(rec.step.target, rec.original)
+            branches.setdefault(rec.step.target, {})[n] = rec.installed
+    installed = []
+    handles = []
+    try:
+        # deeper paths first: a dispatch must not be installed inside another one
+        for path, original in sorted(originals.items(), key=lambda kv: -kv[0].count(".")):
+            _install(model, path, RowDispatch(original, branches[path], ctx))
+            installed.append((path, original))
+        for method_name, entries in in_place.items():
+            method = entries[0][1].method
+            handles.append(method.rows_attach(model, {n: rec.step for n, rec in entries},
+                                              list(names)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for path, original in reversed(installed):
+            _install(model, path, original)
+        use(model, previous)
