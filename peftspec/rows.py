@@ -34,12 +34,16 @@ class RowContext:
 
     def __init__(self, names: Sequence[str | None]):
         self.names = list(names)
+        self._cache: dict = {}
 
     def groups(self, device) -> dict[str | None, torch.Tensor]:
-        out: dict[str | None, list[int]] = {}
-        for i, n in enumerate(self.names):
-            out.setdefault(n, []).append(i)
-        return {n: torch.tensor(idx, device=device) for n, idx in out.items()}
+        key = (tuple(self.names), str(device))
+        if key not in self._cache:  # every dispatcher of a forward asks the same
+            out: dict[str | None, list[int]] = {}
+            for i, n in enumerate(self.names):
+                out.setdefault(n, []).append(i)
+            self._cache[key] = {n: torch.tensor(idx, device=device) for n, idx in out.items()}
+        return self._cache[key]
 
     @contextmanager
     def narrowed(self, idx: torch.Tensor):
@@ -68,12 +72,19 @@ class RowDispatch(nn.Module):
                                 f"the batch has {x.shape[0]}")
         groups = ctx.groups(x.device)
         if self.shared_base:
-            base = self.original(x, *args, **kwargs)
-            out = base.clone()
+            out = self.original(x, *args, **kwargs)  # a fresh tensor: updated in place
+            base = None
             for name, idx in groups.items():
                 module = self.branches.get(name) if name is not None else None
-                if module is not None:
-                    out[idx] = module.adapt(x[idx], base[idx])
+                if module is None:
+                    continue
+                add_rows = getattr(module, "add_rows", None)
+                if add_rows is not None:  # out[idx] += delta(x[idx]), no copy of the base
+                    add_rows(x, out, idx)
+                    continue
+                if base is None:
+                    base = out.clone()
+                out[idx] = module.adapt(x[idx], base[idx])
             return out
         parts = []
         for name, idx in groups.items():

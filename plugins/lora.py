@@ -125,6 +125,20 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapt(x, self._base(x))
 
+    @property
+    def add_rows(self):
+        """Per-row batches: ``add_rows(x, out, idx)`` adds this adapter's update
+        for rows ``idx`` of ``x`` into ``out`` in place (plain LoRA only; DoRA
+        rescales the base output and goes through :meth:`adapt`)."""
+        return None if self.dora else self._add_rows
+
+    def _add_rows(self, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor) -> None:
+        h = x.index_select(0, idx)
+        if self.dropout:
+            h = F.dropout(h, self.dropout, self.training)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        out.index_add_(0, idx, delta, alpha=self.scale)
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output, given the base output ``out`` for ``x`` (which it
         may overwrite). Per-row batches compute the base once for all rows."""
