@@ -227,6 +227,50 @@ def plugins(as_json: bool):
     out.print(t)
 
 
+@cli.command()
+@click.option("--model", "-m", default=None, metavar="M", help=MODEL_HELP)
+@click.option("--adapter", "-a", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the peftspec adapter file to fold in")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder to write the merged model to (replaced atomically)")
+@click.option("--skip-unmergeable", is_flag=True,
+              help="drop methods that cannot fold into weights (adapters, soft prompts)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: bool,
+          as_json: bool):
+    """Fold an adapter into its base model's weights and write a plain model.
+
+    \b
+    For an hf: directory the base is streamed tensor by tensor: the output has
+    the base's own keys, dtypes and sharding, with its config and tokenizer
+    files copied; peak memory stays far below the model's size. Example:
+      peftspec merge --model hf:./gpt2 --adapter lora.safetensors --out gpt2-merged
+    """
+    import resource
+
+    from rich.progress import Progress
+
+    from .merge_stream import merge_to_dir
+
+    reg = _registry()
+    t0 = time.perf_counter()
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("merging", total=None)
+        summary = merge_to_dir(model, adapter, out_dir, skip_unmergeable=skip_unmergeable,
+                               registry=reg,
+                               progress=lambda done, total: bar.update(task, completed=done,
+                                                                       total=total))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {**summary, "out": str(out_dir), "seconds": time.perf_counter() - t0,
+               "peak_rss_mb": peak_mb}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"wrote {out_dir}: {summary['tensors']} tensors in {summary['shards']} "
+                  f"shard(s) in {summary['seconds']:.1f} s; peak memory {peak_mb:.0f} MB")
+
+
 def main(argv=None):
     """Console-script entry point."""
     _add_plugin_commands()

@@ -1,0 +1,267 @@
+"""``peftspec merge``: write base + adapter as one plain model, tensor by tensor.
+
+For an ``hf:`` directory the base is never loaded whole. The model is built on
+the ``meta`` device (no memory), the adapter's spec is compiled against it,
+and each output shard is written as the input shard is read: a tensor the
+adapter does not touch is copied through; a module the adapter reparameterizes
+is materialised alone (its tensors read from the shards), adapted with the
+method's own ``apply``, loaded with the adapter's tensors and folded with its
+own ``merge``; a tensor ``[[train]]`` trained takes the adapter's value. Keys,
+dtypes, shapes and sharding stay the base's; the config and tokenizer files
+are copied. Peak memory stays near one shard's header plus a few tensors,
+never the model (compare HF PEFT, which loads the model, merges and saves).
+
+For other model sources the model is built in memory, the adapter loaded and
+merged, and the state dict written the same way. Output goes to a temporary
+folder renamed into place at the end: a failure leaves ``out`` as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .adapter_file import _checked_plan
+from .errors import AdapterFileError, ModelSourceError, NotMergeableError
+from .method import load_adapter_state
+from .safetensors_io import DTYPES, _raw
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_ST_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.PathLike, *,
+                 skip_unmergeable: bool = False, registry=None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Merge ``adapter`` into the model ``source`` names; write it to folder ``out``.
+
+    Returns a summary: tensors written, merged modules, shards.
+    """
+    if registry is None:
+        from .plugins import get_registry
+
+        registry = get_registry()
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
+                                else None))
+    try:
+        if source and source.startswith("hf:"):
+            summary = _merge_hf(Path(source[3:]), Path(adapter), tmp, skip_unmergeable,
+                                registry, progress)
+        else:
+            summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable, registry)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def _mergeable_records(plan, registry, skip_unmergeable: bool):
+    blocked = sorted({f"{s.method} ({s.rule})" for s in plan.steps
+                      if s.family != "train" and not registry.method(s.method).mergeable})
+    if blocked and not skip_unmergeable:
+        raise NotMergeableError("cannot merge: " + ", ".join(blocked) + " add computation that "
+                                "does not fold into base weights (pass --skip-unmergeable to "
+                                "drop them)")
+    return [s for s in plan.steps if s.family != "train" and registry.method(s.method).mergeable]
+
+
+def _meta_model(path: Path) -> nn.Module:
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"'hf:{path}' is not a local transformers directory "
+                               "(no config.json there)")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelSourceError("hf: models need transformers: pip install 'peftspec[hf]'") \
+            from None
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)),
+               transformers.AutoModel)
+    with torch.device("meta"):
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else \
+            cls.from_config(config)
+    return model.eval()
+
+
+def _shards(path: Path) -> tuple[list[str], dict | None]:
+    if (path / INDEX).is_file():
+        index = json.loads((path / INDEX).read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (path / WEIGHTS).is_file():
+        return [WEIGHTS], None
+    if any(path.glob("*.bin")):
+        raise AdapterFileError(f"{path} holds only pickled weights (*.bin); peftspec never "
+                               "unpickles: convert them to safetensors first")
+    raise AdapterFileError(f"{path}: no {WEIGHTS} or {INDEX}")
+
+
+def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, registry,
+              progress) -> dict:
+    shard_names, _ = _shards(path)
+    model = _meta_model(path)
+    plan = _checked_plan(model, adapter, registry)
+    steps = _mergeable_records(plan, registry, skip_unmergeable)
+    _refuse_tied(model, steps)
+    where: dict[str, str] = {}
+    for shard in shard_names:
+        with safe_open(str(path / shard), framework="pt") as f:
+            for key in f.keys():
+                where[key] = shard
+    with safe_open(str(adapter), framework="pt") as f:
+        adapter_tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    owner: dict[str, str] = {}  # checkpoint key -> merged module path
+    modules = dict(model.named_modules())
+    by_path = {s.target: s for s in steps}
+    for target in by_path:
+        for local, _ in modules[target].named_parameters():
+            owner[f"{target}.{local}"] = target
+    trained = {s.target for s in plan.steps if s.family == "train"}
+    missing = sorted(k for k in list(owner) + list(trained) if k not in where)
+    if missing:
+        raise AdapterFileError(f"{path}: the checkpoint has no tensor named {missing[0]!r} "
+                               f"(and {len(missing) - 1} more): its keys are not the model's "
+                               "state-dict names, so it cannot be merged tensor by tensor")
+
+    def fetch(key: str) -> torch.Tensor:
+        with safe_open(str(path / where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # path -> merged tensors not yet written
+    total = len(where)
+    done = 0
+    merged_modules = 0
+    for shard in shard_names:
+        with safe_open(str(path / shard), framework="pt") as f:
+            keys = list(f.keys())
+            meta = f.metadata()
+            specs = [(k, f.get_slice(k)) for k in keys]
+            header = _header([(k, s.get_dtype(), s.get_shape()) for k, s in specs], meta)
+            with open(out / shard, "wb") as w:
+                w.write(header)
+                for key in keys:
+                    if key in owner:
+                        target = owner[key]
+                        if target not in pending:
+                            pending[target] = _merge_module(modules[target], by_path[target],
+                                                            fetch, adapter_tensors, registry)
+                            merged_modules += 1
+                        t = pending[target].pop(key[len(target) + 1:])
+                        if not pending[target]:
+                            del pending[target]
+                    elif key in trained:
+                        t = adapter_tensors[key]
+                    else:
+                        t = f.get_tensor(key)
+                    base_dtype = _ST_DTYPES[dict(specs)[key].get_dtype()]
+                    w.write(_raw(t.to(base_dtype)))
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                w.flush()
+                os.fsync(w.fileno())
+    for name in os.listdir(path):
+        src = path / name
+        if src.is_file() and name not in shard_names and not name.endswith(".bin"):
+            shutil.copy2(src, out / name)
+    return {"tensors": total, "merged_modules": merged_modules, "shards": len(shard_names)}
+
+
+def _header(entries, metadata) -> bytes:
+    import struct
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for key, dtype, shape in entries:
+        size = _ST_DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset,
+                                                                              offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry):
+    """Materialise one module from the shards, adapt, load, merge; its tensors."""
+    fresh = copy.deepcopy(meta_module).to_empty(device="cpu")
+    with torch.no_grad():
+        for local, p in fresh.named_parameters():
+            p.copy_(fetch(f"{step.target}.{local}"))
+        for local, b in fresh.named_buffers():
+            key = f"{step.target}.{local}"
+            try:
+                b.copy_(fetch(key))
+            except KeyError:
+                pass  # a non-persistent buffer: set by the module's own init
+    method = registry.method(step.method)
+    installed = method.apply(fresh, step)
+    prefix = step.target + "."
+    load_adapter_state(installed, {k[len(prefix):]: v for k, v in adapter_tensors.items()
+                                   if k.startswith(prefix)})
+    merged = method.merge(installed, fresh)
+    return {k: v.detach() for k, v in merged.named_parameters()}
+
+
+def _refuse_tied(model: nn.Module, steps) -> None:
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(path)
+    modules = dict(model.named_modules())
+    for s in steps:
+        for pname, p in modules[s.target].named_parameters(recurse=False):
+            others = [o for o in owners.get(id(p), []) if o != s.target]
+            if others:
+                raise NotMergeableError(f"cannot merge: {s.method} on '{s.target}' "
+                                        f"({s.rule}): its {pname} is tied to '{others[0]}'")
+
+
+def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
+                     registry) -> dict:
+    from .adapter_file import load_adapter
+    from .patching import merge
+
+    model = registry.load_model(source)
+    load_adapter(model, adapter, registry=registry)
+    merged = merge(model, skip_unmergeable=skip_unmergeable)
+    seen: set[int] = set()
+    tensors = {}
+    for name, t in merged.state_dict(keep_vars=True).items():
+        if id(t) not in seen:  # tied tensors are stored once, as transformers does
+            seen.add(id(t))
+            tensors[name] = t.detach()
+    from .safetensors_io import header_and_chunks, write_chunks
+
+    head, chunks = header_and_chunks(tensors, {"format": "pt"})
+    with open(out / WEIGHTS, "wb") as w:
+        write_chunks(w, head, chunks)
+        w.flush()
+        os.fsync(w.fileno())
+    return {"tensors": len(tensors), "merged_modules": None, "shards": 1}

@@ -1,0 +1,131 @@
+"""`peftspec merge`: streamed for hf: directories, equal to merging in memory."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import peftspec
+from peftspec.cli import cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100)).eval()
+
+
+SPEC = textwrap.dedent("""
+    [[train]]
+    params = ["**.input_layernorm.weight"]
+    [[reparameterize]]
+    method = "lora"
+    modules = ["**.q_proj", "**.v_proj"]
+    r = 4
+    [[reparameterize]]
+    method = "lora"
+    modules = ["**.down_proj", "**.embed_tokens"]
+    r = 2
+    rslora = true
+""")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = llama()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir, max_shard_size="20KB")  # several shards
+    model = llama()
+    peftspec.apply(peftspec.parse_spec(SPEC), model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in peftspec.trainable_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    adapter = tmp_path / "a.safetensors"
+    peftspec.save_adapter(model, adapter)
+    return base_dir, adapter, model
+
+
+def test_streamed_merge_equals_unmerged(setup, tmp_path):
+    base_dir, adapter, adapted = setup
+    out = tmp_path / "merged"
+    r = invoke("merge", "--model", f"hf:{base_dir}", "--adapter", adapter, "--out", out,
+               "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["merged_modules"] == 2 * 3 + 1 and summary["shards"] > 1
+    # sharded like the input, same keys, config copied
+    assert sorted(p.name for p in base_dir.iterdir()) == sorted(p.name for p in out.iterdir())
+    for shard in base_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as a, safe_open(str(out / shard.name), "pt") as b:
+            assert list(a.keys()) == list(b.keys())
+    merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+
+
+def test_merge_refuses_unmergeable_and_keeps_existing_output(setup, tmp_path):
+    base_dir, _, _ = setup
+    model = llama()
+    peftspec.apply(peftspec.parse_spec('[[augment]]\nmethod = "bottleneck"\n'
+                                       'preset = "pfeiffer"\nsize = 4\n'), model)
+    adapter = tmp_path / "b.safetensors"
+    peftspec.save_adapter(model, adapter)
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    r = invoke("merge", "--model", f"hf:{base_dir}", "--adapter", adapter, "--out", out)
+    assert r.exit_code == 1 and "cannot merge: bottleneck" in r.stderr
+    assert (out / "keep.txt").read_text() == "old"
+    r = invoke("merge", "--model", f"hf:{base_dir}", "--adapter", adapter, "--out", out,
+               "--skip-unmergeable")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists()
+
+
+def test_merge_default_model_in_memory(tmp_path):
+    model = peftspec.load_model()
+    peftspec.apply(peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\n'
+                                       'modules = ["**.q_proj"]\n'), model)
+    with torch.no_grad():
+        for p in peftspec.trainable_parameters(model).values():
+            p.add_(0.01)
+    adapter = tmp_path / "a.safetensors"
+    peftspec.save_adapter(model, adapter)
+    r = invoke("merge", "--adapter", adapter, "--out", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    plain = peftspec.load_model()
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    plain.load_state_dict(state, strict=False)
+    ids = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_merge_refuses_pickles(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    llama().config.save_pretrained(d)
+    (d / "pytorch_model.bin").write_bytes(b"not really")
+    model = llama()
+    peftspec.apply(peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\n'
+                                       'modules = ["**.q_proj"]\n'), model)
+    adapter = tmp_path / "a.safetensors"
+    peftspec.save_adapter(model, adapter)
+    r = invoke("merge", "--model", f"hf:{d}", "--adapter", adapter, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "never unpickles" in r.stderr
