@@ -146,23 +146,25 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                                f"(and {len(missing) - 1} more): its keys are not the model's "
                                "state-dict names, so it cannot be merged tensor by tensor")
 
+    readers = {shard: ShardReader(path / shard) for shard in shard_names}
+
     def fetch(key: str) -> torch.Tensor:
-        with safe_open(str(path / where[key]), framework="pt") as f:
-            return f.get_tensor(key)
+        return readers[where[key]].tensor(key)
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # path -> merged tensors not yet written
     total = len(where)
     done = 0
     merged_modules = 0
-    for shard in shard_names:
-        with safe_open(str(path / shard), framework="pt") as f:
-            keys = list(f.keys())
-            meta = f.metadata()
-            specs = [(k, f.get_slice(k)) for k in keys]
-            header = _header([(k, s.get_dtype(), s.get_shape()) for k, s in specs], meta)
+    try:
+        for shard in shard_names:
+            reader = readers[shard]
+            keys = reader.keys()
+            header = _header([(k, reader.entries[k]["dtype"], reader.entries[k]["shape"])
+                              for k in keys], reader.metadata)
             with open(out / shard, "wb") as w:
                 w.write(header)
                 for key in keys:
+                    base_dtype = _ST_DTYPES[reader.entries[key]["dtype"]]
                     if key in owner:
                         target = owner[key]
                         if target not in pending:
@@ -172,22 +174,67 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                         t = pending[target].pop(key[len(target) + 1:])
                         if not pending[target]:
                             del pending[target]
+                        w.write(_raw(t.to(base_dtype)))
                     elif key in trained:
-                        t = adapter_tensors[key]
+                        w.write(_raw(adapter_tensors[key].to(base_dtype)))
                     else:
-                        t = f.get_tensor(key)
-                    base_dtype = _ST_DTYPES[dict(specs)[key].get_dtype()]
-                    w.write(_raw(t.to(base_dtype)))
+                        reader.copy_to(key, w)  # bytes through, never decoded
                     done += 1
                     if progress:
                         progress(done, total)
                 w.flush()
                 os.fsync(w.fileno())
+    finally:
+        for reader in readers.values():
+            reader.close()
     for name in os.listdir(path):
         src = path / name
         if src.is_file() and name not in shard_names and not name.endswith(".bin"):
             shutil.copy2(src, out / name)
     return {"tensors": total, "merged_modules": merged_modules, "shards": len(shard_names)}
+
+
+class ShardReader:
+    """Reads tensors from a safetensors file with plain reads, not a memory map,
+    so a streamed merge holds one tensor at a time rather than the file's pages.
+    (Opened with ``safe_open`` first, which validates the header.)"""
+
+    CHUNK = 16 * 2**20
+
+    def __init__(self, path: Path):
+        import struct
+
+        with safe_open(str(path), framework="pt"):
+            pass
+        self.fd = os.open(path, os.O_RDONLY)
+        n = struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
+        header = json.loads(os.pread(self.fd, n, 8))
+        self.metadata = header.pop("__metadata__", None)
+        self.entries = header
+        self.start = 8 + n
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        a, b = e["data_offsets"]
+        buf = bytearray(os.pread(self.fd, b - a, self.start + a))
+        dtype = _ST_DTYPES[e["dtype"]]
+        if not buf:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+
+    def copy_to(self, key: str, w) -> None:
+        a, b = self.entries[key]["data_offsets"]
+        pos = a
+        while pos < b:
+            n = min(self.CHUNK, b - pos)
+            w.write(os.pread(self.fd, n, self.start + pos))
+            pos += n
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _header(entries, metadata) -> bytes:
