@@ -212,3 +212,59 @@ def test_merge_refuses_tied_weights_and_changes_nothing():
     assert peftspec.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def _lying_header(path, edit):
+    """Rewrite the JSON header of ``path`` through ``edit`` and keep the data."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h[_first_tensor(h)].update(data_offsets=[0, 10**9]),        # past the end
+    lambda h: h[_first_tensor(h)].update(shape=[999, 999]),               # shape vs size
+    lambda h: h[_first_tensor(h)].update(dtype="F64"),                    # dtype vs size
+    lambda h: h[_first_tensor(h)].update(dtype="NOPE"),                   # unknown dtype
+    lambda h: h[_first_tensor(h)].update(data_offsets=[8, 4]),            # reversed
+], ids=["offset-past-end", "shape-lies", "dtype-lies", "unknown-dtype", "reversed-offsets"])
+def test_headers_that_lie_are_refused(trained, edit):
+    _, path = trained
+    _lying_header(path, edit)
+    model = small()
+    before = state(model)
+    with pytest.raises(peftspec.AdapterFileError, match="not a readable safetensors file"):
+        peftspec.load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_huge_header_claim_is_refused_quickly(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{" + b" " * 100)
+    with pytest.raises(peftspec.AdapterFileError, match="not a readable"):
+        peftspec.load_adapter(small(), path)
+
+
+def test_bf16_merge_on_cpu_stays_within_bf16_rounding():
+    """Merge math runs in float32 and casts once. Bound: 0.05 on logits of order 1
+    (bf16 keeps 8 bits of mantissa); the unmerged bf16 model is the reference."""
+    model = small().to(torch.bfloat16)
+    peftspec.apply(peftspec.parse_spec(SPEC), model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in peftspec.adapter_params(model).values():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        unmerged = model(ids).logits.float()
+        peftspec.merge(model)
+        merged = model(ids).logits.float()
+    assert (merged - unmerged).abs().max().item() < 0.05
