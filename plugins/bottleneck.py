@@ -168,6 +168,14 @@ class WithAdapter(nn.Module):
         self.adapter = adapter
         self.parallel = parallel
 
+    def __setattr__(self, name, value):
+        # A child replaced through the wrapper (another method patching a module
+        # inside this one) must reach the wrapped module, whose forward runs.
+        super().__setattr__(name, value)
+        base = self.__dict__.get("base")
+        if base is not None and isinstance(value, nn.Module) and name in base._modules:
+            setattr(base, name, value)
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
         # the adapter child reports its own; a wrapped LoRA module's tensors are
         # adopted here under their names, so report them on its behalf
@@ -213,13 +221,11 @@ class BottleneckMethod(Method):
                          f"(presets know: {', '.join(LAYOUTS)})")
 
     def _dims(self, module: nn.Module, step) -> tuple[int | None, int | None]:
-        d = step.options.dim
-        if d is None:
-            d = _width(module, "out")
-            if "parallel_to" in step.roles and _width(module, "in") != d:
-                return d, None
+        d = step.options.dim or _width(module, "out")
         if d is None:
             return None, None
+        if "parallel_to" in step.roles and _width(module, "in") not in (None, d):
+            return d, None  # reads the module's input, adds to its output
         m = step.options.size or max(1, d // step.options.reduction_factor)
         return d, m
 

@@ -171,3 +171,26 @@ def test_remove_save_load_merge(tmp_path):
     peftspec.merge(fresh, skip_unmergeable=True)
     assert not peftspec.is_patched(fresh)
     assert not any("adapter" in n or "lora" in n for n in fresh.state_dict())
+
+
+def test_adapter_inside_a_wrapped_module_runs():
+    """An adapter around attn and another around attn.o_proj: both must run."""
+    model = small()
+    ids = torch.randint(0, 257, (2, 5))
+    s = spec('[[augment]]\nmethod = "bottleneck"\nafter = ["blocks.0.attn.o_proj"]\nsize = 2\n'
+             '[[augment]]\nmethod = "bottleneck"\nafter = ["blocks.0.mlp"]\nsize = 2\n'
+             '[[augment]]\nmethod = "bottleneck"\nparallel_to = ["blocks.0.mlp.up_proj"]\n'
+             'size = 2\ndim = 128\n')
+    with pytest.raises(peftspec.SpecError, match="equal input and output widths"):
+        peftspec.compile_plan(s, model)
+    s = spec('[[augment]]\nmethod = "bottleneck"\nafter = ["blocks.0.mlp"]\nsize = 2\n'
+             '[[augment]]\nmethod = "bottleneck"\nafter = ["blocks.0.mlp.up_proj"]\nsize = 2\n')
+    peftspec.apply(s, model)
+    inner = model.get_submodule("blocks.0.mlp.up_proj")
+    assert inner.base is not None and model.blocks[0].mlp.base.up_proj is inner
+    with torch.no_grad():
+        base = out(model, ids)
+        inner.adapter.up.weight.fill_(0.5)  # only the inner adapter moves
+        assert not torch.equal(out(model, ids), base)
+    peftspec.remove(model)
+    assert type(model.blocks[0].mlp.up_proj) is torch.nn.Linear
