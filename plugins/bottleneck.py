@@ -10,6 +10,10 @@ Placement:
   element, for modules that return tuples);
 * ``parallel_to = [...]``: beside the selected modules, reading their input
   and adding to their output (He et al.'s parallel adapter);
+* ``parallel_to_residual = [...]``: the parallel adapter for post-norm blocks
+  such as BERT's ``BertOutput(hidden, input_tensor)``, whose norm follows the
+  residual sum: the adapter reads the block input ``input_tensor`` (the second
+  argument) and adds to it, so the norm sees FFN(x) + adapter(x) + x;
 * ``preset = "houlsby" | "pfeiffer" | "parallel"``: the classic layouts,
   expanded to selectors for the model's architecture (peftspec's default
   model, GPT-2, Llama, BERT); ``peftspec plan`` shows the expansion.
@@ -57,6 +61,7 @@ LAYOUTS = {
         "houlsby": {"after": ["**.encoder.layer.*.attention.output.dense",
                               "**.encoder.layer.*.output.dense"]},
         "pfeiffer": {"after": ["**.encoder.layer.*.output.dense"]},
+        "parallel": {"parallel_to_residual": ["**.encoder.layer.*.output"]},
     }),
 }
 
@@ -67,6 +72,8 @@ class BottleneckOptions:
                                        doc="modules whose output passes through an adapter")
     parallel_to: tuple[str, ...] = selectors(required=False,
                                              doc="modules to put an adapter beside")
+    parallel_to_residual: tuple[str, ...] = selectors(
+        required=False, doc="post-norm blocks (BERT's BertOutput) to put an adapter beside")
     preset: Literal["houlsby", "pfeiffer", "parallel"] | None = option(
         None, doc="a classic layout, expanded to after/parallel_to for the model")
     size: int | None = option(None, doc="bottleneck width m", min=1)
@@ -83,9 +90,10 @@ class BottleneckOptions:
             raise ValueError("give the bottleneck width: 'size' or 'reduction_factor'")
         if self.size is not None and self.reduction_factor is not None:
             raise ValueError("give one of 'size' and 'reduction_factor', not both")
-        if self.preset is None and not self.after and not self.parallel_to:
+        placed = self.after or self.parallel_to or self.parallel_to_residual
+        if self.preset is None and not placed:
             raise ValueError("say where adapters go: 'after', 'parallel_to' or 'preset'")
-        if self.preset is not None and (self.after or self.parallel_to):
+        if self.preset is not None and placed:
             raise ValueError("'preset' chooses the modules itself; drop 'after'/'parallel_to' "
                              "or the preset")
 
@@ -158,7 +166,7 @@ class WithAdapter(nn.Module):
     ``nn.Sequential`` must not find an extra child when it iterates.
     """
 
-    def __init__(self, base: nn.Module, adapter: "Bottleneck", parallel: bool):
+    def __init__(self, base: nn.Module, adapter: "Bottleneck", parallel: str):
         super().__init__()
         self.__dict__["base"] = base
         self._parameters = base._parameters
@@ -183,8 +191,16 @@ class WithAdapter(nn.Module):
         return inner() if callable(inner) else {}
 
     def forward(self, *args, **kwargs):
+        if self.parallel == "parallel_to_residual":  # add into the residual input
+            args = list(args)
+            if len(args) > 1:
+                args[1] = args[1] + self.adapter(args[1])
+            else:
+                kwargs["input_tensor"] = kwargs["input_tensor"] + \
+                    self.adapter(kwargs["input_tensor"])
+            return self.base(*args, **kwargs)
         out = self.base(*args, **kwargs)
-        if self.parallel:
+        if self.parallel == "parallel_to":
             x = args[0] if args else kwargs.get("hidden_states",
                                                 next(iter(kwargs.values()), None))
         else:
@@ -215,7 +231,9 @@ class BottleneckMethod(Method):
                 from dataclasses import replace
                 return replace(options, preset=None, scaling=options.s,
                                after=tuple(layout.get("after", ())),
-                               parallel_to=tuple(layout.get("parallel_to", ())))
+                               parallel_to=tuple(layout.get("parallel_to", ())),
+                               parallel_to_residual=tuple(layout.get("parallel_to_residual",
+                                                                     ())))
         raise ValueError(f"preset '{options.preset}' does not know this architecture "
                          f"({type(model).__name__}); give 'after' or 'parallel_to' selectors "
                          f"(presets know: {', '.join(LAYOUTS)})")
@@ -230,8 +248,8 @@ class BottleneckMethod(Method):
         return d, m
 
     def check(self, module, step):
-        if "after" in step.roles and "parallel_to" in step.roles:
-            return "it is selected by both 'after' and 'parallel_to'; pick one"
+        if len(step.roles) > 1:
+            return f"it is selected by {' and '.join(step.roles)}; pick one placement"
         if CHILD in module._modules or hasattr(module, CHILD):
             return f"it already has an attribute named '{CHILD}'"
         d, m = self._dims(module, step)
@@ -249,7 +267,7 @@ class BottleneckMethod(Method):
         d, m = self._dims(module, step)
         like = next(module.parameters())
         return WithAdapter(module, Bottleneck(d, m, step.options, like),
-                           parallel="parallel_to" in step.roles)
+                           parallel=step.roles[0])
 
 
 @hookimpl

@@ -52,7 +52,7 @@ PRESETS = {
     "default": (small, {"houlsby": 4, "pfeiffer": 2, "parallel": 2}),
     "gpt2": (gpt2, {"houlsby": 4, "pfeiffer": 2, "parallel": 2}),
     "llama": (llama, {"houlsby": 4, "pfeiffer": 2, "parallel": 2}),
-    "bert": (bert, {"houlsby": 4, "pfeiffer": 2}),
+    "bert": (bert, {"houlsby": 4, "pfeiffer": 2, "parallel": 2}),
 }
 
 
@@ -70,7 +70,8 @@ def test_presets_expand_and_leave_outputs_unchanged(arch, preset):
     plan = peftspec.compile_plan(s, model)
     assert len(plan.steps) == counts[preset]
     sels = plan.selectors_of("augment[0]")
-    assert (sels["parallel_to"] if preset == "parallel" else sels["after"])
+    placement = {"parallel": "parallel_to_residual" if arch == "bert" else "parallel_to"}
+    assert sels[placement.get(preset, "after")]
     ids = torch.randint(0, 100, (2, 7))
     expected = out(model, ids)
     peftspec.apply_plan(plan, model)
@@ -194,3 +195,21 @@ def test_adapter_inside_a_wrapped_module_runs():
         assert not torch.equal(out(model, ids), base)
     peftspec.remove(model)
     assert type(model.blocks[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_bert_parallel_adds_beside_the_ffn_before_the_norm():
+    """BertOutput: LayerNorm(dropout(dense(h)) + x) becomes
+    LayerNorm(dropout(dense(h)) + s*adapter(x) + x)."""
+    model = bert()
+    peftspec.apply(spec('[[augment]]\nmethod = "bottleneck"\npreset = "parallel"\nsize = 4\n'),
+                   model)
+    block = model.encoder.layer[0].output
+    with torch.no_grad():
+        for p in block.adapter.parameters():
+            p.normal_()
+    h, x = torch.randn(2, 3, 64), torch.randn(2, 3, 32)
+    base = block.base
+    with torch.no_grad():
+        adapter = 4.0 * block.adapter.up(torch.relu(block.adapter.down(x)))  # preset s = 4
+        expected = base.LayerNorm(base.dense(h) + adapter + x)
+        assert torch.allclose(block(h, x), expected, atol=1e-5)
