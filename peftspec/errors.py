@@ -82,6 +82,14 @@ class AdapterFileError(PeftspecError):
     exit_code = 2
 
 
+class ConversionError(PeftspecError):
+    """An adapter cannot be converted to or from another library's format
+    (``peftspec export`` / ``peftspec import``): a method or option the other
+    format cannot express, or a foreign adapter that is malformed."""
+
+    exit_code = 2
+
+
 class PluginError(PeftspecError):
     """A plugin is broken (bad registration, duplicate method name, ...)."""
 

@@ -173,3 +173,25 @@ class Method:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "summary": self.summary,
                 "mergeable": self.mergeable}
+
+    # --- HF PEFT's format (optional; `peftspec export` / `import`, see peftspec.hf_peft) ---
+
+    #: HF PEFT ``peft_type`` values :meth:`from_hf_peft` reads (e.g. ``("LORA",)``).
+    hf_peft_types: ClassVar[tuple[str, ...]] = ()
+
+    def to_hf_peft(self, rules: list, context: Any) -> Any:
+        """Describe this method's rules of one adapter in HF PEFT's terms.
+
+        ``rules`` are :class:`peftspec.hf_peft.ExportRule` (options, targets,
+        ``rule.tensor(name)``); return ``context.part(peft_type, config,
+        tensors)`` with HF PEFT's config fields and tensor names, or ``None``
+        (the default) when HF PEFT has no counterpart. Call
+        ``context.refuse(message)`` for options it cannot express."""
+        return None
+
+    def from_hf_peft(self, config: dict, context: Any) -> Any:
+        """Turn HF PEFT's ``adapter_config.json`` (a ``peft_type`` listed in
+        :attr:`hf_peft_types`) into spec rules and a tensor mapping: return
+        ``context.imported(rules, tensors)`` (see
+        :class:`peftspec.hf_peft.ImportContext`)."""
+        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")

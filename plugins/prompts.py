@@ -405,6 +405,40 @@ class _SoftPromptMethod(Method):
         if not _attachments(installed):
             del installed.__dict__["_peftspec_prompts"]
 
+    # --- HF PEFT's format: the stored table is HF PEFT's prompt_embeddings, row for row
+    # (both store an encoder's output, not the encoder) --------------------------------
+    def to_hf_peft(self, rules, ctx):
+        rule = rules[0]
+        table = rule.tensor(f"{CHILD}.embeddings")
+        config = {"num_virtual_tokens": rule.options.tokens, "num_transformer_submodules": 1,
+                  "token_dim": int(table.shape[1]), "num_layers": None,
+                  "num_attention_heads": None}
+        if self.kind == "prefix":  # without the model HF PEFT fills these in at load
+            config["token_dim"] = None
+            if ctx.model is not None:
+                layers, heads, hd = kv_geometry(ctx.model)
+                config.update(num_layers=layers, num_attention_heads=heads, token_dim=heads * hd)
+        config.update(self._hf_options(rule.options, config, ctx))
+        return ctx.part(self.hf_peft_types[0], config, {"prompt_embeddings": table})
+
+    def from_hf_peft(self, config, ctx):
+        if config.get("num_transformer_submodules") not in (1, None):
+            ctx.refuse(f"cannot import: num_transformer_submodules = "
+                       f"{config['num_transformer_submodules']} (an encoder-decoder prompt); "
+                       f"peftspec's {self.name} has one table for decoder-only models")
+        if not isinstance(config.get("num_virtual_tokens"), int):
+            ctx.refuse("cannot import: adapter_config.json has no num_virtual_tokens")
+        table = {"method": self.name, "tokens": config["num_virtual_tokens"],
+                 **self._hf_read(config, ctx)}
+        return ctx.imported([ctx.rule("prefix", table)],
+                            {f"{CHILD}.embeddings": ("prompt_embeddings", None)})
+
+    def _hf_options(self, options, config, ctx) -> dict:
+        return {}
+
+    def _hf_read(self, config, ctx) -> dict:
+        return {}
+
 
 def _attachments(model: nn.Module) -> dict:
     return model.__dict__.setdefault("_peftspec_prompts", {})
@@ -418,6 +452,25 @@ class PromptTuning(_SoftPromptMethod):
     name = "prompt-tuning"
     Options = PromptTuningOptions
     summary = "trainable virtual-token embeddings prepended to the input (Lester et al.)"
+    hf_peft_types = ("PROMPT_TUNING",)
+
+    def _hf_options(self, options, config, ctx):
+        if options.init == "vocab":
+            return {"prompt_tuning_init": "SAMPLE_VOCAB"}
+        # HF PEFT requires a tokenizer path with TEXT; the init does not affect the table
+        if isinstance(options.init, dict) and ctx.base_model_name_or_path:
+            return {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": options.init["text"],
+                    "tokenizer_name_or_path": ctx.base_model_name_or_path}
+        return {"prompt_tuning_init": "RANDOM"}
+
+    def _hf_read(self, config, ctx):
+        init = config.get("prompt_tuning_init", "RANDOM")
+        text = config.get("prompt_tuning_init_text")
+        if init == "SAMPLE_VOCAB":
+            return {"init": "vocab"}
+        if init == "TEXT" and text and _tokenizer(ctx.model) is not None:
+            return {"init": {"text": text}}
+        return {"init": "random"}
 
     def check(self, module, step):
         reason = super().check(module, step)
@@ -450,6 +503,22 @@ class PTuning(_SoftPromptMethod):
     name = "p-tuning"
     Options = PTuningOptions
     summary = "virtual tokens from an MLP/LSTM prompt encoder; saved as its output"
+    hf_peft_types = ("P_TUNING",)
+
+    def _hf_options(self, options, config, ctx):
+        return {"encoder_reparameterization_type": options.encoder.upper(),
+                "encoder_hidden_size": options.encoder_hidden or config["token_dim"],
+                "encoder_num_layers": 2, "encoder_dropout": 0.0}
+
+    def _hf_read(self, config, ctx):
+        encoder = str(config.get("encoder_reparameterization_type", "MLP")).lower()
+        if encoder not in ("mlp", "lstm"):
+            ctx.refuse(f"cannot import: encoder_reparameterization_type {encoder!r}")
+        out = {"encoder": encoder}
+        hidden = config.get("encoder_hidden_size")
+        if hidden and hidden != config.get("token_dim"):
+            out["encoder_hidden"] = hidden
+        return out
 
     def count_params(self, module, step):
         d = self.width(module, step.options)
@@ -474,6 +543,27 @@ class PrefixTuning(_SoftPromptMethod):
     Options = PrefixTuningOptions
     summary = "per-layer key/value prefixes, optionally from an MLP (Li & Liang)"
     kind = "prefix"
+    hf_peft_types = ("PREFIX_TUNING",)
+
+    def _hf_options(self, options, config, ctx):
+        if not options.projection:
+            return {"prefix_projection": False}
+        return {"prefix_projection": True,
+                "encoder_hidden_size": options.projection_hidden or config["token_dim"]}
+
+    def _hf_read(self, config, ctx):
+        layers, heads, hd = kv_geometry(ctx.model)
+        for key, ours in (("num_layers", layers), ("num_attention_heads", heads),
+                          ("token_dim", heads * hd)):
+            if config.get(key) not in (None, ours):
+                ctx.refuse(f"cannot import: adapter_config.json has {key} = {config[key]}; this "
+                           f"model's prefixes have {ours} ({layers} layers, {heads} key/value "
+                           f"heads of width {hd})")
+        if not config.get("prefix_projection"):
+            return {}
+        hidden = config.get("encoder_hidden_size")
+        return {"projection": True, **({"projection_hidden": hidden}
+                                       if hidden and hidden != heads * hd else {})}
 
     def count_params(self, module, step):
         width = self.width(module, step.options)
