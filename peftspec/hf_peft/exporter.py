@@ -1,0 +1,248 @@
+"""peftspec -> HF PEFT: write a peftspec adapter file as an HF PEFT folder.
+
+:func:`export_hf_peft` reads the adapter file and its embedded spec,
+resolves which rule adapted which module (against the base model when given,
+else from the targets and fingerprint the file records), hands each method's
+rules to its ``to_hf_peft``, turns ``[[train]]`` rules into
+``modules_to_save``, settles the task type, and writes ``adapter_config.json``
+and ``adapter_model.safetensors`` atomically. It refuses (a
+:class:`ConversionError`) what HF PEFT cannot express: methods without a
+counterpart, mixed ``peft_type`` values, per-parameter training, tensors no
+exported rule owns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..adapter_file import _checked_plan, atomic_write_bytes, read_metadata
+from ..errors import AdapterFileError, SpecError
+from ..fingerprint import decode
+from ..matching import parse_selector
+from ..options import selector_fields
+from ..patching import base_view
+from ..safetensors_io import serialize
+from ..spec import parse_spec
+from .export_context import ExportContext, ExportRule, HFPeftPart
+from .folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, _read_tensors, _refuse
+
+
+def _task_type(model: nn.Module | None, fp_names: set[str]) -> str | None:
+    if model is not None:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "is_encoder_decoder", False):
+            return "SEQ_2_SEQ_LM"
+        name = type(model).__name__
+        for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                             ("ForSequenceClassification", "SEQ_CLS"),
+                             ("ForTokenClassification", "TOKEN_CLS"),
+                             ("ForQuestionAnswering", "QUESTION_ANS")):
+            if name.endswith(suffix):
+                return task
+        if callable(getattr(model, "generate", None)) and hasattr(model, "lm_head"):
+            return "CAUSAL_LM"
+        return None
+    return "CAUSAL_LM" if "lm_head.weight" in fp_names else None
+
+
+def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str], registry):
+    """(rule, target, roles, class name) for every step, from the adapter's metadata:
+    the selectors re-resolved against the targets it records."""
+    raw = meta.get("targets")
+    if raw is None:
+        _refuse("the adapter file does not record its targets (written by an older "
+                "peftspec); pass --model so the spec can be resolved against the base")
+    targets: dict[str, str] = json.loads(raw)
+    steps, claimed = [], set()
+    for rule in spec.rules:
+        method = registry.method(rule.method)
+        if rule.family == "prefix":
+            steps.append((rule, "", ("model",), targets.get("", "")))
+            continue
+        if rule.family == "train":
+            if fp is None:
+                _refuse(f"{rule.where}: the adapter file has no base fingerprint to resolve "
+                        "[[train]] selectors against; pass --model")
+            names = [n for n, _, _ in fp if n in file_names]
+            pool = {n: frozenset() for n in names}
+        else:
+            pool = {t: frozenset({c}) for t, c in targets.items() if t}
+        chosen: dict[str, list[str]] = {}
+        sels = [(f.name, s) for f in selector_fields(method.Options)
+                for s in getattr(rule.options, f.name)]
+        for key, text in sels + [("exclude", s) for s in rule.exclude]:
+            if text.startswith("type:") and rule.family == "train":
+                _refuse(f"{rule.where}: selector '{text}' needs the model's classes; pass --model")
+            sel = parse_selector(text)
+            for n, types in pool.items():
+                if sel.matches(n, types):
+                    chosen.setdefault(n, []).append(key)
+        for n in pool:
+            roles = chosen.get(n, [])
+            if roles and "exclude" not in roles:
+                steps.append((rule, n, tuple(roles), targets.get(n, "")))
+                claimed.add(n)
+    unclaimed = [t for t in targets if t and t not in claimed]
+    if unclaimed:
+        _refuse(f"cannot tell which rule adapted '{unclaimed[0]}' from the file alone; "
+                "pass --model")
+    return steps
+
+
+def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
+                   model: nn.Module | str | None = None, task_type: str | None = "auto",
+                   registry=None) -> Path:
+    """Write the peftspec adapter file ``adapter`` as an HF PEFT adapter folder.
+
+    Args:
+        model: the base (a module or a ``--model`` string); optional. With it the
+            file is checked against the base and the config gets the model's
+            geometry; ``hf:PATH`` also sets ``base_model_name_or_path``.
+        task_type: HF PEFT's ``task_type``; ``"auto"`` guesses it from the model
+            (``CAUSAL_LM`` for causal LMs), ``None`` leaves it null.
+
+    Returns ``out_dir``, holding ``adapter_config.json`` and
+    ``adapter_model.safetensors``. Raises :class:`ConversionError` (exit 2)
+    for what HF PEFT cannot express, naming the rule and option.
+    """
+    from ..plugins import get_registry
+
+    registry = registry or get_registry()
+    adapter, out_dir = Path(adapter), Path(out_dir)
+    meta = read_metadata(adapter)
+    base_name = None
+    if isinstance(model, str):
+        base_name = model[3:] if model.startswith("hf:") else None
+        model = registry.load_model(model)
+    try:
+        spec = parse_spec(meta["spec"], file=f"{adapter} (embedded spec)", registry=registry)
+    except SpecError as exc:
+        raise AdapterFileError(f"{adapter}: its embedded spec does not load here:\n{exc}") \
+            from None
+    tensors = _read_tensors(adapter)
+    fp = decode(meta["base_fingerprint"]) if "base_fingerprint" in meta else None
+    fp_names = {n for n, _, _ in fp} if fp else set()
+
+    if model is not None:
+        with base_view(model):  # a patched model: its base modules
+            plan = _checked_plan(model, adapter, registry)
+            modules = dict(model.named_modules())
+            params = {n for n, _ in model.named_parameters()}
+        rules = {r.where: r for r in spec.rules}
+        steps = [(rules[s.rule], s.target, s.roles, type(modules[s.target]).__name__)
+                 for s in plan.steps if s.family != "train"]
+        steps += [(rules[s.rule], s.target, s.roles, "") for s in plan.steps
+                  if s.family == "train"]
+        options = plan.options
+        module_names = [n for n in modules if n]
+    else:
+        steps = _steps_without_model(spec, meta, fp, set(tensors), registry)
+        options, modules = {}, {}
+        module_names = sorted({n.rsplit(".", k)[0] for n in fp_names
+                               for k in range(1, n.count(".") + 1)}) if fp else \
+            sorted(t for t in json.loads(meta.get("targets", "{}")) if t)
+        params = fp_names
+
+    by_rule: dict[str, ExportRule] = {}
+    used: set[str] = set()
+    for rule, target, roles, cls in steps:
+        er = by_rule.setdefault(rule.where, ExportRule(
+            rule, options.get(rule.where, rule.options), _tensors=tensors, _used=used))
+        er.targets[target] = cls
+        er.roles[target] = tuple(roles)
+    ctx = ExportContext(model, modules, module_names, base_name)
+
+    parts: list[tuple[str, list[ExportRule], HFPeftPart]] = []
+    trained: list[ExportRule] = []
+    for name in dict.fromkeys(r.method for r in spec.rules):
+        mine = [by_rule[r.where] for r in spec.rules if r.method == name and r.where in by_rule]
+        if not mine:
+            continue
+        method = registry.method(name)
+        if method.family == "train":
+            trained += mine
+            continue
+        part = method.to_hf_peft(mine, ctx)
+        if part is None:
+            where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)
+            _refuse(f"cannot export: method '{name}' ({where}) has no HF PEFT counterpart; "
+                    "HF PEFT can express lora, ia3, prompt-tuning, p-tuning and "
+                    "prefix-tuning (and [[train]] rules of whole modules)")
+        parts.append((name, mine, part))
+    if not parts:
+        _refuse("cannot export: HF PEFT needs a PEFT method (LoRA, IA3, a soft prompt); "
+                "this spec only has [[train]] rules")
+    if len({p.peft_type for _, _, p in parts}) > 1:
+        what = "; ".join(f"'{n}' ({', '.join(r.rule.where for r in rs)}) -> {p.peft_type}"
+                         for n, rs, p in parts)
+        _refuse(f"cannot export: an HF PEFT adapter has one peft_type, and this spec mixes "
+                f"methods: {what}. Split the spec, one method per adapter")
+    if len(parts) > 1:
+        _refuse("cannot export: methods " + ", ".join(repr(n) for n, _, _ in parts) +
+                " both map to HF PEFT's " + parts[0][2].peft_type + "; merge them into one")
+    _, main_rules, part = parts[0]
+    config = dict(part.config)
+    out_tensors = dict(part.tensors)
+    if trained:
+        mts, extra = _modules_to_save(trained, params, module_names, main_rules)
+        config["modules_to_save"] = mts
+        out_tensors.update(extra)
+    left = sorted(set(tensors) - used)
+    if left:
+        _refuse(f"cannot export: tensor '{left[0]}' of the adapter file belongs to no rule "
+                f"that was exported ({len(left)} such tensor(s))")
+
+    if task_type == "auto":
+        task_type = _task_type(model, fp_names)
+        if task_type is None and any(r.family == "prefix" for r in spec.rules):
+            task_type = "CAUSAL_LM"
+    elif task_type is not None and task_type not in TASK_TYPES:
+        _refuse(f"unknown task type '{task_type}'; HF PEFT's are {', '.join(TASK_TYPES)}")
+    full = {"peft_type": part.peft_type, "task_type": task_type,
+            "base_model_name_or_path": base_name, "revision": None, "inference_mode": True,
+            "modules_to_save": None, **config}
+    full = dict(sorted(full.items()))
+    data = serialize(out_tensors, {"format": "pt"})
+    if out_dir.exists() and not out_dir.is_dir():
+        _refuse(f"{out_dir} exists and is not a folder")
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, data)
+    atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(full, indent=2) + "\n").encode())
+    return out_dir
+
+
+def _modules_to_save(trained: list[ExportRule], params: set[str], module_names: list[str],
+                     main_rules: list[ExportRule]):
+    """[[train]] rules as ``modules_to_save``: only whole modules can be."""
+    names = {t: r for r in trained for t in r.targets}
+    owners: dict[str, None] = {}
+    for name, rule in names.items():
+        owner = name.rpartition(".")[0]
+        if not owner:
+            _refuse(f"cannot export {rule.rule.where}: it trains '{name}', a parameter of the "
+                    "model itself; HF PEFT's modules_to_save holds submodules")
+        missing = sorted(p for p in params if p.startswith(owner + ".") and p not in names)
+        if missing:
+            _refuse(f"cannot export {rule.rule.where}: it trains '{name}' but not '{missing[0]}'"
+                    f" of the same module '{owner}'; HF PEFT's modules_to_save trains whole "
+                    "modules (there is no per-parameter selection such as BitFit's biases)")
+        owners.setdefault(owner)
+    chosen = [m for m in owners if not any(m.startswith(o + ".") for o in owners)]
+    for m in chosen:
+        clash = [n for n in module_names if n != m and n.endswith(m)]
+        if clash:
+            _refuse(f"cannot export: module '{m}' for modules_to_save would also match "
+                    f"'{clash[0]}' under HF PEFT's suffix rule")
+        for r in main_rules:
+            for t in r.targets:
+                if t and (t == m or t.startswith(m + ".") or m.startswith(t + ".")):
+                    _refuse(f"cannot export: '{t}' ({r.rule.where}, {r.rule.method}) overlaps "
+                            f"'{m}', which a [[train]] rule trains whole; HF PEFT does not "
+                            "adapt modules inside modules_to_save")
+    tensors = {}
+    for r in trained:
+        for t in r.targets:
+            tensors[PREFIX + t] = r.tensor(t)
+    return chosen, tensors

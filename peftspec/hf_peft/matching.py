@@ -1,0 +1,72 @@
+"""HF PEFT's rules for which modules a config adapts, re-implemented.
+
+HF PEFT picks modules by ``target_modules`` / ``exclude_modules`` /
+``layers_to_transform`` / ``layers_pattern`` / ``modules_to_save``, and gives
+them per-module values by ``rank_pattern``-style keys; these functions follow
+peft 0.21 (``tuners_utils.check_target_module_exists``). Export uses them to
+check that the config it writes selects exactly the adapted modules, import to
+find what an HF config adapts. (peftspec's own selectors are
+:mod:`peftspec.matching`; this is HF PEFT's matching, not ours.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+
+def _layer_index(key: str, layers_pattern) -> int | None:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        m = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _hf_wrapped(modules_to_save, key: str) -> bool:
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save or ())
+
+
+def hf_selects(config: dict, key: str) -> bool:
+    """Whether HF PEFT adapts module ``key`` under ``config`` (its target rules)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    if _hf_wrapped(config.get("modules_to_save"), key):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.get("layers_to_transform")
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        idx = _layer_index(key, config.get("layers_pattern"))
+        if idx is None:
+            return False
+        return idx == layers if isinstance(layers, int) else idx in layers
+    return found
+
+
+def hf_pattern_key(keys: Iterable[str], key: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key HF PEFT uses for ``key``, if any."""
+    for k in keys:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return None
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[-k:]) for k in range(1, len(parts) + 1)]
