@@ -295,3 +295,4 @@ def _add_plugin_commands() -> None:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 from . import cli_interop  # noqa: E402,F401 - registers export/import
+from . import cli_train  # noqa: E402,F401 - registers train/report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ from .errors import Problem, SpecError, did_you_mean
 from .options import build_options, describe_type, selector_fields
 from .matching import parse_selector
 from .tomlpos import LineMap, format_path
+from .train.config import OPTIONS as TRAIN_OPTIONS, check_value as check_train_value
 
 SECTIONS = {"train": "train", "reparameterize": "reparameterize", "augment": "augment",
             "prefix": "prefix"}
-TOP_LEVEL = ("spec", *SECTIONS)
+TOP_LEVEL = ("spec", *SECTIONS, "train_config")
 RULE_KEYS = frozenset({"method", "exclude", "optional"})
 SPEC_KEYS = ("name", "description")
 DEFAULT_METHOD = {"train": "select"}
@@ -67,6 +68,8 @@ class Spec:
     rules: tuple[Rule, ...]
     text: str
     file: str | None = None
+    # defaults for `peftspec train` (validated keys; see peftspec.train.config)
+    train_config: dict = field(default_factory=dict, compare=False)
 
     def rules_of(self, family: str) -> list[Rule]:
         return [r for r in self.rules if r.family == family]
@@ -142,6 +145,8 @@ def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
         name = name if isinstance(name, str) else None
         description = description if isinstance(description, str) else None
 
+    train_config = _parse_train_config(doc.get("train_config", {}), locate, problems)
+
     rules: list[Rule] = []
     for family in SECTIONS:
         if family not in doc:
@@ -172,7 +177,25 @@ def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
 
     if problems:
         raise SpecError(problems)
-    return Spec(name=name, description=description, rules=tuple(rules), text=text, file=file)
+    return Spec(name=name, description=description, rules=tuple(rules), text=text, file=file,
+                train_config=train_config)
+
+
+def _parse_train_config(table, locate, problems) -> dict:
+    """``[train_config]``: defaults for ``peftspec train``, passed through as a dict."""
+    if not isinstance(table, dict):
+        problems.append(locate(("train_config",), "must be a table: [train_config]"))
+        return {}
+    for key, value in table.items():
+        if key not in TRAIN_OPTIONS:
+            problems.append(locate(("train_config", key), f"unknown key '{key}'",
+                                   did_you_mean(key, TRAIN_OPTIONS) or
+                                   "see `peftspec train --help` for the options"))
+            continue
+        why = check_train_value(key, value)
+        if why:
+            problems.append(locate(("train_config", key), why))
+    return dict(table)
 
 
 def _parse_rule(family, index, table, where, registry, locate, lines, problems) -> Rule | None:

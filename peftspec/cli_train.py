@@ -1,0 +1,245 @@
+"""``peftspec train``, ``peftspec memory`` and ``peftspec report``.
+
+Thin commands over :mod:`peftspec.train`: option parsing, a progress bar on
+stderr, Ctrl-C handling, printing. Options may also come from the spec's
+``[train_config]`` table; the command line wins.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from .cli import MODEL_HELP, _registry, cli, err, human_bytes, out
+from .train.config import OPTIONS, TrainConfig
+
+CLI_TYPES = {int: int, float: float, str: str}
+
+
+def _train_option(key: str):
+    opt = OPTIONS[key]
+    name = "--" + key.replace("_", "-")
+    shown = "" if opt.default is None else f" [default: {opt.default}]"
+    if opt.type is bool:
+        return click.option(f"{name}/--no-{name[2:]}", key, default=None,
+                            help=opt.help + (" [default: off]" if not opt.default else ""))
+    ptype = click.Choice(opt.choices) if opt.choices else CLI_TYPES[opt.type]
+    metavar = key.upper() if opt.type is str and not opt.choices else None
+    return click.option(name, key, type=ptype, default=None, metavar=metavar,
+                        help=opt.help + shown)
+
+
+def _options(f):
+    """Every training option (peftspec.train.config.OPTIONS), defaulting to None:
+    a value not given comes from the spec's [train_config], else the default."""
+    for key in reversed(list(OPTIONS)):
+        f = _train_option(key)(f)
+    return f
+
+
+class _Stopper:
+    """First Ctrl-C (or SIGTERM): finish the step, checkpoint, exit. Second: abort."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = {}
+
+    def __call__(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        err.print("[yellow]interrupted:[/] finishing this step and saving a checkpoint "
+                  "(Ctrl-C again to abort)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
+@click.option("--out", "out_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="adapter file to write when training ends (.safetensors)")
+@click.option("--resume", default=None, type=click.Path(exists=True, path_type=Path),
+              help="continue from a checkpoint folder, or the latest one in a checkpoint dir")
+@_options
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary")
+def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | None,
+          as_json: bool, **options):
+    """Train SPEC's adapter on a data file and write it to --out.
+
+    \b
+    Data: JSONL with {"text": ...} (every token scored) or {"prompt": ...,
+    "completion": ...} (only the completion scored), or a .txt file (one
+    example per paragraph). The default model trains on bytes, with no
+    download; hf: models use their directory's tokenizer.
+    \b
+    Only the trainable parameters reach AdamW; frozen weights stay
+    bit-identical. Learning rate: linear --warmup, then cosine decay.
+    Checkpoints (--save-every N, and on Ctrl-C) go to --checkpoint-dir
+    (default: OUT with the suffix '.checkpoints'); --resume DIR continues
+    exactly where one left off. Ctrl-C exits with code 130 after saving.
+    \b
+    Example:
+      peftspec train specs/train-lora.toml --out lora.safetensors --log metrics.jsonl
+    """
+    from .spec import load_spec
+    from .train.loop import train as run_train
+
+    reg = _registry()
+    s = load_spec(spec, registry=reg)
+    try:
+        cfg = TrainConfig.resolve(s.train_config, spec.parent, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if cfg.checkpoint_dir is None:
+        cfg = cfg.with_(checkpoint_dir=str(out_path.with_suffix(".checkpoints")))
+
+    progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
+                                   "{task.fields[tps]} tok/s"),
+                        TimeRemainingColumn(), console=err, transient=True)
+    task = progress.add_task("train", total=None, loss="-", lr="-", tps="-")
+    last_eval = {}
+
+    def on_event(e: dict) -> None:
+        if e["type"] == "start":
+            progress.update(task, total=e["total_steps"], completed=e["step"])
+            if not as_json:
+                resumed = f", resumed from {e['resumed_from']}" if e["resumed_from"] else ""
+                err.print(f"training {e['trainable']:,} parameters on {e['examples']} examples "
+                          f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
+                          f"{e['dropped']} dropped with nothing to learn) for "
+                          f"{e['total_steps']} steps{escape(resumed)}")
+        elif e["type"] == "train":
+            progress.update(task, completed=e["step"], loss=f"{e['loss']:.4f}",
+                            lr=f"{e['lr']:.2e}", tps=f"{e['tokens_per_s']:,.0f}")
+        elif e["type"] == "eval":
+            last_eval.update(e)
+            progress.console.print(f"step {e['step']}: eval loss {e['loss']:.4f}")
+        elif e["type"] == "checkpoint" and not as_json:
+            progress.console.print(f"step {e['step']}: checkpoint {escape(str(e['path']))}")
+
+    with _Stopper() as stopper, progress:
+        result = run_train(s, cfg, model_source=model_source, out=out_path, resume=resume,
+                           registry=reg, on_event=on_event, should_stop=lambda: stopper.flag)
+    summary = {"step": result.step, "total_steps": result.total_steps,
+               "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+               "tokens": result.tokens, "seconds": result.seconds,
+               "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
+               "interrupted": result.interrupted,
+               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "out": str(result.out) if result.out else None}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
+        ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        out.print(f"{result.step}/{result.total_steps} steps, final train loss {loss}{ev}; "
+                  f"{result.tokens_per_s:,.0f} tokens/s; peak memory "
+                  f"{result.peak_rss_mb:.0f} MB (ru_maxrss)", soft_wrap=True)
+        if result.interrupted:
+            out.print(f"interrupted; checkpoint {escape(str(result.checkpoint))}; continue "
+                      f"with --resume {escape(str(cfg.checkpoint_dir))}", soft_wrap=True)
+        else:
+            out.print(f"wrote {escape(str(out_path))}", soft_wrap=True)
+    if result.interrupted:
+        raise click.exceptions.Exit(130)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
+@click.option("--batch-size", type=int, default=None,
+              help="examples per micro-batch [default: the spec's train_config, else 8]")
+@click.option("--seq-len", type=int, default=None,
+              help="tokens per example [default: the spec's max_length, else 128]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="activation precision [default: the spec's, else fp32]")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="estimate activations with checkpointed blocks")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def memory(spec: Path, model_source: str | None, batch_size: int | None, seq_len: int | None,
+           precision: str | None, gradient_checkpointing: bool | None, as_json: bool):
+    """Training memory of full fine-tuning against SPEC's adapter.
+
+    \b
+    Weights, gradients and AdamW states are exact (each parameter's numel
+    times its dtype's size; AdamW: exp_avg + exp_avg_sq + a float32 step per
+    trainable parameter). Activations are an estimate for a decoder of L
+    layers, width h, a heads, vocabulary V at batch b, length s, p bytes per
+    element: L * p/2 * s*b*h*(34 + 5*a*s/h) + s*b*h*p + s*b*V*(p + 8)
+    (Korthikanti et al. 2022); with checkpointing L*s*b*h*p plus one layer.
+    """
+    import torch
+
+    from .cli import _load
+    from .patching import apply_plan
+    from .train import memory as mem
+
+    reg, s, model, plan = _load(spec, model_source)
+    tc = s.train_config
+    batch = batch_size or tc.get("batch_size", OPTIONS["batch_size"].default)
+    seq = seq_len or tc.get("max_length", OPTIONS["max_length"].default)
+    precision = precision or tc.get("precision", OPTIONS["precision"].default)
+    ckpt = gradient_checkpointing if gradient_checkpointing is not None \
+        else tc.get("gradient_checkpointing", False)
+    base = mem.full_finetune(model)
+    with torch.random.fork_rng(devices=[]):
+        apply_plan(plan, model, registry=reg)
+    table = mem.memory_table(base, mem.with_spec(model), mem.model_dims(model), batch=batch,
+                             seq=seq, precision=precision, checkpointing=ckpt)
+    if as_json:
+        out.print_json(json.dumps(table))
+        return
+    t = Table(title=f"training memory, batch {batch} x {seq} tokens, {precision}"
+                    f"{', gradient checkpointing' if ckpt else ''}", title_justify="left")
+    t.add_column("")
+    t.add_column("full fine-tuning", justify="right")
+    t.add_column(s.name or str(spec), justify="right")
+    cols = table["columns"]
+    for key, label in (("weights", "weights"), ("gradients", "gradients"),
+                       ("optimizer", "optimizer states (AdamW)"),
+                       ("activations", "activations (estimate)"), ("total", "total")):
+        t.add_row(label, *(human_bytes(cols[c][key]) if cols[c][key] is not None
+                           else "unknown" for c in ("full", "spec")))
+    t.add_row("trainable parameters", f"{cols['full']['trainable']:,}",
+              f"{cols['spec']['trainable']:,}")
+    if table["dims"] is None:
+        t.caption = "activations unknown: the model's config names no layers/width/heads"
+    out.print(t)
+
+
+@cli.command()
+@click.argument("metrics", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="image to write (.png, .svg, .pdf)")
+@click.option("--title", default=None, help="plot title [default: the metrics file name]")
+def report(metrics: Path, out_path: Path, title: str | None):
+    """Draw train/eval loss and the learning rate against steps from METRICS.
+
+    METRICS is the JSONL log `peftspec train --log` writes. Needs matplotlib:
+    pip install 'peftspec[plot]'.
+    """
+    from .train.report import render
+
+    info = render(metrics, out_path, title=title)
+    out.print(f"wrote {escape(str(out_path))} ({info['train_points']} train and "
+              f"{info['eval_points']} eval points)", soft_wrap=True)

@@ -1,0 +1,143 @@
+"""Training options: one schema shared by the CLI and a spec's ``[train_config]``.
+
+A spec may carry defaults for ``peftspec train`` in a ``[train_config]`` table;
+the command line wins over it, and it wins over the defaults here. The spec
+loader validates the table against :data:`OPTIONS` (no torch needed), so a
+misspelled key is reported with its file and line like every other spec error.
+
+Paths in ``[train_config]`` (``data``, ``eval``) are relative to the spec file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its type, default, a range check and its help text."""
+
+    type: type
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+
+
+OPTIONS: dict[str, Opt] = {
+    "data": Opt(str, None, "training data: JSONL ({\"text\"} or {\"prompt\",\"completion\"}), "
+                           "or a .txt file (one example per paragraph)"),
+    "eval": Opt(str, None, "evaluation data, same formats as --data"),
+    "eval_split": Opt(float, 0.0, "hold out this fraction of --data for evaluation", 0.0, 0.9),
+    "eval_every": Opt(int, 0, "evaluate every N optimizer steps (0: only at the end)", 0),
+    "epochs": Opt(int, 1, "passes over the data (ignored when steps is given)", 1),
+    "steps": Opt(int, 0, "optimizer steps to run in all (0: from epochs)", 0),
+    "batch_size": Opt(int, 8, "examples per micro-batch", 1),
+    "grad_accum": Opt(int, 1, "micro-batches per optimizer step", 1),
+    "lr": Opt(float, 1e-3, "peak learning rate (AdamW)", 0.0),
+    "warmup": Opt(int, 0, "linear warmup steps before the cosine decay", 0),
+    "min_lr_ratio": Opt(float, 0.0, "the cosine decays to lr * this", 0.0, 1.0),
+    "weight_decay": Opt(float, 0.0, "AdamW weight decay (on tensors of 2+ dimensions)", 0.0),
+    "clip": Opt(float, 1.0, "clip the gradient norm to this (0: no clipping)", 0.0),
+    "seed": Opt(int, 0, "seed for the adapter's init, data order and dropout"),
+    "max_length": Opt(int, 128, "truncate examples to this many tokens", 2),
+    "gradient_checkpointing": Opt(bool, False, "recompute activations in backward"),
+    "precision": Opt(str, "fp32", "fp32, or bf16 autocast (weights stay as loaded)",
+                     choices=("fp32", "bf16")),
+    "save_every": Opt(int, 0, "write a checkpoint every N optimizer steps (0: never)", 0),
+    "checkpoint_dir": Opt(str, None, "folder for checkpoints (default: OUT with "
+                                     "'.checkpoints' for its suffix)"),
+    "log": Opt(str, None, "write one JSON line per step and per evaluation here"),
+}
+
+PATH_KEYS = ("data", "eval", "checkpoint_dir", "log")
+
+
+def check_value(key: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for option ``key`` (None when it is)."""
+    opt = OPTIONS[key]
+    if opt.type is bool:
+        if not isinstance(value, bool):
+            return f"expected true or false, got {value!r}"
+        return None
+    if opt.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected an integer, got {value!r}"
+    elif opt.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+    elif opt.type is str:
+        if not isinstance(value, str):
+            return f"expected a string, got {value!r}"
+        if opt.choices and value not in opt.choices:
+            return f"expected one of {', '.join(opt.choices)}, got {value!r}"
+        return None
+    if opt.min is not None and value < opt.min:
+        return f"must be at least {opt.min:g}, got {value!r}"
+    if opt.max is not None and value > opt.max:
+        return f"must be at most {opt.max:g}, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training option, resolved (defaults < spec ``[train_config]`` < CLI)."""
+
+    data: str | None = None
+    eval: str | None = None
+    eval_split: float = 0.0
+    eval_every: int = 0
+    epochs: int = 1
+    steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    max_length: int = 128
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    save_every: int = 0
+    checkpoint_dir: str | None = None
+    log: str | None = None
+
+    # options that change the trajectory: a resumed run must keep them
+    TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
+                  "clip", "seed", "max_length", "precision", "eval_split")
+
+    @classmethod
+    def resolve(cls, spec_table: dict | None = None, spec_dir: Path | None = None,
+                **cli: Any) -> "TrainConfig":
+        """Merge the spec's table (paths made relative to ``spec_dir``) and the CLI's
+        values (``None`` meaning "not given")."""
+        values: dict[str, Any] = {}
+        for key, value in (spec_table or {}).items():
+            if key in PATH_KEYS and value is not None and spec_dir is not None:
+                value = str(spec_dir / value)
+            values[key] = value
+        values.update({k: v for k, v in cli.items() if v is not None})
+        unknown = set(values) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        for key, value in values.items():
+            problem = check_value(key, value)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+            if OPTIONS[key].type is float:
+                values[key] = float(value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def with_(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+assert set(OPTIONS) == {f.name for f in fields(TrainConfig)}, "OPTIONS and TrainConfig differ"

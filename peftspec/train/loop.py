@@ -1,0 +1,330 @@
+"""The training loop: AdamW on the trainable parameters only.
+
+Everything the ``peftspec train`` command does goes through :func:`train`;
+the command adds a progress bar, signal handling and printing. The loop:
+
+1. loads the model and its tokenizer, reads and encodes the data;
+2. seeds torch and ``random`` with ``seed``, then applies the spec (so the
+   adapter's init matches ``peftspec apply --seed``), or, resuming, loads the
+   checkpoint's adapter, optimizer state, RNG states and data position;
+3. per optimizer step: ``grad_accum`` micro-batches (each loss divided by
+   ``grad_accum``), gradient-norm clipping, the scheduled learning rate, an
+   AdamW step. The frozen base never reaches the optimizer and its tensors are
+   never written;
+4. evaluates every ``eval_every`` steps and at the end, checkpoints every
+   ``save_every`` steps and when ``should_stop()`` turns true (Ctrl-C), and
+   writes the adapter.
+
+Only the main process (``rank0``) writes files or calls ``on_event``; the
+loop is otherwise rank-agnostic, ready for a later distributed slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import PeftspecError
+from . import checkpoint as ckpt
+from . import checkpointing, data
+from .config import TrainConfig
+from .metrics import MetricsLog
+from .schedule import lr_at
+from .tokenizer import tokenizer_for
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``interrupted``: stopped early, with a checkpoint at ``checkpoint``."""
+
+    step: int
+    total_steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    peak_rss_mb: float
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    out: Path | None = None
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss; KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model_max_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("block_size", "max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _scored(batch) -> int:
+    return int((batch["labels"][:, 1:] != data.IGNORE).sum())
+
+
+def _loss_of(output) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None:
+        raise PeftspecError("the model returned no loss for input_ids + labels; train needs "
+                            "a causal LM that computes its loss from labels")
+    return loss
+
+
+class Run:
+    """One training run's state; :func:`train` drives it."""
+
+    def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
+                 resume: Path | None = None, rank0: bool = True):
+        from .. import apply, get_registry, load_adapter, load_model
+
+        self.cfg, self.rank0 = cfg, rank0
+        self.registry = registry or get_registry()
+        self.model = model if model is not None else load_model(model_source, self.registry)
+        self.tok = tokenizer_for(model_source, self.model)
+        self._read_data()
+        self.resume_folder = ckpt.find(resume) if resume else None
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if self.resume_folder is None:
+            apply(spec, self.model, registry=self.registry)
+        else:
+            load_adapter(self.model, self.resume_folder / "adapter.safetensors",
+                         registry=self.registry)
+        self.model.train()
+        self.checkpointing = checkpointing.enable(self.model) \
+            if cfg.gradient_checkpointing else None
+        self._build_optimizer()
+        self.batches = data.Batches(self.train_items, cfg.batch_size, self.tok.pad_id, cfg.seed)
+        per_step = -(-self.batches.per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.steps or cfg.epochs * per_step
+        self.step, self.tokens = 0, 0
+        if self.resume_folder is not None:
+            self._restore()
+
+    def _read_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data:
+            raise data.DataError("no training data: give --data FILE (or 'data' in the spec's "
+                                 "[train_config])")
+        limit = _model_max_length(self.model)
+        self.max_length = min(cfg.max_length, limit) if limit else cfg.max_length
+        items, self.dropped = data.encode_all(data.read_examples(cfg.data), self.tok,
+                                              self.max_length)
+        if not items:
+            raise data.DataError(f"{cfg.data}: no example has a token to learn from")
+        if cfg.eval:
+            evals, dropped = data.encode_all(data.read_examples(cfg.eval), self.tok,
+                                             self.max_length)
+            self.dropped += dropped
+            self.train_items, self.eval_items = items, evals
+        else:
+            self.train_items, self.eval_items = data.split(items, cfg.eval_split, cfg.seed)
+        self.data_digest = data.file_digest(cfg.data)
+
+    def _build_optimizer(self) -> None:
+        from .. import trainable_parameters
+
+        params = trainable_parameters(self.model)
+        if not params:
+            raise PeftspecError("the spec leaves nothing trainable")
+        self.names = {id(p): n for n, p in params.items()}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [{"params": g, "weight_decay": wd}
+                  for g, wd in ((decay, self.cfg.weight_decay), (no_decay, 0.0)) if g]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        self.params = list(params.values())
+
+    def schedule(self) -> dict:
+        c = self.cfg
+        return {"kind": "warmup-cosine", "lr": c.lr, "warmup": c.warmup,
+                "total": self.total_steps, "min_lr_ratio": c.min_lr_ratio}
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, lr=c.lr, warmup=c.warmup, total=self.total_steps,
+                     min_lr_ratio=c.min_lr_ratio)
+
+    def _restore(self) -> None:
+        folder = self.resume_folder
+        state = ckpt.read_state(folder)
+        saved = state.get("config", {})
+        changed = [k for k in TrainConfig.TRAJECTORY if saved.get(k) != getattr(self.cfg, k)]
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{folder}: resuming with other settings than the checkpoint's: " +
+                ", ".join(f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed))
+        if state.get("data_digest") != self.data_digest:
+            raise ckpt.CheckpointError(f"{folder}: the data file {self.cfg.data} differs from "
+                                       "the one the checkpoint was trained on")
+        if state.get("schedule", {}).get("total") != self.total_steps:
+            raise ckpt.CheckpointError(
+                f"{folder}: the run had {state['schedule']['total']} steps in all, this one "
+                f"{self.total_steps}; keep --steps/--epochs (the schedule depends on them)")
+        ckpt.load_optimizer(self.optimizer, self.names, folder / "optimizer.safetensors")
+        self.batches.seek(state["data_position"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(self, directory: Path) -> Path | None:
+        if not self.rank0:
+            return None
+        state = {"tokens": self.tokens, "data_position": self.batches.position(),
+                 "schedule": self.schedule(), "data_digest": self.data_digest,
+                 "config": {k: getattr(self.cfg, k) for k in TrainConfig.TRAJECTORY}}
+        return ckpt.save(directory, step=self.step, model=self.model,
+                         optimizer=self.optimizer, names=self.names, state=state)
+
+    def _autocast(self):
+        device = self.params[0].device.type
+        return torch.autocast(device, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics record."""
+        t0 = time.perf_counter()
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        device = self.params[0].device
+        total, tokens = 0.0, 0
+        for _ in range(self.cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in self.batches.next().items()}
+            tokens += int(batch["attention_mask"].sum())
+            with self._autocast():
+                loss = _loss_of(self.model(**batch))
+            (loss / self.cfg.grad_accum).backward()
+            total += float(loss.detach())
+        if self.cfg.clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += tokens
+        loss = total / self.cfg.grad_accum
+        if not math.isfinite(loss):
+            raise PeftspecError(f"the loss is {loss} at step {self.step}; lower --lr or "
+                                "raise --clip")
+        dt = time.perf_counter() - t0
+        epoch = self.batches.epoch + self.batches.index / self.batches.per_epoch
+        return {"type": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss,
+                "lr": lr, "grad_norm": norm, "tokens": self.tokens,
+                "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if not self.eval_items:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in data.eval_batches(self.eval_items, self.cfg.batch_size,
+                                           self.tok.pad_id):
+                n = _scored(batch)
+                batch = {k: v.to(self.params[0].device) for k, v in batch.items()}
+                with self._autocast():
+                    total += float(_loss_of(self.model(**batch))) * n
+                count += n
+        finally:
+            self.model.train()
+        return {"type": "eval", "step": self.step, "loss": total / max(count, 1),
+                "tokens": count}
+
+
+def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None,
+          out: str | Path | None = None, resume: str | Path | None = None, registry=None,
+          on_event: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] = lambda: False,
+          max_steps_this_run: int | None = None, rank0: bool | None = None) -> TrainResult:
+    """Train ``spec``'s adapter on ``model`` (or the model ``model_source`` names).
+
+    Args:
+        spec: a :class:`peftspec.Spec` (its ``[train_config]`` is not read here:
+            resolve ``cfg`` with :meth:`TrainConfig.resolve`).
+        out: where to write the trained adapter (rank 0 only).
+        resume: a checkpoint folder, or a checkpoint directory with ``latest``.
+        on_event: called with each metrics record, and ``{"type": "start", ...}``
+            first (rank 0 only).
+        should_stop: polled before each step; when true, a checkpoint is written
+            and the run returns with ``interrupted=True``.
+        max_steps_this_run: stop (as if interrupted) after this many steps.
+    """
+    if rank0 is None:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+    emit = on_event if (on_event and rank0) else (lambda record: None)
+    run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
+              resume=Path(resume) if resume else None, rank0=rank0)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    log = MetricsLog(cfg.log if rank0 else None,
+                     resume_step=run.step if run.resume_folder else None)
+    emit({"type": "start", "step": run.step, "total_steps": run.total_steps,
+          "examples": len(run.train_items), "eval_examples": len(run.eval_items),
+          "dropped": run.dropped, "max_length": run.max_length,
+          "trainable": sum(p.numel() for p in run.params),
+          "checkpointing": run.checkpointing, "resumed_from": run.resume_folder})
+    t0, start_step, start_tokens = time.perf_counter(), run.step, run.tokens
+    losses, eval_loss, interrupted, saved = [], None, False, None
+    try:
+        while run.step < run.total_steps:
+            ran = run.step - start_step
+            if should_stop() or (max_steps_this_run is not None and ran >= max_steps_this_run):
+                interrupted = True
+                break
+            record = run.train_step()
+            record["time"] = time.perf_counter() - t0
+            losses.append(record["loss"])
+            log.write(record)
+            emit(record)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
+                ev = run.evaluate()
+                if ev:
+                    eval_loss = ev["loss"]
+                    log.write(ev)
+                    emit(ev)
+            if cfg.save_every and ckpt_dir and run.step % cfg.save_every == 0:
+                saved = run.save_checkpoint(ckpt_dir)
+                emit({"type": "checkpoint", "step": run.step, "path": saved})
+        if interrupted:
+            if ckpt_dir and (saved is None or not saved.name.endswith(f"{run.step:08d}")):
+                saved = run.save_checkpoint(ckpt_dir)
+        else:
+            ev = run.evaluate()
+            if ev:
+                eval_loss = ev["loss"]
+                log.write(ev)
+                emit(ev)
+            if out is not None and rank0:
+                from .. import save_adapter
+
+                save_adapter(run.model, out)
+    finally:
+        log.close()
+    return TrainResult(step=run.step, total_steps=run.total_steps,
+                       train_loss=losses[-1] if losses else None, eval_loss=eval_loss,
+                       tokens=run.tokens - start_tokens, seconds=time.perf_counter() - t0,
+                       peak_rss_mb=peak_rss_mb(), interrupted=interrupted,
+                       checkpoint=saved, out=Path(out) if out and not interrupted else None,
+                       losses=losses)

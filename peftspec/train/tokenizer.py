@@ -1,0 +1,91 @@
+"""Tokenizers for training: bytes for the built-in model, a transformers
+directory's own tokenizer for ``hf:`` models.
+
+A tokenizer here is anything with ``encode(text) -> list[int]``, an
+``eos_id`` (appended after each example; ``None`` for none) and a
+``pad_id`` (used for padding; padded positions are masked and never scored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelSourceError
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, end-of-text as 256: the default model's vocabulary.
+
+    Any text round-trips, nothing is downloaded, and the vocabulary is the
+    default model's 257 entries (:class:`peftspec.models.nanogpt.GPTConfig`).
+    """
+
+    vocab_size = 257
+    eos_id = 256
+    pad_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class HFTokenizer:
+    """A transformers tokenizer, loaded from the model's own directory (offline)."""
+
+    tok: object
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tok.eos_token_id if self.tok.eos_token_id is not None \
+            else self.tok.sep_token_id
+
+    @property
+    def pad_id(self) -> int:
+        for tid in (self.tok.pad_token_id, self.eos_id, 0):
+            if tid is not None:
+                return tid
+        return 0  # pragma: no cover
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+
+def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer to train ``model`` (loaded from ``source``) with.
+
+    * ``hf:PATH``: the directory's tokenizer (``AutoTokenizer``, local files only);
+    * the default model, or any model whose input embedding has at least 257
+      rows: :class:`ByteTokenizer`.
+    """
+    if source and source.startswith("hf:"):
+        path = Path(source[3:])
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:  # pragma: no cover - load_hf already needs it
+            raise ModelSourceError("hf: models need transformers: pip install "
+                                   "'peftspec[hf]'") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is bad input
+            raise ModelSourceError(f"'{source}' has no usable tokenizer to train with: "
+                                   f"{exc}") from None
+        return HFTokenizer(tok)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and rows < ByteTokenizer.vocab_size:
+        raise ModelSourceError(f"the model's input embedding has {rows} rows; the byte-level "
+                               f"tokenizer needs {ByteTokenizer.vocab_size} (train hf: models "
+                               "with their own tokenizer)")
+    return ByteTokenizer()
