@@ -236,9 +236,10 @@ def plugins(as_json: bool):
               help="folder to write the merged model to (replaced atomically)")
 @click.option("--skip-unmergeable", is_flag=True,
               help="drop methods that cannot fold into weights (adapters, soft prompts)")
+@click.option("--allow-nonfinite", is_flag=True, help="merge an adapter holding NaN/Inf")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: bool,
-          as_json: bool):
+          allow_nonfinite: bool, as_json: bool):
     """Fold an adapter into its base model's weights and write a plain model.
 
     \b
@@ -258,7 +259,7 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("merging", total=None)
         summary = merge_to_dir(model, adapter, out_dir, skip_unmergeable=skip_unmergeable,
-                               registry=reg,
+                               allow_nonfinite=allow_nonfinite, registry=reg,
                                progress=lambda done, total: bar.update(task, completed=done,
                                                                        total=total))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

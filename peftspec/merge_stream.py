@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapter_file import _checked_plan
@@ -41,7 +41,7 @@ _ST_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.PathLike, *,
-                 skip_unmergeable: bool = False, registry=None,
+                 skip_unmergeable: bool = False, allow_nonfinite: bool = False, registry=None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Merge ``adapter`` into the model ``source`` names; write it to folder ``out``.
 
@@ -57,9 +57,10 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     try:
         if source and source.startswith("hf:"):
             summary = _merge_hf(Path(source[3:]), Path(adapter), tmp, skip_unmergeable,
-                                registry, progress)
+                                registry, progress, allow_nonfinite)
         else:
-            summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable, registry)
+            summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable, registry,
+                                       allow_nonfinite)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,8 +120,10 @@ def _shards(path: Path) -> tuple[list[str], dict | None]:
 
 
 def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, registry,
-              progress) -> dict:
+              progress, allow_nonfinite: bool = False) -> dict:
     shard_names, _ = _shards(path)
+    for shard in shard_names:  # every shard must be sound before anything is written
+        ShardReader(path / shard).close()
     model = _meta_model(path)
     plan = _checked_plan(model, adapter, registry)
     steps = _mergeable_records(plan, registry, skip_unmergeable)
@@ -132,6 +135,10 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                 where[key] = shard
     with safe_open(str(adapter), framework="pt") as f:
         adapter_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, t in adapter_tensors.items():
+        if t.is_floating_point() and not allow_nonfinite and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{adapter}: tensor '{key}' holds NaN or Inf values (pass "
+                                   "--allow-nonfinite to merge it anyway)")
 
     owner: dict[str, str] = {}  # checkpoint key -> merged module path
     modules = dict(model.named_modules())
@@ -204,8 +211,11 @@ class ShardReader:
     def __init__(self, path: Path):
         import struct
 
-        with safe_open(str(path), framework="pt"):
-            pass
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise AdapterFileError(f"{path}: not a readable safetensors file ({exc})") from None
         self.fd = os.open(path, os.O_RDONLY)
         n = struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
         header = json.loads(os.pread(self.fd, n, 8))
@@ -291,12 +301,12 @@ def _refuse_tied(model: nn.Module, steps) -> None:
 
 
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
-                     registry) -> dict:
+                     registry, allow_nonfinite: bool = False) -> dict:
     from .adapter_file import load_adapter
     from .patching import merge
 
     model = registry.load_model(source)
-    load_adapter(model, adapter, registry=registry)
+    load_adapter(model, adapter, registry=registry, allow_nonfinite=allow_nonfinite)
     merged = merge(model, skip_unmergeable=skip_unmergeable)
     seen: set[int] = set()
     tensors = {}

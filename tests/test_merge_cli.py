@@ -129,3 +129,32 @@ def test_merge_refuses_pickles(tmp_path):
     peftspec.save_adapter(model, adapter)
     r = invoke("merge", "--model", f"hf:{d}", "--adapter", adapter, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "never unpickles" in r.stderr
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncate-shard", "not a readable safetensors file"),
+    ("truncate-adapter", "not a readable safetensors file"),
+    ("nan-adapter", "NaN or Inf"),
+])
+def test_merge_refuses_broken_files_and_keeps_existing_output(setup, tmp_path, damage, says):
+    base_dir, adapter, _ = setup
+    if damage == "truncate-shard":
+        shard = sorted(base_dir.glob("*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "truncate-adapter":
+        adapter.write_bytes(adapter.read_bytes()[:-100])
+    else:
+        from safetensors.torch import load_file, save_file
+        from peftspec.adapter_file import read_metadata
+
+        meta = read_metadata(adapter)
+        tensors = {k: v * float("nan") for k, v in load_file(str(adapter)).items()}
+        save_file(tensors, str(adapter), metadata=meta)
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    r = invoke("merge", "--model", f"hf:{base_dir}", "--adapter", adapter, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert says in r.stderr
+    assert (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
