@@ -155,7 +155,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
 
     modules = dict(model.named_modules())
     module_types = {name: class_names(m) for name, m in modules.items()}
-    params, buffers = named_tensors(model)
+    params, buffers = named_tensors(model, modules)
     param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
     problems: list[Problem] = []
 
