@@ -65,7 +65,7 @@ class Settings:
     batch: int = 4
     seq: int = 256
     forward_rounds: int = 7
-    train_rounds: int = 3
+    train_rounds: int = 5
     mem_steps: int = 2             # steps per memory subprocess (AdamW state exists from step 1)
 
 
