@@ -64,6 +64,11 @@ class RowDispatch(nn.Module):
         self.__dict__["branches"] = branches
         self.__dict__["ctx"] = ctx
         self.shared_base = all(callable(getattr(m, "adapt", None)) for m in branches.values())
+        # Modules of one type may offer ``add_rows_batched(per_row, x, out) -> bool``:
+        # every row's update in one go, each row with its own module (None: the base).
+        kinds = {type(m) for m in branches.values()}
+        self.batched = getattr(kinds.pop(), "add_rows_batched", None) \
+            if len(kinds) == 1 and self.shared_base else None
 
     def forward(self, x, *args, **kwargs):
         ctx = self.ctx
@@ -73,6 +78,10 @@ class RowDispatch(nn.Module):
         groups = ctx.groups(x.device)
         if self.shared_base:
             out = self.original(x, *args, **kwargs)  # a fresh tensor: updated in place
+            if self.batched is not None:  # one batched update for all rows at once
+                per_row = [self.branches.get(n) if n is not None else None for n in ctx.names]
+                if self.batched(per_row, x, out):
+                    return out
             base = None
             for name, idx in groups.items():
                 module = self.branches.get(name) if name is not None else None

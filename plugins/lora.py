@@ -157,6 +157,35 @@ class LoRALinear(nn.Module):
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B)
         out.index_add_(0, idx, delta, alpha=self.scale)
 
+    @staticmethod
+    def add_rows_batched(per_row: list, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Per-row batches with a (possibly) different adapter in every row, in two
+        batched GEMMs: row ``i`` gets ``s_i·(x_i·A_iᵀ)·B_iᵀ`` added into ``out`` in
+        place (``per_row[i]`` is that row's :class:`LoRALinear`, or None for the base).
+        The cost is that of one adapter over the whole batch, whatever the mix.
+        Returns False, having done nothing, where it does not apply (DoRA, ranks that
+        differ, dropout while training, a dtype or layout it cannot add into)."""
+        mods = list({id(m): m for m in per_row if m is not None}.values())
+        if not mods or any(m.dora for m in mods) or len({m.r for m in mods}) != 1:
+            return False
+        if any(m.dropout and m.training for m in mods) or not out.is_contiguous():
+            return False
+        dtype = mods[0].lora_B.dtype
+        if out.dtype != dtype or x.dtype != dtype or any(m.lora_B.dtype != dtype for m in mods):
+            return False
+        slot = {id(m): i for i, m in enumerate(mods)}
+        a = torch.stack([m.lora_A for m in mods])                 # (G, r, in)
+        b = torch.stack([m.lora_B * m.scale for m in mods])       # (G, out, r), scaled
+        if len(slot) < len(per_row) and any(m is None for m in per_row):
+            a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])  # base rows: a zero update
+            b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])
+        index = torch.tensor([slot[id(m)] if m is not None else len(mods) for m in per_row],
+                             device=x.device)
+        n = x.shape[0]
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.index_select(0, index).transpose(1, 2))
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, index).transpose(1, 2))
+        return True
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output, given the base output ``out`` for ``x`` (which it
         may overwrite). Per-row batches compute the base once for all rows."""

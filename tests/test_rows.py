@@ -116,3 +116,68 @@ def test_rows_train_through_two_adapters(tmp_path):
     with peftspec.disabled(model):
         for n, p in model.named_parameters():
             assert torch.equal(p, frozen[n]) and p.grad is None, n
+
+
+def _many_loras(build, count, tmp_path, modules):
+    """``count`` plain LoRA adapters of one rank with different alphas on ``modules``."""
+    model = build()
+    for i in range(count):
+        single = build()
+        torch.manual_seed(100 + i)
+        spec = (f'[[reparameterize]]\nmethod = "lora"\nmodules = {modules!r}\nr = 4\n'
+                f'alpha = {4 + 3 * i}\n').replace("'", '"')
+        peftspec.apply(peftspec.parse_spec(spec), single)
+        with torch.no_grad():
+            for p in peftspec.trainable_parameters(single).values():
+                p.add_(torch.randn_like(p) * 0.1)
+        path = tmp_path / f"l{i}.safetensors"
+        peftspec.save_adapter(single, path)
+        peftspec.load_adapter(model, path, name=f"l{i}")
+    return model
+
+
+@pytest.mark.parametrize("build,modules", [
+    (default_model, ["**.q_proj", "**.up_proj"]), (gpt2, ["**.c_attn", "**.c_fc"])],
+    ids=["default", "gpt2"])
+def test_rows_batched_lora_path(build, modules, tmp_path, monkeypatch):
+    """Plain LoRA adapters of one rank take the batched path (two bmm for every row's
+    update): outputs equal each row alone, and gradients equal the per-group path's."""
+    from peftspec_plugins.lora import LoRALinear
+
+    model = _many_loras(build, 3, tmp_path, modules)
+    names = ["l2", None, "l0", "l1", "l0", None]
+    calls = []
+    real = LoRALinear.add_rows_batched
+
+    def spy(per_row, x, out):
+        calls.append(real(per_row, x, out))
+        return calls[-1]
+
+    monkeypatch.setattr(LoRALinear, "add_rows_batched", staticmethod(spy))
+    ids = torch.randint(1, 100, (len(names), 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), peftspec.rows(model, names):
+        together = tail(model(ids), 9)
+    assert calls and all(calls), calls  # the batched path ran, at every adapted module
+    for i, name in enumerate(names):
+        with torch.no_grad(), peftspec.using(model, name):
+            alone = tail(model(ids[i:i + 1]), 9)
+        assert torch.allclose(together[i:i + 1], alone, atol=1e-5), (i, name)
+
+    def grads(batched):
+        monkeypatch.setattr(LoRALinear, "add_rows_batched",
+                            staticmethod(real if batched else lambda *a: False))
+        params = {f"{n}.{rec.step.target}.{k}": p for n in ("l0", "l1", "l2") for rec in
+                  peftspec.patching.state_of(model).adapters[n].records
+                  for k, p in rec.installed.adapter_params().items()}
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        with peftspec.rows(model, names):
+            out = model(ids)
+            logits = out.logits if hasattr(out, "logits") else out
+            logits.float().square().mean().backward()
+        return {k: p.grad.clone() for k, p in params.items()}
+
+    fast, slow = grads(True), grads(False)
+    for k in slow:
+        assert torch.allclose(fast[k], slow[k], atol=1e-6, rtol=1e-4), k
