@@ -30,7 +30,7 @@ from .method import AdapterModule, Method, adapter_params  # noqa: E402
 from .options import option, selectors  # noqa: E402
 from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
                        is_patched, merge, remove, use, using)
-from .plan import Plan, Step, compile_plan  # noqa: E402
+from .plan import Plan, Step, compile_plan, compile_with_tensors  # noqa: E402
 from .rows import rows  # noqa: E402
 from .plugins import build_registry, get_registry  # noqa: E402
 from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
@@ -42,7 +42,11 @@ def apply(spec: Spec | str | Path, model: nn.Module, registry=None) -> nn.Module
     """Load (if a path), compile and apply ``spec`` to ``model`` in place."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry=registry)
-    return apply_plan(compile_plan(spec, model, registry=registry), model, registry=registry)
+    fresh = not is_patched(model)
+    plan, tensors = compile_with_tensors(spec, model, registry=registry)
+    # Compiled this instant from this very model: apply_plan need not walk it again
+    # to check that the plan fits (a patched model's active adapter moves, so it does).
+    return apply_plan(plan, model, registry=registry, _tensors=tensors if fresh else None)
 
 
 def load_model(source: str | None = None, registry=None) -> nn.Module:

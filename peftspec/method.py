@@ -40,13 +40,19 @@ class AdapterModule(Protocol):
     def adapter_params(self) -> dict[str, nn.Parameter]: ...
 
 
+def is_adapter_module(module: nn.Module) -> bool:
+    """Whether ``module`` has a callable ``adapter_params`` (an :class:`AdapterModule`)."""
+    # Ask the class first: a miss through nn.Module.__getattr__ is slow, and
+    # most modules of a model are not adapters.
+    attr = getattr(type(module), "adapter_params", None)
+    if attr is None:
+        attr = vars(module).get("adapter_params")
+    return callable(attr)
+
+
 def _adapter_modules(model: nn.Module):
     for name, module in model.named_modules():
-        # Ask the class first: a miss through nn.Module.__getattr__ is slow, and
-        # most modules of a model are not adapters.
-        if not hasattr(type(module), "adapter_params") and "adapter_params" not in vars(module):
-            continue
-        if callable(module.adapter_params):
+        if is_adapter_module(module):
             yield (f"{name}." if name else ""), module
 
 

@@ -142,6 +142,12 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
             ``check_plan`` hook reported, all at once.
         PeftspecError: the model already carries a peftspec adapter.
     """
+    return compile_with_tensors(spec, model, registry)[0]
+
+
+def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
+    """:func:`compile_plan`, also returning the ``named_tensors(model)`` it read, so
+    that :func:`peftspec.apply`, which applies at once, need not walk the model again."""
     if registry is None:
         from .plugins import get_registry
 
@@ -151,7 +157,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
         from .patching import base_view
 
         with base_view(model):
-            return compile_plan(spec, model, registry)
+            return compile_with_tensors(spec, model, registry)
 
     modules = dict(model.named_modules())
     module_types = {name: class_names(m) for name, m in modules.items()}
@@ -227,9 +233,11 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
                     continue
                 augment_owner[key] = rule
             n_added = int(method.count_params(module, step))
-            itemsize = _itemsize(module)
-            steps.append(Step(**{**step.__dict__, "params_added": n_added,
-                                 "bytes_added": n_added * itemsize}))
+            # Filled in before the step leaves this function (instead of building a
+            # second Step: thousands of targets make a frozen dataclass's init count).
+            object.__setattr__(step, "params_added", n_added)
+            object.__setattr__(step, "bytes_added", n_added * _itemsize(module))
+            steps.append(step)
 
     if not problems:
         draft = Plan(spec, tuple(steps), "", 0, trained_base, resolved)
@@ -241,7 +249,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
         raise SpecError(problems)
     base_params = sum(p.numel() for p in params.values())
     return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
-                base_params, trained_base, resolved)
+                base_params, trained_base, resolved), (params, buffers)
 
 
 def _itemsize(module: nn.Module) -> int:

@@ -1,0 +1,93 @@
+"""The shortcuts that make ``apply`` fast on thousands of modules behave as the slow
+paths they replace."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import peftspec
+from peftspec._fastmodule import init_module
+from peftspec.patching import _all_modules, _set_child
+from peftspec_plugins.lora import LoRALinear, LoRAOptions, _kaiming_bound
+
+
+class Fast(nn.Module):
+    def __init__(self):
+        init_module(self)
+
+
+def test_init_module_equals_nn_module_init():
+    a, b, ref = Fast(), Fast(), nn.Module()
+    assert vars(a) == vars(ref)
+    assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(ref).items()}
+    for key, value in vars(a).items():  # fresh containers, never shared between modules
+        if isinstance(value, (dict, set)):
+            assert value is not vars(b)[key], key
+    a.lin = nn.Linear(2, 3)  # behaves as a module: children, hooks, state dict
+    calls = []
+    a.register_forward_hook(lambda *args: calls.append(1))
+    a.forward = lambda x: a.lin(x)
+    a(torch.zeros(1, 2))
+    assert calls == [1] and not b._forward_hooks
+    assert set(a.state_dict()) == {"lin.weight", "lin.bias"}
+
+
+def test_lora_init_draws_as_kaiming_uniform():
+    lin = nn.Linear(24, 10)
+    torch.manual_seed(3)
+    module = LoRALinear(lin, "linear", LoRAOptions(modules=("x",), r=4))
+    expected = torch.empty(4, 24)
+    torch.manual_seed(3)
+    nn.init.kaiming_uniform_(expected, a=5 ** 0.5)
+    assert torch.equal(module.lora_A, expected)
+    assert _kaiming_bound(24) > 0
+    assert module.adapter_params() == {"lora_A": module.lora_A, "lora_B": module.lora_B}
+
+
+def test_all_modules_is_model_modules_as_a_set():
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared, nn.ModuleList([shared]))
+    model.add_module("none", None)
+    assert {id(m) for m in _all_modules(model)} == {id(m) for m in model.modules()}
+    assert len(_all_modules(model)) == len(list(model.modules()))
+
+
+def test_set_child_honours_custom_setattr_and_registration_hooks():
+    seen = []
+
+    class Watching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = nn.Linear(2, 2)
+
+        def __setattr__(self, name, value):
+            seen.append(name)
+            super().__setattr__(name, value)
+
+    parent = Watching()
+    seen.clear()
+    _set_child(parent, "child", nn.Identity())
+    assert seen == ["child"] and isinstance(parent.child, nn.Identity)
+
+    registered = []
+    handle = nn.modules.module.register_module_module_registration_hook(
+        lambda module, name, sub: registered.append(name))
+    try:
+        plain = nn.Sequential(nn.Linear(2, 2))
+        registered.clear()
+        _set_child(plain, "0", nn.Identity())
+        assert registered == ["0"]
+    finally:
+        handle.remove()
+    plain = nn.Sequential(nn.Linear(2, 2))
+    _set_child(plain, "0", nn.Identity())
+    assert isinstance(plain[0], nn.Identity)
+
+
+def test_apply_trains_exactly_the_adapter():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    spec = peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\nmodules = ["0"]\nr = 2\n'
+                               '[[train]]\nparams = ["1.bias"]\n')
+    peftspec.apply(spec, model)
+    assert set(peftspec.trainable_parameters(model)) == {"0.lora_A", "0.lora_B", "1.bias"}
