@@ -33,7 +33,8 @@ from torch import nn
 from .adapter_file import _checked_plan
 from .errors import AdapterFileError, ModelSourceError, NotMergeableError
 from .method import load_adapter_state
-from .safetensors_io import DTYPES, _raw
+from .patching import refuse_tied
+from .safetensors_io import DTYPES, _raw, header_bytes
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -127,7 +128,8 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
     model = _meta_model(path)
     plan = _checked_plan(model, adapter, registry)
     steps = _mergeable_records(plan, registry, skip_unmergeable)
-    _refuse_tied(model, steps)
+    modules = dict(model.named_modules())
+    refuse_tied(model, [(s, modules[s.target]) for s in steps])
     where: dict[str, str] = {}
     for shard in shard_names:
         with safe_open(str(path / shard), framework="pt") as f:
@@ -166,7 +168,7 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
         for shard in shard_names:
             reader = readers[shard]
             keys = reader.keys()
-            header = _header([(k, reader.entries[k]["dtype"], reader.entries[k]["shape"])
+            header = header_bytes([(k, reader.entries[k]["dtype"], reader.entries[k]["shape"])
                               for k in keys], reader.metadata)
             with open(out / shard, "wb") as w:
                 w.write(header)
@@ -247,23 +249,6 @@ class ShardReader:
         os.close(self.fd)
 
 
-def _header(entries, metadata) -> bytes:
-    import struct
-
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    offset = 0
-    for key, dtype, shape in entries:
-        size = _ST_DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset,
-                                                                              offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
 def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry):
     """Materialise one module from the shards, adapt, load, merge; its tensors."""
     fresh = copy.deepcopy(meta_module).to_empty(device="cpu")
@@ -283,21 +268,6 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
                                    if k.startswith(prefix)})
     merged = method.merge(installed, fresh)
     return {k: v.detach() for k, v in merged.named_parameters()}
-
-
-def _refuse_tied(model: nn.Module, steps) -> None:
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(path)
-    modules = dict(model.named_modules())
-    for s in steps:
-        for pname, p in modules[s.target].named_parameters(recurse=False):
-            others = [o for o in owners.get(id(p), []) if o != s.target]
-            if others:
-                raise NotMergeableError(f"cannot merge: {s.method} on '{s.target}' "
-                                        f"({s.rule}): its {pname} is tied to '{others[0]}'")
 
 
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,

@@ -415,23 +415,33 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
 
 # --- merge -----------------------------------------------------------------------------
 
-def _tied_targets(model: nn.Module, records: list[Record]) -> list[str]:
-    """Mergeable steps whose base tensors are shared with another module (tied)."""
+def tied_targets(model: nn.Module, targets) -> list[str]:
+    """Which of ``targets`` (``(step, module at step.target)`` pairs, to be merged)
+    hold a parameter shared with another module (tied): merging would write the
+    shared tensor and change that module too. One line per tie, for the error."""
     owners: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for p in module._parameters.values():
             if p is not None:
                 owners.setdefault(id(p), []).append(path)
     out = []
-    for rec in records:
-        if not rec.method.mergeable:
-            continue
-        for pname, p in rec.original.named_parameters(recurse=False):
-            others = [o for o in owners.get(id(p), []) if o != rec.step.target]
+    for step, module in targets:
+        for pname, p in module.named_parameters(recurse=False):
+            others = [o for o in owners.get(id(p), []) if o != step.target]
             if others:
-                out.append(f"{rec.step.method} on '{rec.step.target}' ({rec.step.rule}): its "
+                out.append(f"{step.method} on '{step.target}' ({step.rule}): its "
                            f"{pname} is tied to '{others[0]}'")
     return out
+
+
+def refuse_tied(model: nn.Module, targets) -> None:
+    """Raise :class:`NotMergeableError` naming every tie :func:`tied_targets` finds."""
+    tied = tied_targets(model, targets)
+    if tied:
+        raise NotMergeableError(
+            "cannot merge: " + "; ".join(tied) + ". Merging would write the shared tensor "
+            "and change the other module too; untie the weights first (e.g. clone the "
+            "embedding into the head) or keep this adapter unmerged")
 
 
 def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
@@ -444,12 +454,7 @@ def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
     """
     state = state_of(model)
     records = state.records
-    tied = _tied_targets(model, records)
-    if tied:
-        raise NotMergeableError(
-            "cannot merge: " + "; ".join(tied) + ". Merging would write the shared tensor "
-            "and change the other module too; untie the weights first (e.g. clone the "
-            "embedding into the head) or keep this adapter unmerged")
+    refuse_tied(model, [(r.step, r.original) for r in records if r.method.mergeable])
     blocked = [r for r in records if not r.method.mergeable]
     if blocked and not skip_unmergeable:
         names = sorted({f"{r.step.method} ({r.step.rule})" for r in blocked})

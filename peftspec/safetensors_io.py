@@ -12,8 +12,9 @@ headers, offsets and sizes.
 from __future__ import annotations
 
 import json
+import math
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -32,25 +33,38 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def header_and_chunks(tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> tuple[bytes, Iterator[bytes]]:
-    """The file's header bytes, and an iterator over each tensor's bytes in order."""
-    names = sorted(tensors)
+ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPES.items()}
+
+
+def header_bytes(entries: Iterable[tuple[str, str, Sequence[int]]],
+                 metadata: dict[str, str] | None = None) -> bytes:
+    """The header (length prefix included) of a file holding tensors
+    ``(name, safetensors dtype such as "F32", shape)``, their data in this order."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     offset = 0
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in DTYPES:
-            raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in safetensors")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+    for name, dtype, shape in entries:
+        size = ITEMSIZE[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, (_raw(tensors[n]) for n in names)
+    return struct.pack("<Q", len(text)) + text
+
+
+def header_and_chunks(tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> tuple[bytes, Iterator[bytes]]:
+    """The file's header bytes, and an iterator over each tensor's bytes in order."""
+    names = sorted(tensors)
+    for name in names:
+        if tensors[name].dtype not in DTYPES:
+            raise TypeError(f"cannot store tensor '{name}' of dtype {tensors[name].dtype} "
+                            "in safetensors")
+    head = header_bytes(((n, DTYPES[tensors[n].dtype], tuple(tensors[n].shape)) for n in names),
+                        metadata)
+    return head, (_raw(tensors[n]) for n in names)
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

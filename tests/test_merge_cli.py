@@ -158,3 +158,22 @@ def test_merge_refuses_broken_files_and_keeps_existing_output(setup, tmp_path, d
     assert says in r.stderr
     assert (out / "keep.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_streamed_merge_refuses_tied_weights(tmp_path):
+    """GPT-2 ties lm_head to wte: merging LoRA on wte would change the head too."""
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
+    base_dir = tmp_path / "gpt2"
+    base.save_pretrained(base_dir)
+    model = transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    peftspec.apply(peftspec.parse_spec(
+        '[[reparameterize]]\nmethod = "lora"\nmodules = ["transformer.wte"]\nr = 2\n'), model)
+    adapter = tmp_path / "a.safetensors"
+    peftspec.save_adapter(model, adapter)
+    out = tmp_path / "merged"
+    r = invoke("merge", "--model", f"hf:{base_dir}", "--adapter", adapter, "--out", out)
+    assert r.exit_code != 0
+    assert "tied to 'lm_head'" in r.output and "untie the weights" in r.output, r.output
+    assert not out.exists()
