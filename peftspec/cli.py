@@ -144,22 +144,56 @@ def _print_plan(plan, verbose: bool) -> None:
               f"({plan.adapter_bytes:,} bytes of tensors)")
 
 
+def _memory_options(fn):
+    from .cli_train import memory_options  # the train commands' module imports this one
+
+    return memory_options(fn)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "-m", default=None, metavar="M", help=MODEL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--verbose", "-v", is_flag=True, help="list every matched module")
-def plan(spec: Path, model: str | None, as_json: bool, verbose: bool):
+@click.option("--memory", "with_memory", is_flag=True,
+              help="also the training memory of full fine-tuning against SPEC (weights, "
+                   "gradients, AdamW states, activations); the options below shape it")
+@_memory_options
+def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memory: bool,
+         batch_size: int | None, seq_len: int | None, precision: str | None,
+         gradient_checkpointing: bool | None):
     """Show what SPEC would do to a model, changing nothing.
 
     Per rule: modules matched, parameters added or made trainable, bytes; then
     the trainable total, its share of all parameters, and the adapter size.
+    With --memory, the table of `peftspec memory` follows (with --json: one
+    object with "plan" and "memory").
     """
-    _, _, _, p = _load(spec, model)
+    loaded = _load(spec, model)
+    p = loaded[3]
+    shaping = [name for name, v in (("--batch-size", batch_size), ("--seq-len", seq_len),
+                                    ("--precision", precision),
+                                    ("--gradient-checkpointing", gradient_checkpointing))
+               if v is not None]
+    if shaping and not with_memory:
+        raise click.UsageError(f"{shaping[0]} shapes the memory table: add --memory")
+    if not with_memory:
+        if as_json:
+            out.print_json(p.to_json())
+        else:
+            _print_plan(p, verbose)
+        return
+    from .cli_train import memory_report
+
     if as_json:
-        out.print_json(p.to_json())
-    else:
-        _print_plan(p, verbose)
+        with out.capture() as captured:
+            memory_report(spec, model, batch_size, seq_len, precision, gradient_checkpointing,
+                          True, loaded=loaded)
+        out.print_json(json.dumps({"plan": p.to_dict(), "memory": json.loads(captured.get())}))
+        return
+    _print_plan(p, verbose)
+    memory_report(spec, model, batch_size, seq_len, precision, gradient_checkpointing, False,
+                  loaded=loaded)
 
 
 @cli.command()

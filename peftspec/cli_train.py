@@ -163,48 +163,52 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
         raise click.exceptions.Exit(130)
 
 
-@cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
-@click.option("--batch-size", type=int, default=None,
-              help="examples per micro-batch [default: the spec's train_config, else 8]")
-@click.option("--seq-len", type=int, default=None,
-              help="tokens per example [default: the spec's max_length, else 128]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-              help="activation precision [default: the spec's, else fp32]")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
-              help="estimate activations with checkpointed blocks")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def memory(spec: Path, model_source: str | None, batch_size: int | None, seq_len: int | None,
-           precision: str | None, gradient_checkpointing: bool | None, as_json: bool):
-    """Training memory of full fine-tuning against SPEC's adapter.
+def memory_options(fn):
+    """The options ``peftspec memory`` and ``peftspec plan --memory`` share."""
+    for opt in reversed([
+        click.option("--batch-size", type=int, default=None,
+                     help="examples per micro-batch [default: the spec's train_config, else 8]"),
+        click.option("--seq-len", type=int, default=None,
+                     help="tokens per example [default: the spec's max_length, else 128]"),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="activation precision [default: the spec's, else fp32]"),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="estimate activations with checkpointed blocks"),
+    ]):
+        fn = opt(fn)
+    return fn
 
-    \b
-    Weights, gradients and AdamW states are exact (each parameter's numel
-    times its dtype's size; AdamW: exp_avg + exp_avg_sq + a float32 step per
-    trainable parameter). Activations are an estimate for a decoder of L
-    layers, width h, a heads, vocabulary V at batch b, length s, p bytes per
-    element: L * p/2 * s*b*h*(34 + 5*a*s/h) + s*b*h*p + s*b*V*(p + 8)
-    (Korthikanti et al. 2022); with checkpointing L*s*b*h*p plus one layer.
-    """
+
+def prompt_tokens(plan) -> int:
+    """Virtual tokens the plan's soft prompts add to every sequence."""
+    return sum(int(getattr(step.options, "tokens", 0) or 0)
+               for step in plan.steps if step.family == "prefix")
+
+
+def memory_report(spec: Path, model_source: str | None, batch_size: int | None,
+                  seq_len: int | None, precision: str | None,
+                  gradient_checkpointing: bool | None, as_json: bool, loaded=None) -> None:
+    """Print (or return as JSON) the memory table of full fine-tuning against SPEC."""
     import torch
 
     from .cli import _load
     from .patching import apply_plan
     from .train import memory as mem
 
-    reg, s, model, plan = _load(spec, model_source)
+    reg, s, model, plan = loaded or _load(spec, model_source)
     tc = s.train_config
     batch = batch_size or tc.get("batch_size", OPTIONS["batch_size"].default)
     seq = seq_len or tc.get("max_length", OPTIONS["max_length"].default)
     precision = precision or tc.get("precision", OPTIONS["precision"].default)
     ckpt = gradient_checkpointing if gradient_checkpointing is not None \
         else tc.get("gradient_checkpointing", False)
+    extra = prompt_tokens(plan)
     base = mem.full_finetune(model)
     with torch.random.fork_rng(devices=[]):
         apply_plan(plan, model, registry=reg)
     table = mem.memory_table(base, mem.with_spec(model), mem.model_dims(model), batch=batch,
-                             seq=seq, precision=precision, checkpointing=ckpt)
+                             seq=seq, precision=precision, checkpointing=ckpt,
+                             spec_extra_tokens=extra)
     if as_json:
         out.print_json(json.dumps(table))
         return
@@ -221,9 +225,38 @@ def memory(spec: Path, model_source: str | None, batch_size: int | None, seq_len
                            else "unknown" for c in ("full", "spec")))
     t.add_row("trainable parameters", f"{cols['full']['trainable']:,}",
               f"{cols['spec']['trainable']:,}")
+    notes = []
+    if extra:
+        notes.append(f"the spec's soft prompts add {extra} virtual tokens to each sequence")
     if table["dims"] is None:
-        t.caption = "activations unknown: the model's config names no layers/width/heads"
+        notes.append("activations unknown: the model's config names no layers/width/heads")
+    if notes:
+        t.caption = "; ".join(notes)
     out.print(t)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
+@memory_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def memory(spec: Path, model_source: str | None, batch_size: int | None, seq_len: int | None,
+           precision: str | None, gradient_checkpointing: bool | None, as_json: bool):
+    """Training memory of full fine-tuning against SPEC's adapter.
+
+    \b
+    The same table as `peftspec plan SPEC --memory`. Weights, gradients and
+    AdamW states are exact (each parameter's numel times its dtype's size;
+    AdamW: exp_avg + exp_avg_sq + a float32 step per trainable parameter).
+    Activations are an estimate for a decoder of L layers, width h, a heads,
+    vocabulary V at batch b, length s, p bytes per element:
+    L * p/2 * s*b*h*(34 + 5*a*s/h) + s*b*h*p + s*b*V*(p + 8)
+    (Korthikanti et al. 2022); with checkpointing L*s*b*h*p plus one layer.
+    Soft prompts' virtual tokens count in s. `peftspec train` prints the
+    measured peak at the end.
+    """
+    memory_report(spec, model_source, batch_size, seq_len, precision, gradient_checkpointing,
+                  as_json)
 
 
 @cli.command()

@@ -98,6 +98,36 @@ def test_memory_table_prints():
         assert word in result.output
 
 
+def test_plan_memory_is_the_memory_table():
+    """`plan --memory` prints the plan and then `memory`'s table; --json nests both."""
+    args = ["specs/dora-bitfit.toml", "--batch-size", "3", "--seq-len", "40"]
+    alone = CliRunner().invoke(cli, ["memory", *args, "--json"])
+    both = CliRunner().invoke(cli, ["plan", *args, "--memory", "--json"])
+    plain = CliRunner().invoke(cli, ["plan", "specs/dora-bitfit.toml", "--json"])
+    assert alone.exit_code == both.exit_code == plain.exit_code == 0, both.output
+    nested = json.loads(both.stdout)
+    assert nested["memory"] == json.loads(alone.stdout)
+    assert nested["plan"] == json.loads(plain.stdout)
+    text = CliRunner().invoke(cli, ["plan", *args, "--memory"])
+    assert text.exit_code == 0 and "trainable:" in text.output
+    assert "optimizer states (AdamW)" in text.output
+    refused = CliRunner().invoke(cli, ["plan", *args])
+    assert refused.exit_code == 2 and "add --memory" in refused.output
+
+
+def test_soft_prompt_tokens_count_in_the_activation_estimate():
+    result = CliRunner().invoke(cli, ["memory", "specs/prompt-tuning.toml", "--batch-size", "2",
+                                      "--seq-len", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    tokens = peftspec.load_spec("specs/prompt-tuning.toml").rules[0].options.tokens
+    assert table["spec_extra_tokens"] == tokens > 0
+    dims = mem.Dims(**table["dims"])
+    assert table["columns"]["full"]["activations"] == mem.activation_bytes(dims, 2, 30, "fp32")
+    assert table["columns"]["spec"]["activations"] == \
+        mem.activation_bytes(dims, 2, 30 + tokens, "fp32")
+
+
 def test_checkpointing_shrinks_the_activation_estimate():
     dims = mem.Dims(layers=12, hidden=768, heads=12, vocab=50257)
     full = mem.activation_bytes(dims, 8, 512, "fp32")

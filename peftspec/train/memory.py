@@ -22,7 +22,8 @@ recomputation in large transformer models"), whose 16-bit count is
 
 Activations are about the same for full fine-tuning and for a spec: a frozen
 layer still keeps its inputs to pass gradients down to trainable parameters
-below it (soft prompts add their virtual tokens to s; not counted here).
+below it. Soft prompts add their virtual tokens to s (prefix tuning's only
+lengthen keys and values, so counting them in s over-estimates a little).
 """
 
 from __future__ import annotations
@@ -111,14 +112,20 @@ def with_spec(patched: nn.Module) -> dict[str, int]:
 
 
 def memory_table(base: dict, spec: dict, dims: Dims | None, *, batch: int, seq: int,
-                 precision: str, checkpointing: bool) -> dict:
-    """Both columns with activations and totals (bytes; activations None when unknown)."""
-    act = activation_bytes(dims, batch, seq, precision, checkpointing) if dims else None
+                 precision: str, checkpointing: bool, spec_extra_tokens: int = 0) -> dict:
+    """Both columns with activations and totals (bytes; activations None when unknown).
+
+    ``spec_extra_tokens``: virtual tokens the spec's soft prompts add to each
+    sequence (its activations are estimated at ``seq + spec_extra_tokens``)."""
+    acts = {name: activation_bytes(dims, batch, seq + extra, precision, checkpointing)
+            if dims else None for name, extra in (("full", 0), ("spec", spec_extra_tokens))}
     table = {}
     for name, col in (("full", base), ("spec", spec)):
+        act = acts[name]
         row = dict(col, activations=act)
         row["total"] = col["weights"] + col["gradients"] + col["optimizer"] + (act or 0)
         table[name] = row
     return {"columns": table, "batch_size": batch, "seq_len": seq, "precision": precision,
+            "spec_extra_tokens": spec_extra_tokens,
             "gradient_checkpointing": checkpointing,
             "dims": dims.__dict__ if dims else None}
