@@ -49,9 +49,13 @@ def apply(spec: Spec | str | Path, model: nn.Module, registry=None) -> nn.Module
     return apply_plan(plan, model, registry=registry, _tensors=tensors if fresh else None)
 
 
-def load_model(source: str | None = None, registry=None) -> nn.Module:
-    """Build the model a ``--model`` string names (``None``: the built-in default)."""
-    return (registry or get_registry()).load_model(source)
+def load_model(source: str | None = None, registry=None, *,
+               num_labels: int | None = None) -> nn.Module:
+    """Build the model a ``--model`` string names (``None``: the built-in default).
+
+    ``num_labels``: its sequence classification variant, with a new head of
+    that many classes (drawn from torch's global generator)."""
+    return (registry or get_registry()).load_model(source, num_labels=num_labels)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

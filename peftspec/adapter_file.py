@@ -13,6 +13,10 @@ and string metadata:
 ``base_fingerprint``      the same list, zlib-compressed JSON in base64, used
                           to say *what* differs on a mismatch (omitted for
                           bases so large it would not fit in 48 KiB)
+``targets``               JSON: each step's target and its module's class
+``task``, ``labels``      written by ``peftspec train`` for classification:
+                          ``sequence-classification`` and a JSON list of the
+                          labels, index = class id (``["neg", "pos"]``)
 ========================  ==================================================
 
 Writes are atomic (temporary file in the same folder, fsync, rename): a crash
@@ -45,6 +49,8 @@ from .spec import parse_spec
 FORMAT = "peftspec.adapter"
 FORMAT_VERSION = "1"
 MAX_FINGERPRINT_CHARS = 48 * 1024
+RESERVED = ("format", "format_version", "peftspec_version", "spec", "base_digest",
+            "base_fingerprint", "targets")
 
 
 def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,18 +64,27 @@ def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> Path:
-    """Write the active adapter (or adapter ``name``) to ``path`` atomically."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write the active adapter (or adapter ``name``) to ``path`` atomically.
+
+    ``tensors``: the values to write instead of :func:`file_tensors`'s (same
+    keys); a sharded (FSDP) run passes the whole tensors it gathered.
+    ``metadata``: extra string entries for the header (a classifier's ``task``
+    and ``labels``); they may not replace the keys peftspec writes itself.
+    """
     if name is not None and name != active_adapter(model):
         with using(model, name):
-            return save_adapter(model, path)
+            return save_adapter(model, path, tensors=tensors, metadata=metadata)
     state = state_of(model)
-    tensors = file_tensors(model)
+    if tensors is None:
+        tensors = file_tensors(model)
     base_fp = fingerprint(model, skip=adapter_params(model).keys())
     if digest(base_fp) != state.plan.base_digest:
         raise PeftspecError("the model's base tensors changed names or shapes since the "
                             "adapter was applied; cannot describe its base")
-    metadata = {
+    header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "peftspec_version": __version__,
@@ -82,8 +97,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
     }
     encoded = encode(base_fp)
     if len(encoded) <= MAX_FINGERPRINT_CHARS:
-        metadata["base_fingerprint"] = encoded
-    data = serialize(tensors, metadata)
+        header["base_fingerprint"] = encoded
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise PeftspecError(f"adapter metadata must map strings to strings, got "
+                                f"{key!r}: {value!r:.40}")
+        if key in header or key in RESERVED:
+            raise PeftspecError(f"adapter metadata key {key!r} is peftspec's own")
+        header[key] = value
+    data = serialize(tensors, header)
     path = Path(path)
     atomic_write_bytes(path, data)
     return path

@@ -23,7 +23,8 @@ from .errors import PeftspecError
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
-MODEL_HELP = ("model to adapt: 'default' (built-in nanoGPT, the default), "
+MODEL_HELP = ("model to adapt: 'default' (built-in nanoGPT, the default; "
+              "'default:num_labels=N' for its sequence classifier), "
               "'py:pkg.module:factory' (any nn.Module), or 'hf:PATH' (local transformers dir)")
 
 

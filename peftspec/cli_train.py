@@ -8,8 +8,10 @@ stderr, Ctrl-C handling, printing. Options may also come from the spec's
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 import click
@@ -48,15 +50,16 @@ def _options(f):
 class _Stopper:
     """First Ctrl-C (or SIGTERM): finish the step, checkpoint, exit. Second: abort."""
 
-    def __init__(self):
-        self.flag = False
+    def __init__(self, quiet: bool = False):
+        self.flag, self.quiet = False, quiet
         self.old = {}
 
     def __call__(self, signum, frame):
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
-        err.print("[yellow]interrupted:[/] finishing this step and saving a checkpoint "
+        if not self.quiet:
+            err.print("[yellow]interrupted:[/] finishing this step and saving a checkpoint "
                   "(Ctrl-C again to abort)")
 
     def __enter__(self):
@@ -79,9 +82,12 @@ class _Stopper:
 @click.option("--resume", default=None, type=click.Path(exists=True, path_type=Path),
               help="continue from a checkpoint folder, or the latest one in a checkpoint dir")
 @_options
+@click.option("--fsdp", is_flag=True,
+              help="under torchrun: shard the model over the processes with FSDP2 "
+                   "(for bases too large for one device) instead of a copy per process (DDP)")
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary")
 def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | None,
-          as_json: bool, **options):
+          fsdp: bool, as_json: bool, **options):
     """Train SPEC's adapter on a data file and write it to --out.
 
     \b
@@ -90,14 +96,27 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
     example per paragraph). The default model trains on bytes, with no
     download; hf: models use their directory's tokenizer.
     \b
+    {"text": ..., "label": ...} records (label: a class id, or a string)
+    train a sequence classifier: the model's classification variant with a
+    new head, which the spec must train ([[train]] params = ["score.**"];
+    "classifier.**" for BERT); eval reports accuracy, and the adapter file
+    records the labels.
+    \b
     Only the trainable parameters reach AdamW; frozen weights stay
     bit-identical. Learning rate: linear --warmup, then cosine decay.
     Checkpoints (--save-every N, and on Ctrl-C) go to --checkpoint-dir
     (default: OUT with the suffix '.checkpoints'); --resume DIR continues
     exactly where one left off. Ctrl-C exits with code 130 after saving.
     \b
+    Several processes: launch with torchrun (DDP; gloo on CPU, NCCL with one
+    GPU per process); --batch-size is then the global batch, split evenly
+    over the processes, and the adapter is the one a single process trains.
+    Only rank 0 writes files and prints.
+    \b
     Example:
       peftspec train specs/train-lora.toml --out lora.safetensors --log metrics.jsonl
+      torchrun --nproc_per_node=2 --no-python -- peftspec train specs/train-lora.toml \\
+        --out lora.safetensors [--fsdp]
     """
     from .spec import load_spec
     from .train.loop import train as run_train
@@ -110,11 +129,15 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
         raise click.UsageError(str(exc)) from None
     if cfg.checkpoint_dir is None:
         cfg = cfg.with_(checkpoint_dir=str(out_path.with_suffix(".checkpoints")))
+    rank0 = os.environ.get("RANK", "0").strip() in ("", "0")  # torchrun sets RANK
+    if not rank0:  # rank 0 prints for all, its warnings included
+        warnings.simplefilter("ignore")
 
     progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
                                    "{task.fields[tps]} tok/s"),
-                        TimeRemainingColumn(), console=err, transient=True)
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=not rank0)
     task = progress.add_task("train", total=None, loss="-", lr="-", tps="-")
     last_eval = {}
 
@@ -127,30 +150,44 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
                           f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
                           f"{e['dropped']} dropped with nothing to learn) for "
                           f"{e['total_steps']} steps{escape(resumed)}")
+                if e.get("labels"):
+                    names = ", ".join(map(str, e["labels"][:10])) + \
+                        (", ..." if len(e["labels"]) > 10 else "")
+                    err.print(f"sequence classification, {len(e['labels'])} labels: "
+                              f"{escape(names)}")
         elif e["type"] == "train":
             progress.update(task, completed=e["step"], loss=f"{e['loss']:.4f}",
                             lr=f"{e['lr']:.2e}", tps=f"{e['tokens_per_s']:,.0f}")
         elif e["type"] == "eval":
             last_eval.update(e)
-            progress.console.print(f"step {e['step']}: eval loss {e['loss']:.4f}")
+            acc = f", accuracy {e['accuracy']:.1%}" if "accuracy" in e else ""
+            progress.console.print(f"step {e['step']}: eval loss {e['loss']:.4f}{acc}")
         elif e["type"] == "checkpoint" and not as_json:
             progress.console.print(f"step {e['step']}: checkpoint {escape(str(e['path']))}")
 
-    with _Stopper() as stopper, progress:
+    with _Stopper(quiet=not rank0) as stopper, progress:
         result = run_train(s, cfg, model_source=model_source, out=out_path, resume=resume,
-                           registry=reg, on_event=on_event, should_stop=lambda: stopper.flag)
+                           registry=reg, on_event=on_event, should_stop=lambda: stopper.flag,
+                           fsdp=fsdp)
+    if not rank0:  # under torchrun, rank 0 reports for all
+        if result.interrupted:
+            raise click.exceptions.Exit(130)
+        return
     summary = {"step": result.step, "total_steps": result.total_steps,
                "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                "tokens": result.tokens, "seconds": result.seconds,
                "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
                "interrupted": result.interrupted,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-               "out": str(result.out) if result.out else None}
+               "out": str(result.out) if result.out else None,
+               "eval_accuracy": last_eval.get("accuracy")}
     if as_json:
         out.print_json(json.dumps(summary))
     else:
         loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        if last_eval.get("accuracy") is not None:
+            ev += f", eval accuracy {last_eval['accuracy']:.1%}"
         out.print(f"{result.step}/{result.total_steps} steps, final train loss {loss}{ev}; "
                   f"{result.tokens_per_s:,.0f} tokens/s; peak memory "
                   f"{result.peak_rss_mb:.0f} MB (ru_maxrss)", soft_wrap=True)

@@ -36,6 +36,15 @@ def register_model_sources(register):
     ``--model PREFIX:REST`` calls ``loader(REST)``, which returns an
     ``nn.Module`` or raises :class:`peftspec.ModelSourceError`. The prefix
     ``default`` is used when no model is given.
+
+    A loader that accepts a ``num_labels`` keyword can build a sequence
+    classifier (``peftspec train`` on ``{"text", "label"}`` data calls
+    ``loader(REST, num_labels=N)``): a model taking ``input_ids``,
+    ``attention_mask`` and ``labels`` of shape (batch,), returning ``logits``
+    (batch, N) and the cross-entropy ``loss``, with a ``num_labels``
+    attribute. It should list the names of the head's freshly initialised
+    parameters in ``model.peftspec_new_parameters``, so that training refuses
+    to leave them frozen.
     """
 
 

@@ -17,6 +17,7 @@ convenience API.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -78,8 +79,11 @@ class Registry:
         return sorted(n for n, i in self.methods.items()
                       if family is None or i.method.family == family)
 
-    def load_model(self, source: str | None):
-        """Resolve a ``--model`` string (``None`` = the built-in default)."""
+    def load_model(self, source: str | None, *, num_labels: int | None = None):
+        """Resolve a ``--model`` string (``None`` = the built-in default).
+
+        ``num_labels``: build the model's sequence classification variant with
+        that many classes (the loader must accept ``num_labels``)."""
         source = source or "default"
         prefix, _, rest = source.partition(":")
         if prefix not in self.sources:
@@ -87,7 +91,18 @@ class Registry:
             raise ModelSourceError(
                 f"unknown model source {source!r}: expected one of {known} "
                 "(e.g. 'hf:./my-model' or 'py:my_pkg.models:build')")
-        return self.sources[prefix].loader(rest)
+        info = self.sources[prefix]
+        if num_labels is None:
+            return info.loader(rest)
+        try:
+            accepts = "num_labels" in inspect.signature(info.loader).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            accepts = False
+        if not accepts:
+            raise ModelSourceError(
+                f"model source '{prefix}' (from {info.dist!r}) cannot build a sequence "
+                "classifier: its loader takes no num_labels; use --model default or hf:PATH")
+        return info.loader(rest, num_labels=num_labels)
 
 
 def build_registry(*, autoload: bool | None = None, plugins: Iterable[object] = ()) -> Registry:

@@ -295,7 +295,7 @@ class _Rewriter:
                 lead = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(b, n)
                 kw["position_ids"] = torch.cat([lead, pos + n], dim=1)
             labels = kw.get("labels")
-            if labels is not None:
+            if labels is not None and labels.dim() == 2:  # not a classifier's (batch,)
                 kw["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
             tti = kw.get("token_type_ids")
             if tti is not None:

@@ -6,6 +6,13 @@
   ``torch.nn.Module``.
 * ``hf:PATH``: a local transformers directory (``pip install 'peftspec[hf]'``);
   never reaches the network.
+
+Each loader also builds the sequence classification variant when asked with
+``num_labels`` (``peftspec train`` does, for ``{"text", "label"}`` data):
+the default model with a ``score`` head, ``AutoModelForSequenceClassification``
+for ``hf:``, ``factory(num_labels=N)`` for ``py:``. A new head is drawn from
+torch's global generator, and its parameter names are listed in the model's
+``peftspec_new_parameters``.
 """
 
 from __future__ import annotations
@@ -19,15 +26,25 @@ from torch import nn
 from peftspec import ModelSourceError, hookimpl
 
 
-def load_default(rest: str) -> nn.Module:
-    from peftspec.models.nanogpt import GPT, GPTConfig
+def load_default(rest: str, num_labels: int | None = None) -> nn.Module:
+    """``default``, or ``default:num_labels=N`` for the classifier (as for
+    ``peftspec plan`` of a classification spec)."""
+    from peftspec.models.nanogpt import GPT, GPTConfig, GPTForSequenceClassification
 
     if rest:
-        raise ModelSourceError(f"the default model takes no argument, got 'default:{rest}'")
+        key, sep, value = rest.partition("=")
+        if key != "num_labels" or not sep or not value.isdigit() or int(value) < 2:
+            raise ModelSourceError(f"the default model takes no argument but 'num_labels=N' "
+                                   f"(N >= 2, for its classifier), got 'default:{rest}'")
+        if num_labels is not None and num_labels != int(value):
+            raise ModelSourceError(f"'default:{rest}' has {value} labels, the data {num_labels}")
+        num_labels = int(value)
+    if num_labels is not None:
+        return GPTForSequenceClassification(GPTConfig(), num_labels=num_labels)
     return GPT(GPTConfig())
 
 
-def load_py(rest: str) -> nn.Module:
+def load_py(rest: str, num_labels: int | None = None) -> nn.Module:
     mod_name, sep, attr = rest.partition(":")
     if not sep or not mod_name or not attr:
         raise ModelSourceError(f"expected 'py:package.module:factory', got 'py:{rest}'")
@@ -39,18 +56,24 @@ def load_py(rest: str) -> nn.Module:
     if factory is None:
         raise ModelSourceError(f"module '{mod_name}' has no attribute '{attr}'")
     model = factory
+    if num_labels is not None and (not callable(factory) or isinstance(factory, nn.Module)):
+        raise ModelSourceError(f"'py:{rest}' is a model, not a factory; classification "
+                               "data needs a factory that takes num_labels")
     if callable(factory) and not isinstance(factory, nn.Module):
+        kwargs = {} if num_labels is None else {"num_labels": num_labels}
         try:
-            model = factory()
+            model = factory(**kwargs)
         except Exception as exc:  # noqa: BLE001 - user code; report it as bad input
-            raise ModelSourceError(f"'py:{rest}' raised {exc!r}") from exc
+            how = f" called as {attr}(num_labels={num_labels}) for classification data" \
+                if kwargs else ""
+            raise ModelSourceError(f"'py:{rest}'{how} raised {exc!r}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"'py:{rest}' returned {type(model).__name__}, not a "
                                "torch.nn.Module")
     return model
 
 
-def load_hf(rest: str) -> nn.Module:
+def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
     path = Path(rest)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"'hf:{rest}' is not a local transformers directory "
@@ -62,10 +85,41 @@ def load_hf(rest: str) -> nn.Module:
             from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if num_labels is not None:
+        return _load_hf_classifier(rest, path, config, num_labels)
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)),
                transformers.AutoModel)
     return cls.from_pretrained(path, local_files_only=True)
+
+
+def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Module:
+    """``AutoModelForSequenceClassification`` with ``num_labels``; a config with
+    no ``pad_token_id`` (GPT-2) gets the training tokenizer's padding id, which
+    the model needs to find each row's last token."""
+    import transformers
+
+    from peftspec.train.tokenizer import HFTokenizer
+
+    extra = {}
+    if getattr(config, "pad_token_id", None) is None:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            extra["pad_token_id"] = HFTokenizer(tok).pad_id
+        except Exception:  # noqa: BLE001 - no tokenizer: fall back to the config's eos
+            if getattr(config, "eos_token_id", None) is not None:
+                extra["pad_token_id"] = config.eos_token_id
+    try:
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, num_labels=num_labels, output_loading_info=True,
+            problem_type="single_label_classification", **extra)
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        raise ModelSourceError(f"'hf:{rest}' does not load as a sequence classifier with "
+                               f"{num_labels} labels: {exc}") from None
+    model.peftspec_new_parameters = tuple(sorted(
+        set(info.get("missing_keys", ())) |
+        {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}))
+    return model
 
 
 @hookimpl

@@ -9,6 +9,10 @@ model on every machine, and nothing is downloaded. Module names::
 
     tok_emb, pos_emb, blocks.{i}.ln1, blocks.{i}.attn.{q,k,v,o}_proj,
     blocks.{i}.ln2, blocks.{i}.mlp.{up,down}_proj, ln_f, lm_head
+
+:class:`GPTForSequenceClassification` is the same network with a ``score``
+head (``n_embd -> num_labels``, no bias) in place of the LM head, reading
+the last attended position, as transformers' ``GPT2ForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ class GPTConfig:
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: torch.Tensor  # (batch, num_labels)
     loss: torch.Tensor | None = None
     past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -92,10 +103,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past=None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past=None,
+                use_cache: bool = False):
+        """Returns (output, this layer's (key, value) with ``use_cache``, else None:
+        a block that returns views of its activations for nothing keeps them alive
+        and trips FSDP2's "returned a view tensor" warning)."""
         a, present = self.attn(self.ln1(x), mask, past)
         x = x + a
-        return x + self.mlp(self.ln2(x)), present
+        return x + self.mlp(self.ln2(x)), (present if use_cache else None)
 
 
 class GPT(nn.Module):
@@ -147,6 +162,20 @@ class GPT(nn.Module):
                 (left padding safe), else from P.
             use_cache: return ``past_key_values`` for the next call.
         """
+        x, presents = self._hidden(input_ids, attention_mask, inputs_embeds, past_key_values,
+                                   position_ids, use_cache)
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss,
+                              past_key_values=presents if use_cache else None)
+
+    def _hidden(self, input_ids, attention_mask, inputs_embeds, past_key_values, position_ids,
+                use_cache: bool = False):
+        """The final hidden states (after ``ln_f``) and each layer's (key, value)
+        (None for each layer without ``use_cache``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
@@ -178,15 +207,10 @@ class GPT(nn.Module):
         x = self.drop(x + self.pos_emb(position_ids))
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, mask, past_key_values[i] if past_key_values else None)
+            x, present = block(x, mask, past_key_values[i] if past_key_values else None,
+                               use_cache)
             presents.append(present)
-        logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss,
-                              past_key_values=presents if use_cache else None)
+        return self.ln_f(x), presents
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
@@ -203,3 +227,52 @@ class GPT(nn.Module):
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             past, step_ids = out.past_key_values, nxt
         return ids
+
+
+class GPTForSequenceClassification(GPT):
+    """The default model with a sequence classification head, ``score``.
+
+    The transformer is :class:`GPT`'s, initialised the same way (its own
+    seeded generator, so it is the same base on every machine); ``score``
+    (``num_labels x n_embd``, no bias, std 0.02) is drawn from torch's global
+    generator, like any new ``nn.Linear``: seed it for a reproducible head.
+    There is no LM head. The logits are ``score`` of the hidden state at each
+    row's last attended position (the last 1 of ``attention_mask``, the last
+    position without one), so right padding never reaches the head; with
+    ``labels`` (``(batch,)`` class ids) the loss is their cross-entropy.
+    """
+
+    peftspec_new_parameters = ("score.weight",)
+
+    def __init__(self, cfg: GPTConfig = GPTConfig(), num_labels: int = 2):
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        super().__init__(cfg)
+        del self.lm_head
+        self.num_labels = num_labels
+        self.score = nn.Linear(cfg.n_embd, num_labels, bias=False)
+        with torch.no_grad():
+            self.score.weight.normal_(0.0, 0.02)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None, labels=None,
+                inputs_embeds: torch.Tensor | None = None, past_key_values=None,
+                position_ids: torch.Tensor | None = None,
+                use_cache: bool = False) -> SequenceClassifierOutput:
+        """As :meth:`GPT.forward`; ``labels`` are (batch,) class ids."""
+        x, presents = self._hidden(input_ids, attention_mask, inputs_embeds, past_key_values,
+                                   position_ids, use_cache)
+        b, t, _ = x.shape
+        if attention_mask is None:
+            last = torch.full((b,), t - 1, dtype=torch.long, device=x.device)
+        else:
+            am = attention_mask[:, -t:].to(torch.long)
+            last = (am * torch.arange(t, device=x.device)).argmax(-1)
+        logits = self.score(x[torch.arange(b, device=x.device), last])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.reshape(-1))
+        return SequenceClassifierOutput(logits=logits, loss=loss,
+                                        past_key_values=presents if use_cache else None)
+
+    def generate(self, *args, **kwargs):
+        raise TypeError("GPTForSequenceClassification has no LM head; it does not generate")

@@ -104,14 +104,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], path
 
 
 def save(directory: Path, *, step: int, model, optimizer, names: dict[int, str],
-         state: dict) -> Path:
-    """Write checkpoint ``step`` under ``directory``; returns its folder."""
+         state: dict, adapter_tensors: dict[str, torch.Tensor] | None = None,
+         optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
+         adapter_metadata: dict[str, str] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``directory``; returns its folder.
+
+    ``adapter_tensors`` / ``optimizer_state``: what to write instead of the
+    model's and the optimizer's own tensors (a sharded run passes them gathered).
+    ``adapter_metadata``: extra header entries of the adapter file (a classifier's
+    task and labels).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=directory))
     try:
-        save_adapter(model, tmp / "adapter.safetensors")
-        tensors, meta = optimizer_tensors(optimizer, names)
+        save_adapter(model, tmp / "adapter.safetensors", tensors=adapter_tensors,
+                     metadata=adapter_metadata)
+        tensors, meta = optimizer_state or optimizer_tensors(optimizer, names)
         atomic_write_bytes(tmp / "optimizer.safetensors", serialize(tensors, meta))
         body = {"format": FORMAT, "version": VERSION, "step": step, **state,
                 "rng": rng_state()}

@@ -28,14 +28,16 @@ class Opt:
 
 
 OPTIONS: dict[str, Opt] = {
-    "data": Opt(str, None, "training data: JSONL ({\"text\"} or {\"prompt\",\"completion\"}), "
-                           "or a .txt file (one example per paragraph)"),
+    "data": Opt(str, None, "training data: JSONL ({\"text\"} or {\"prompt\",\"completion\"}; "
+                           "{\"text\",\"label\"} to classify), or a .txt file (one "
+                           "example per paragraph)"),
     "eval": Opt(str, None, "evaluation data, same formats as --data"),
     "eval_split": Opt(float, 0.0, "hold out this fraction of --data for evaluation", 0.0, 0.9),
     "eval_every": Opt(int, 0, "evaluate every N optimizer steps (0: only at the end)", 0),
     "epochs": Opt(int, 1, "passes over the data (ignored when steps is given)", 1),
     "steps": Opt(int, 0, "optimizer steps to run in all (0: from epochs)", 0),
-    "batch_size": Opt(int, 8, "examples per micro-batch", 1),
+    "batch_size": Opt(int, 8, "examples per micro-batch; under torchrun the global batch, "
+                              "split evenly over the processes", 1),
     "grad_accum": Opt(int, 1, "micro-batches per optimizer step", 1),
     "lr": Opt(float, 1e-3, "peak learning rate (AdamW)", 0.0),
     "warmup": Opt(int, 0, "linear warmup steps before the cosine decay", 0),

@@ -4,14 +4,20 @@ Formats:
 
 * JSONL, one object a line: ``{"text": ...}`` for causal language modelling
   (every token scored), or ``{"prompt": ..., "completion": ...}`` where only
-  the completion is scored (the prompt's labels are -100). Blank lines are
+  the completion is scored (the prompt's labels are -100), or
+  ``{"text": ..., "label": ...}`` for sequence classification (the label an
+  integer id or a string name; see :class:`Labels`). A file holds language
+  modelling records or classification records, not both. Blank lines are
   skipped; anything else that is not such an object is an error naming the
   file and line.
 * ``.txt``: plain text, one example per paragraph (blank-line separated).
 
-Each example ends with the tokenizer's end-of-text token. Examples are
-truncated to ``max_length`` tokens and right-padded in a batch (padding is
-masked out of attention and labelled -100). The order of an epoch is a seeded
+Language modelling examples end with the tokenizer's end-of-text token;
+classification examples are encoded as the tokenizer's model expects them
+(:meth:`~peftspec.train.tokenizer.ByteTokenizer.encode_sequence`). Examples
+are truncated to ``max_length`` tokens and right-padded in a batch (padding is
+masked out of attention and labelled -100; a classification batch's labels
+are one class id per example). The order of an epoch is a seeded
 permutation, a pure function of ``(seed, epoch)``, so a run resumed from a
 checkpoint sees the same batches as one never stopped.
 """
@@ -28,6 +34,7 @@ import torch
 from ..errors import PeftspecError
 
 IGNORE = -100
+MAX_LABELS = 10_000  # integer labels are class ids below this
 
 
 class DataError(PeftspecError):
@@ -38,12 +45,87 @@ class DataError(PeftspecError):
 
 @dataclass(frozen=True)
 class Example:
-    """One record: ``text`` alone, or ``prompt`` + ``completion``."""
+    """One record: ``text`` alone, ``prompt`` + ``completion``, or ``text`` + ``label``."""
 
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
     where: str = ""
+    label: str | int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"classification"`` or ``"language modelling"``."""
+        return "classification" if self.label is not None else "language modelling"
+
+
+def _kind_of(example: Example) -> str:
+    if example.label is not None:
+        return 'a classification record {"text", "label"}'
+    if example.text is not None:
+        return 'a language modelling record {"text"}'
+    return 'a language modelling record {"prompt", "completion"}'
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The classes of a classification data file: ``names[i]`` is class id ``i``.
+
+    String labels get ids in sorted order (``["neg", "pos"]`` -> 0, 1), so the
+    mapping depends only on the set of labels; integer labels are their own
+    ids (``names`` is ``0 .. max``, ids that never occur included). A file
+    uses one type of label. :attr:`names` is what an adapter file records
+    (metadata ``labels``) to map a prediction back to its label.
+    """
+
+    names: tuple[str | int, ...]
+    source: str = ""
+
+    @classmethod
+    def of(cls, examples: list[Example], source: str = "") -> "Labels":
+        first = next(ex for ex in examples if ex.label is not None)
+        is_int = isinstance(first.label, int)
+        for ex in examples:
+            if isinstance(ex.label, int) != is_int:
+                kind = "an integer" if isinstance(ex.label, int) else "a string"
+                other = "an integer" if is_int else "a string"
+                raise DataError(f"{ex.where}: label {ex.label!r} is {kind}, but {first.where} "
+                                f"has {other} label {first.label!r}; use one type of label "
+                                "in a file (integer ids, or string names)")
+        seen = sorted({ex.label for ex in examples})
+        if len(seen) < 2:
+            raise DataError(f"{source or first.where}: every record has label {first.label!r}; "
+                            "classification needs at least two different labels")
+        if is_int:
+            if seen[-1] >= MAX_LABELS:
+                where = next(ex.where for ex in examples if ex.label == seen[-1])
+                raise DataError(f"{where}: label {seen[-1]} would make {seen[-1] + 1} classes "
+                                f"(integer labels are class ids, at most {MAX_LABELS - 1}); "
+                                "number the classes from 0, or use string labels")
+            return cls(tuple(range(seen[-1] + 1)), source)
+        return cls(tuple(seen), source)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id(self, label: str | int, where: str = "") -> int:
+        """The class id of ``label``; a label the training data lacks is an error."""
+        if isinstance(label, int) and self.names and isinstance(self.names[0], int):
+            if label < len(self.names):
+                return label
+        elif isinstance(label, str) and label in self._index:
+            return self._index[label]
+        shown = ", ".join(map(repr, self.names[:20])) + (", ..." if len(self) > 20 else "")
+        raise DataError(f"{where}: label {label!r} is not one of the training data's labels "
+                        f"({self.source}: {shown}); a classifier can only predict the "
+                        "classes it was trained on")
+
+    @property
+    def _index(self) -> dict:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> str:
+        return json.dumps(list(self.names), ensure_ascii=False, separators=(",", ":"))
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -63,6 +145,12 @@ def read_examples(path: str | Path) -> list[Example]:
                     if line.strip()]
     if not examples:
         raise DataError(f"{path}: no examples in the file")
+    first = examples[0]
+    for ex in examples:
+        if ex.kind != first.kind:
+            raise DataError(f"{ex.where}: {_kind_of(ex)}, but {first.where} is "
+                            f"{_kind_of(first)}; a data file holds classification records "
+                            "or language modelling records, not both")
     return examples
 
 
@@ -74,12 +162,22 @@ def _record(path: Path, lineno: int, line: str) -> Example:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "label" in obj:
-        raise DataError(f"{where}: {{\"text\", \"label\"}} classification records are not "
-                        "supported yet; use {\"text\"} or {\"prompt\", \"completion\"}")
     has_text, has_pc = "text" in obj, ("prompt" in obj or "completion" in obj)
     if has_text and has_pc:
         raise DataError(f"{where}: give either 'text' or 'prompt' and 'completion', not both")
+    if "label" in obj:
+        if has_pc:
+            raise DataError(f"{where}: a classification record is {{\"text\", \"label\"}}; "
+                            "'label' does not go with 'prompt' and 'completion'")
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise DataError(f"{where}: 'label' must be an integer class id or a string, got "
+                            f"{label!r:.40}")
+        if isinstance(label, int) and label < 0:
+            raise DataError(f"{where}: 'label' {label} is negative; integer labels are class "
+                            "ids 0, 1, 2, ...")
+        if isinstance(label, str) and not label:
+            raise DataError(f"{where}: 'label' is an empty string")
     keys = ("text",) if has_text else ("prompt", "completion")
     if not has_text and not has_pc:
         raise DataError(f"{where}: expected a 'text' key, or 'prompt' and 'completion' keys "
@@ -89,10 +187,10 @@ def _record(path: Path, lineno: int, line: str) -> Example:
             raise DataError(f"{where}: missing key '{key}'")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: '{key}' must be a string, got {obj[key]!r:.40}")
-    extra = sorted(set(obj) - set(keys))
+    extra = sorted(set(obj) - set(keys) - {"label"})
     if extra:
         raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}")
-    return Example(**{k: obj[k] for k in keys}, where=where)
+    return Example(**{k: obj[k] for k in keys}, where=where, label=obj.get("label"))
 
 
 def encode(example: Example, tok, max_length: int) -> tuple[list[int], list[int]]:
@@ -108,11 +206,28 @@ def encode(example: Example, tok, max_length: int) -> tuple[list[int], list[int]
     return ids[:max_length], labels[:max_length]
 
 
-def encode_all(examples: list[Example], tok, max_length: int):
+def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | None = None):
     """Encode every example, dropping those with no scored token left after
-    truncation (the label of position 0 is never scored: there is no context)."""
+    truncation (the label of position 0 is never scored: there is no context).
+
+    With ``labels`` (classification), an item is ``(ids, class_id)``, dropped
+    only when the text has no token at all."""
     kept, dropped = [], 0
+    if labels is not None:
+        for ex in examples:
+            if ex.label is None:
+                raise DataError(f"{ex.where}: not a classification record; the training data "
+                                f"({labels.source}) is {{\"text\", \"label\"}} records")
+            ids = tok.encode_sequence(ex.text, max_length)
+            if not ids:
+                dropped += 1
+                continue
+            kept.append((ids, labels.id(ex.label, ex.where)))
+        return kept, dropped
     for ex in examples:
+        if ex.label is not None:
+            raise DataError(f"{ex.where}: a classification record, but the training data is "
+                            "language modelling records")
         ids, labels = encode(ex, tok, max_length)
         if len(ids) < 2 or all(x == IGNORE for x in labels[1:]):
             dropped += 1
@@ -121,17 +236,23 @@ def encode_all(examples: list[Example], tok, max_length: int):
     return kept, dropped
 
 
-def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels."""
+def collate(items: list[tuple[list[int], list[int] | int]],
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels.
+
+    Classification items, (ids, class_id), give labels of shape (batch,)."""
     width = max(len(ids) for ids, _ in items)
     n = len(items)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    classify = isinstance(items[0][1], int)
+    labels = torch.tensor([lab for _, lab in items], dtype=torch.long) if classify \
+        else torch.full((n, width), IGNORE, dtype=torch.long)
     for row, (ids, lab) in enumerate(items):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         mask[row, :len(ids)] = 1
-        labels[row, :len(lab)] = torch.tensor(lab)
+        if not classify:
+            labels[row, :len(lab)] = torch.tensor(lab)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

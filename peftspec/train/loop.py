@@ -3,7 +3,9 @@
 Everything the ``peftspec train`` command does goes through :func:`train`;
 the command adds a progress bar, signal handling and printing. The loop:
 
-1. loads the model and its tokenizer, reads and encodes the data;
+1. reads the data, which decides the task (causal LM, or sequence
+   classification: :mod:`peftspec.train.tasks`), loads the model and its
+   tokenizer, encodes the data;
 2. seeds torch and ``random`` with ``seed``, then applies the spec (so the
    adapter's init matches ``peftspec apply --seed``), or, resuming, loads the
    checkpoint's adapter, optimizer state, RNG states and data position;
@@ -15,14 +17,14 @@ the command adds a progress bar, signal handling and printing. The loop:
    ``save_every`` steps and when ``should_stop()`` turns true (Ctrl-C), and
    writes the adapter.
 
-Only the main process (``rank0``) writes files or calls ``on_event``; the
-loop is otherwise rank-agnostic, ready for a later distributed slice.
+Only the main process (``rank0``) writes files or calls ``on_event``. Under
+``torchrun`` the same loop trains data-parallel (DDP, or FSDP2 with ``fsdp``),
+with the results of one process: :mod:`peftspec.train.distributed`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import time
@@ -34,7 +36,7 @@ import torch
 
 from ..errors import PeftspecError
 from . import checkpoint as ckpt
-from . import checkpointing, data
+from . import checkpointing, data, distributed, tasks
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .schedule import lr_at
@@ -77,6 +79,8 @@ def _model_max_length(model) -> int | None:
 
 
 def _scored(batch) -> int:
+    if batch["labels"].dim() == 1:  # classification: one label per example
+        return int((batch["labels"] != data.IGNORE).sum())
     return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
@@ -94,12 +98,18 @@ class Run:
     """One training run's state; :func:`train` drives it."""
 
     def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
-                 resume: Path | None = None, rank0: bool = True):
+                 resume: Path | None = None, rank0: bool = True,
+                 world: distributed.World | None = None):
         from .. import apply, get_registry, load_adapter, load_model
 
         self.cfg, self.rank0 = cfg, rank0
+        self.world = world or distributed.World()
+        self.world.check_batch_size(cfg.batch_size)
         self.registry = registry or get_registry()
-        self.model = model if model is not None else load_model(model_source, self.registry)
+        self.task = tasks.read(cfg)  # causal LM or classification, from the data
+        self.model = model if model is not None else \
+            tasks.load_model(self.task, model_source, self.registry, cfg.seed)
+        tasks.check_model(self.task, self.model)
         self.tok = tokenizer_for(model_source, self.model)
         self._read_data()
         self.resume_folder = ckpt.find(resume) if resume else None
@@ -108,11 +118,14 @@ class Run:
         if self.resume_folder is None:
             apply(spec, self.model, registry=self.registry)
         else:
+            tasks.check_resume(self.task, self.resume_folder / "adapter.safetensors")
             load_adapter(self.model, self.resume_folder / "adapter.safetensors",
                          registry=self.registry)
+        tasks.check_head_trained(self.task, self.model)
         self.model.train()
         self.checkpointing = checkpointing.enable(self.model) \
             if cfg.gradient_checkpointing else None
+        self.forward = self.world.prepare(self.model)  # DDP / FSDP under torchrun
         self._build_optimizer()
         self.batches = data.Batches(self.train_items, cfg.batch_size, self.tok.pad_id, cfg.seed)
         per_step = -(-self.batches.per_epoch // cfg.grad_accum)
@@ -120,6 +133,7 @@ class Run:
         self.step, self.tokens = 0, 0
         if self.resume_folder is not None:
             self._restore()
+        self.world.seed_dropout(cfg.seed, self.step)
 
     def _read_data(self) -> None:
         cfg = self.cfg
@@ -128,13 +142,13 @@ class Run:
                                  "[train_config])")
         limit = _model_max_length(self.model)
         self.max_length = min(cfg.max_length, limit) if limit else cfg.max_length
-        items, self.dropped = data.encode_all(data.read_examples(cfg.data), self.tok,
-                                              self.max_length)
+        items, self.dropped = data.encode_all(self.task.train, self.tok, self.max_length,
+                                              self.task.labels)
         if not items:
             raise data.DataError(f"{cfg.data}: no example has a token to learn from")
         if cfg.eval:
-            evals, dropped = data.encode_all(data.read_examples(cfg.eval), self.tok,
-                                             self.max_length)
+            evals, dropped = data.encode_all(self.task.eval, self.tok, self.max_length,
+                                             self.task.labels)
             self.dropped += dropped
             self.train_items, self.eval_items = items, evals
         else:
@@ -182,18 +196,43 @@ class Run:
                 f"{folder}: the run had {state['schedule']['total']} steps in all, this one "
                 f"{self.total_steps}; keep --steps/--epochs (the schedule depends on them)")
         ckpt.load_optimizer(self.optimizer, self.names, folder / "optimizer.safetensors")
+        self.world.reshard_optimizer_state(self.optimizer)
         self.batches.seek(state["data_position"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         ckpt.set_rng_state(state["rng"])
 
-    def save_checkpoint(self, directory: Path) -> Path | None:
-        if not self.rank0:
-            return None
-        state = {"tokens": self.tokens, "data_position": self.batches.position(),
-                 "schedule": self.schedule(), "data_digest": self.data_digest,
-                 "config": {k: getattr(self.cfg, k) for k in TrainConfig.TRAJECTORY}}
-        return ckpt.save(directory, step=self.step, model=self.model,
-                         optimizer=self.optimizer, names=self.names, state=state)
+    def save_checkpoint(self, directory: Path) -> Path:
+        """Write a checkpoint (rank 0; every rank calls: FSDP gathers shards first)."""
+        from ..adapter_file import file_tensors
+
+        sharded = self.world.fsdp and self.world.distributed
+        adapter = self.world.gather(file_tensors(self.model)) if sharded else None
+        optim = ckpt.optimizer_tensors(self.optimizer, self.names) if sharded else None
+        if optim is not None:
+            optim = (self.world.gather(optim[0]), optim[1])
+        final = directory / f"step-{self.step:08d}"
+        if self.rank0:
+            state = {"tokens": self.tokens, "data_position": self.batches.position(),
+                     "schedule": self.schedule(), "data_digest": self.data_digest,
+                     "config": {k: getattr(self.cfg, k) for k in TrainConfig.TRAJECTORY}}
+            final = ckpt.save(directory, step=self.step, model=self.model,
+                              optimizer=self.optimizer, names=self.names, state=state,
+                              adapter_tensors=adapter, optimizer_state=optim,
+                              adapter_metadata=self.task.adapter_metadata())
+        self.world.barrier()
+        return final
+
+    def save_adapter(self, out: str | Path) -> None:
+        """Write the adapter to ``out`` (rank 0; every rank calls)."""
+        from .. import save_adapter
+        from ..adapter_file import file_tensors
+
+        sharded = self.world.fsdp and self.world.distributed
+        tensors = self.world.gather(file_tensors(self.model)) if sharded else None
+        if self.rank0:
+            save_adapter(self.model, out, tensors=tensors,
+                         metadata=self.task.adapter_metadata())
+        self.world.barrier()
 
     def _autocast(self):
         device = self.params[0].device.type
@@ -208,23 +247,27 @@ class Run:
             group["lr"] = lr
         device = self.params[0].device
         total, tokens = 0.0, 0
-        for _ in range(self.cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in self.batches.next().items()}
-            tokens += int(batch["attention_mask"].sum())
-            with self._autocast():
-                loss = _loss_of(self.model(**batch))
-            (loss / self.cfg.grad_accum).backward()
-            total += float(loss.detach())
-        if self.cfg.clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])))
+        world = self.world
+        for i in range(self.cfg.grad_accum):
+            full = self.batches.next()
+            tokens += int(full["attention_mask"].sum())
+            # this process's rows of the global batch, and its share of the batch's
+            # scored tokens (1.0 on one process; see peftspec.train.distributed)
+            part, n, _ = world.shard(full, _scored)
+            batch = {k: v.to(device) for k, v in part.items()}
+            with world.no_sync(self.forward, last=i == self.cfg.grad_accum - 1):
+                with self._autocast():
+                    output = self.forward(**batch)
+                    loss = _loss_of(output)
+                share = world.share(batch, full, output, n)
+                (loss * (share * world.size) / self.cfg.grad_accum).backward()
+            total += float(loss.detach()) * share
+        norm = world.grad_norm(self.params, self.cfg.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += tokens
-        loss = total / self.cfg.grad_accum
+        loss = world.sum(total) / self.cfg.grad_accum
         if not math.isfinite(loss):
             raise PeftspecError(f"the loss is {loss} at step {self.step}; lower --lr or "
                                 "raise --clip")
@@ -241,15 +284,25 @@ class Run:
         self.model.eval()
         total, count = 0.0, 0
         try:
+            if self.task.classify:  # loss and accuracy: peftspec.train.tasks
+                return {"type": "eval", "step": self.step, **tasks.evaluate(
+                    self.model, self.eval_items, batch_size=self.cfg.batch_size,
+                    pad_id=self.tok.pad_id, device=self.params[0].device,
+                    autocast=self._autocast, world=self.world)}
             for batch in data.eval_batches(self.eval_items, self.cfg.batch_size,
                                            self.tok.pad_id):
                 n = _scored(batch)
-                batch = {k: v.to(self.params[0].device) for k, v in batch.items()}
+                part, n_part, _ = self.world.shard(batch, _scored)  # this process's rows
+                part = {k: v.to(self.params[0].device) for k, v in part.items()}
                 with self._autocast():
-                    total += float(_loss_of(self.model(**batch))) * n
+                    output = self.model(**part)
+                    # the batch's mean loss is the processes' shares of it, summed
+                    share = self.world.share(part, batch, output, n_part)
+                    total += float(_loss_of(output)) * share * n
                 count += n
         finally:
             self.model.train()
+        total = self.world.sum(total)
         return {"type": "eval", "step": self.step, "loss": total / max(count, 1),
                 "tokens": count}
 
@@ -258,8 +311,13 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
           out: str | Path | None = None, resume: str | Path | None = None, registry=None,
           on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] = lambda: False,
-          max_steps_this_run: int | None = None, rank0: bool | None = None) -> TrainResult:
+          max_steps_this_run: int | None = None, rank0: bool | None = None,
+          fsdp: bool = False) -> TrainResult:
     """Train ``spec``'s adapter on ``model`` (or the model ``model_source`` names).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel, starting
+    and ending the process group unless the caller started one: see
+    :mod:`peftspec.train.distributed`. ``cfg.batch_size`` is the global batch.
 
     Args:
         spec: a :class:`peftspec.Spec` (its ``[train_config]`` is not read here:
@@ -271,12 +329,23 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
         should_stop: polled before each step; when true, a checkpoint is written
             and the run returns with ``interrupted=True``.
         max_steps_this_run: stop (as if interrupted) after this many steps.
+        rank0: whether this process writes files and reports (default: rank 0).
+        fsdp: shard the model with FSDP2 instead of replicating it with DDP
+            (under torchrun only).
     """
-    if rank0 is None:
-        rank0 = int(os.environ.get("RANK", "0")) == 0
+    with distributed.session(fsdp) as world:
+        return _train(spec, cfg, model_source=model_source, model=model, out=out,
+                      resume=resume, registry=registry, on_event=on_event,
+                      should_stop=should_stop, max_steps_this_run=max_steps_this_run,
+                      rank0=world.rank0 if rank0 is None else rank0, world=world)
+
+
+def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry, on_event,
+           should_stop, max_steps_this_run, rank0: bool,
+           world: distributed.World) -> TrainResult:
     emit = on_event if (on_event and rank0) else (lambda record: None)
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
-              resume=Path(resume) if resume else None, rank0=rank0)
+              resume=Path(resume) if resume else None, rank0=rank0, world=world)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     log = MetricsLog(cfg.log if rank0 else None,
                      resume_step=run.step if run.resume_folder else None)
@@ -284,13 +353,16 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
           "examples": len(run.train_items), "eval_examples": len(run.eval_items),
           "dropped": run.dropped, "max_length": run.max_length,
           "trainable": sum(p.numel() for p in run.params),
-          "checkpointing": run.checkpointing, "resumed_from": run.resume_folder})
+          "checkpointing": run.checkpointing, "resumed_from": run.resume_folder,
+          "labels": list(run.task.labels.names) if run.task.classify else None})
     t0, start_step, start_tokens = time.perf_counter(), run.step, run.tokens
     losses, eval_loss, interrupted, saved = [], None, False, None
     try:
         while run.step < run.total_steps:
             ran = run.step - start_step
-            if should_stop() or (max_steps_this_run is not None and ran >= max_steps_this_run):
+            # every process stops at the same step when one of them is told to
+            if world.any(should_stop()) or \
+                    (max_steps_this_run is not None and ran >= max_steps_this_run):
                 interrupted = True
                 break
             record = run.train_step()
@@ -316,10 +388,8 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
                 eval_loss = ev["loss"]
                 log.write(ev)
                 emit(ev)
-            if out is not None and rank0:
-                from .. import save_adapter
-
-                save_adapter(run.model, out)
+            if out is not None:
+                run.save_adapter(out)  # rank 0 writes; under FSDP all gather first
     finally:
         log.close()
     return TrainResult(step=run.step, total_steps=run.total_steps,

@@ -5,6 +5,9 @@ Records::
     {"type": "train", "step": 3, "epoch": 0.25, "loss": 2.71, "lr": 0.001,
      "grad_norm": 0.93, "tokens": 3072, "tokens_per_s": 5120.4, "time": 0.61}
     {"type": "eval", "step": 3, "loss": 2.65, "tokens": 812}
+    {"type": "eval", "step": 3, "loss": 0.41, "accuracy": 0.875, "examples": 48}
+
+(the last for a classifier: mean cross-entropy and accuracy over examples).
 
 ``step`` counts optimizer steps done. A resumed run first drops the records
 written after its checkpoint's step (a killed run may have logged past it), so

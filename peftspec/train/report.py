@@ -16,7 +16,8 @@ class ReportError(PeftspecError):
 
 
 def render(metrics: str | Path, out: str | Path, title: str | None = None) -> dict:
-    """Draw train/eval loss and lr against steps into ``out`` (png, svg, pdf...)."""
+    """Draw train/eval loss (and a classifier's eval accuracy) and lr against steps
+    into ``out`` (png, svg, pdf...)."""
     try:
         import matplotlib
     except ImportError:
@@ -43,8 +44,17 @@ def render(metrics: str | Path, out: str | Path, title: str | None = None) -> di
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-",
                      label="eval loss", color="tab:orange")
+    accuracy = [r for r in evals if isinstance(r.get("accuracy"), (int, float))]
+    handles, names = ax_loss.get_legend_handles_labels()
+    if accuracy:  # a classifier's: on its own axis, 0 to 1
+        ax_acc = ax_loss.twinx()
+        line, = ax_acc.plot([r["step"] for r in accuracy], [r["accuracy"] for r in accuracy],
+                            "s--", color="tab:purple", label="eval accuracy")
+        ax_acc.set_ylim(0, 1.02)
+        ax_acc.set_ylabel("accuracy")
+        handles, names = handles + [line], names + ["eval accuracy"]
     ax_loss.set_ylabel("loss")
-    ax_loss.legend()
+    ax_loss.legend(handles, names)
     ax_loss.grid(alpha=0.3)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")

@@ -1,7 +1,8 @@
 """Tokenizers for training: bytes for the built-in model, a transformers
 directory's own tokenizer for ``hf:`` models.
 
-A tokenizer here is anything with ``encode(text) -> list[int]``, an
+A tokenizer here is anything with ``encode(text) -> list[int]``,
+``encode_sequence(text, max_length) -> list[int]`` (for classification), an
 ``eos_id`` (appended after each example; ``None`` for none) and a
 ``pad_id`` (used for padding; padded positions are masked and never scored).
 """
@@ -27,6 +28,11 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_sequence(self, text: str, max_length: int) -> list[int]:
+        """Ids for a sequence classifier: the bytes, cut to fit, then end-of-text
+        (the default classifier reads the last position)."""
+        return self.encode(text)[:max_length - 1] + [self.eos_id]
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -56,6 +62,12 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_sequence(self, text: str, max_length: int) -> list[int]:
+        """Ids for a sequence classifier: the tokenizer's own special tokens
+        (BERT's ``[CLS] ... [SEP]``; none for GPT-2), truncated keeping them."""
+        return list(self.tok(text, add_special_tokens=True, truncation=True,
+                             max_length=max_length)["input_ids"])
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
