@@ -283,8 +283,6 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
     files copied; peak memory stays far below the model's size. Example:
       peftspec merge --model hf:./gpt2 --adapter lora.safetensors --out gpt2-merged
     """
-    import resource
-
     from rich.progress import Progress
 
     from .merge_stream import merge_to_dir
@@ -297,7 +295,9 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
                                allow_nonfinite=allow_nonfinite, registry=reg,
                                progress=lambda done, total: bar.update(task, completed=done,
                                                                        total=total))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .train.loop import peak_rss_mb
+
+    peak_mb = peak_rss_mb()  # this process's own peak, not one inherited from a parent
     summary = {**summary, "out": str(out_dir), "seconds": time.perf_counter() - t0,
                "peak_rss_mb": peak_mb}
     if as_json:

@@ -190,7 +190,7 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
             ev += f", eval accuracy {last_eval['accuracy']:.1%}"
         out.print(f"{result.step}/{result.total_steps} steps, final train loss {loss}{ev}; "
                   f"{result.tokens_per_s:,.0f} tokens/s; peak memory "
-                  f"{result.peak_rss_mb:.0f} MB (ru_maxrss)", soft_wrap=True)
+                  f"{result.peak_rss_mb:.0f} MiB (peak resident set)", soft_wrap=True)
         if result.interrupted:
             out.print(f"interrupted; checkpoint {escape(str(result.checkpoint))}; continue "
                       f"with --resume {escape(str(cfg.checkpoint_dir))}", soft_wrap=True)

@@ -231,3 +231,17 @@ def test_bf16_autocast_trains_lora(corpus):
     result = train(spec(), cfg, model=model)
     assert result.step == 2 and all(x == x for x in result.losses)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+def test_peak_memory_is_this_process_own():
+    """ru_maxrss carries a parent's peak over fork+exec; the reported peak must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peftspec.train.loop import peak_rss_mb; print(peak_rss_mb())")
+    parent = ("import subprocess, sys; x = bytearray(600 * 2**20); x[::4096] = b'1' * len(x[::4096]); "
+              "del x; print(subprocess.run([sys.executable, '-c', sys.argv[1]], "
+              "capture_output=True, text=True, check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent, code], capture_output=True, text=True,
+                         check=True).stdout
+    assert 0 < float(out) < 500, out  # the child never held the parent's 600 MiB

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,21 @@ class TrainResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss; KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's ``VmHWM`` (from ``/proc/self/status``), which starts afresh at
+    exec; ``ru_maxrss`` instead carries a parent's peak over fork and exec, so a
+    run launched from a notebook that once held 2 GB would report 2 GB. Where
+    there is no ``/proc``, ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _model_max_length(model) -> int | None:
@@ -100,7 +114,7 @@ class Run:
     def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None):
-        from .. import apply, get_registry, load_adapter, load_model
+        from .. import apply, get_registry, load_adapter
 
         self.cfg, self.rank0 = cfg, rank0
         self.world = world or distributed.World()
