@@ -256,6 +256,17 @@ def collate(items: list[tuple[list[int], list[int] | int]],
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def scored(labels: torch.Tensor, extra: int = 0) -> int:
+    """The count a model's mean loss divides by: for a causal LM, labels other
+    than -100 after the one-position shift, with ``extra`` ignored positions
+    the model prepends itself; for a classifier's ``(batch,)`` labels, the rows."""
+    if labels.dim() == 1:
+        return int((labels != IGNORE).sum())
+    if extra:
+        labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out ``fraction`` of ``items`` (a seeded choice) for evaluation."""
     if fraction <= 0:

@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from ..errors import PeftspecError
+from .data import scored
 
-IGNORE = -100  # the label of a position the loss skips (peftspec.train.data.IGNORE)
 
 
 class DistributedError(PeftspecError):
@@ -179,7 +179,7 @@ class World:
         """This process's slice of the global ``batch``: contiguous rows, padding trimmed.
 
         Returns ``(part, n, n_all)``: the slice, what ``count`` (default
-        :func:`scored`) counts in it and in the whole batch. A rank left without
+        :func:`peftspec.train.data.scored`) counts in it and in the whole batch. A rank left without
         rows (a short last batch) gets one stand-in row to run with ``n == 0``:
         every process must take part in each forward and backward. In a world
         of one: ``(batch, n_all, n_all)``.
@@ -295,17 +295,6 @@ class World:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.owns = False
-
-
-def scored(labels: torch.Tensor, extra: int = 0) -> int:
-    """The count a model's mean loss divides by: for a causal LM, labels other
-    than -100 after the one-position shift, with ``extra`` ignored positions
-    the model prepends itself; for a classifier's ``(batch,)`` labels, the rows."""
-    if labels.dim() == 1:
-        return int((labels != IGNORE).sum())
-    if extra:
-        labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
-    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

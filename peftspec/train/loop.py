@@ -92,12 +92,6 @@ def _model_max_length(model) -> int | None:
     return None
 
 
-def _scored(batch) -> int:
-    if batch["labels"].dim() == 1:  # classification: one label per example
-        return int((batch["labels"] != data.IGNORE).sum())
-    return int((batch["labels"][:, 1:] != data.IGNORE).sum())
-
-
 def _loss_of(output) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, dict):
@@ -267,7 +261,7 @@ class Run:
             tokens += int(full["attention_mask"].sum())
             # this process's rows of the global batch, and its share of the batch's
             # scored tokens (1.0 on one process; see peftspec.train.distributed)
-            part, n, _ = world.shard(full, _scored)
+            part, n, _ = world.shard(full)
             batch = {k: v.to(device) for k, v in part.items()}
             with world.no_sync(self.forward, last=i == self.cfg.grad_accum - 1):
                 with self._autocast():
@@ -305,8 +299,7 @@ class Run:
                     autocast=self._autocast, world=self.world)}
             for batch in data.eval_batches(self.eval_items, self.cfg.batch_size,
                                            self.tok.pad_id):
-                n = _scored(batch)
-                part, n_part, _ = self.world.shard(batch, _scored)  # this process's rows
+                part, n_part, n = self.world.shard(batch)  # this process's rows
                 part = {k: v.to(self.params[0].device) for k, v in part.items()}
                 with self._autocast():
                     output = self.model(**part)

@@ -197,10 +197,6 @@ def _logits(output) -> torch.Tensor:
     return logits
 
 
-def _count(batch) -> int:
-    return int((batch["labels"] != data.IGNORE).sum())
-
-
 @torch.no_grad()
 def evaluate(model, items: list, *, batch_size: int, pad_id: int, device, autocast,
              world) -> dict:
@@ -210,7 +206,7 @@ def evaluate(model, items: list, *, batch_size: int, pad_id: int, device, autoca
     for batch in data.eval_batches(items, batch_size, pad_id):
         # this process's rows (every process runs the forward, FSDP needs it; a
         # stand-in row, n == 0, counts for nothing)
-        batch, n, _ = world.shard(batch, _count)
+        batch, n, _ = world.shard(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             logits = _logits(model(**batch)).float()
