@@ -178,7 +178,7 @@ class LoRALinear(nn.Module):
         slot = {id(m): i for i, m in enumerate(mods)}
         a = torch.stack([m.lora_A for m in mods])                 # (G, r, in)
         b = torch.stack([m.lora_B * m.scale for m in mods])       # (G, out, r), scaled
-        if len(slot) < len(per_row) and any(m is None for m in per_row):
+        if any(m is None for m in per_row):
             a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])  # base rows: a zero update
             b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])
         index = torch.tensor([slot[id(m)] if m is not None else len(mods) for m in per_row],
