@@ -145,10 +145,20 @@ def _print_plan(plan, verbose: bool) -> None:
               f"({plan.adapter_bytes:,} bytes of tensors)")
 
 
-def _memory_options(fn):
-    from .cli_train import memory_options  # the train commands' module imports this one
-
-    return memory_options(fn)
+def memory_options(fn):
+    """The options ``peftspec memory`` and ``peftspec plan --memory`` share."""
+    for opt in reversed([
+        click.option("--batch-size", type=int, default=None,
+                     help="examples per micro-batch [default: the spec's train_config, else 8]"),
+        click.option("--seq-len", type=int, default=None,
+                     help="tokens per example [default: the spec's max_length, else 128]"),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="activation precision [default: the spec's, else fp32]"),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="estimate activations with checkpointed blocks"),
+    ]):
+        fn = opt(fn)
+    return fn
 
 
 @cli.command()
@@ -159,7 +169,7 @@ def _memory_options(fn):
 @click.option("--memory", "with_memory", is_flag=True,
               help="also the training memory of full fine-tuning against SPEC (weights, "
                    "gradients, AdamW states, activations); the options below shape it")
-@_memory_options
+@memory_options
 def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memory: bool,
          batch_size: int | None, seq_len: int | None, precision: str | None,
          gradient_checkpointing: bool | None):
@@ -184,17 +194,15 @@ def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memor
         else:
             _print_plan(p, verbose)
         return
-    from .cli_train import memory_report
+    from .cli_train import memory_numbers, print_memory
 
+    table = memory_numbers(spec, model, batch_size, seq_len, precision, gradient_checkpointing,
+                           loaded=loaded)
     if as_json:
-        with out.capture() as captured:
-            memory_report(spec, model, batch_size, seq_len, precision, gradient_checkpointing,
-                          True, loaded=loaded)
-        out.print_json(json.dumps({"plan": p.to_dict(), "memory": json.loads(captured.get())}))
+        out.print_json(json.dumps({"plan": p.to_dict(), "memory": table}))
         return
     _print_plan(p, verbose)
-    memory_report(spec, model, batch_size, seq_len, precision, gradient_checkpointing, False,
-                  loaded=loaded)
+    print_memory(table)
 
 
 @cli.command()

@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .cli import MODEL_HELP, _registry, cli, err, human_bytes, out
+from .cli import MODEL_HELP, _registry, cli, err, human_bytes, memory_options, out
 from .train.config import OPTIONS, TrainConfig
 
 CLI_TYPES = {int: int, float: float, str: str}
@@ -200,22 +200,6 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
         raise click.exceptions.Exit(130)
 
 
-def memory_options(fn):
-    """The options ``peftspec memory`` and ``peftspec plan --memory`` share."""
-    for opt in reversed([
-        click.option("--batch-size", type=int, default=None,
-                     help="examples per micro-batch [default: the spec's train_config, else 8]"),
-        click.option("--seq-len", type=int, default=None,
-                     help="tokens per example [default: the spec's max_length, else 128]"),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-                     help="activation precision [default: the spec's, else fp32]"),
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
-                     help="estimate activations with checkpointed blocks"),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
 def prompt_tokens(plan) -> int:
     """Virtual tokens the plan's soft prompts add to every sequence."""
     return sum(int(getattr(step.options, "tokens", 0) or 0)
@@ -225,7 +209,20 @@ def prompt_tokens(plan) -> int:
 def memory_report(spec: Path, model_source: str | None, batch_size: int | None,
                   seq_len: int | None, precision: str | None,
                   gradient_checkpointing: bool | None, as_json: bool, loaded=None) -> None:
-    """Print (or return as JSON) the memory table of full fine-tuning against SPEC."""
+    """Print the memory table of full fine-tuning against SPEC (``as_json``: as JSON)."""
+    table = memory_numbers(spec, model_source, batch_size, seq_len, precision,
+                           gradient_checkpointing, loaded)
+    if as_json:
+        out.print_json(json.dumps(table))
+    else:
+        print_memory(table)
+
+
+def memory_numbers(spec: Path, model_source: str | None, batch_size: int | None,
+                   seq_len: int | None, precision: str | None,
+                   gradient_checkpointing: bool | None, loaded=None) -> dict:
+    """The memory table (:func:`peftspec.train.memory.memory_table`) for SPEC, with
+    the spec's name; ``loaded``: what ``cli._load`` returned, where the caller has it."""
     import torch
 
     from .cli import _load
@@ -246,14 +243,18 @@ def memory_report(spec: Path, model_source: str | None, batch_size: int | None,
     table = mem.memory_table(base, mem.with_spec(model), mem.model_dims(model), batch=batch,
                              seq=seq, precision=precision, checkpointing=ckpt,
                              spec_extra_tokens=extra)
-    if as_json:
-        out.print_json(json.dumps(table))
-        return
+    return {**table, "spec_name": s.name or str(spec)}
+
+
+def print_memory(table: dict) -> None:
+    """The table :func:`memory_numbers` returns, as a rich table."""
+    batch, seq, precision = table["batch_size"], table["seq_len"], table["precision"]
+    ckpt, extra = table["gradient_checkpointing"], table["spec_extra_tokens"]
     t = Table(title=f"training memory, batch {batch} x {seq} tokens, {precision}"
                     f"{', gradient checkpointing' if ckpt else ''}", title_justify="left")
     t.add_column("")
     t.add_column("full fine-tuning", justify="right")
-    t.add_column(s.name or str(spec), justify="right")
+    t.add_column(table["spec_name"], justify="right")
     cols = table["columns"]
     for key, label in (("weights", "weights"), ("gradients", "gradients"),
                        ("optimizer", "optimizer states (AdamW)"),
