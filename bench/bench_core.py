@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peftspec  # noqa: E402
+from benchenv import cpu_name, loadavg  # noqa: E402
+from peftspec.train.loop import peak_rss_mb  # noqa: E402
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -285,17 +286,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def memory_child(variant: str, s: Settings) -> dict:
     """In a fresh process: peak RSS growth of applying ``variant`` and training."""
     base = _gpt2(s).train()
@@ -310,7 +300,7 @@ def memory_child(variant: str, s: Settings) -> dict:
     step, _ = _trainer(model.train())
     for _ in range(s.mem_steps):
         step(x)
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     return {"rss_before_mb": rss0, "peak_mb": peak, "growth_mb": peak - rss0,
             "peak_reset": reset}
 
@@ -326,24 +316,10 @@ def _memory_in_subprocess(variant: str, s: Settings, threads: int) -> dict:
 
 # ---------------------------------------------------------------- report
 def _env(threads: int) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
-            "peftspec": peftspec.__version__, "cpu": cpu, "cpus": os.cpu_count(),
-            "threads": threads, "loadavg_start": _loadavg()}
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+            "peftspec": peftspec.__version__, "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "threads": threads, "loadavg_start": loadavg()}
 
 
 def _yes(ok: bool) -> str:
@@ -429,7 +405,7 @@ def main(argv=None) -> int:
             res[part] = bench_train(s, args.threads)
         res[part]["wall_s"] = time.perf_counter() - t
         print(f"[bench] {part} done in {res[part]['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    res["env"]["loadavg_end"] = _loadavg()
+    res["env"]["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - t0
 
     e = res["env"]

@@ -51,6 +51,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchenv import cpu_name, loadavg, status_mb
+
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 EOS = "<|endoftext|>"
@@ -319,18 +321,6 @@ def hf_train(work: Path, setup_info: dict, s: Settings, steps: int, threads: int
     return out
 
 
-def _status_mb(key: str) -> float | None:
-    """``VmRSS`` / ``VmHWM`` of this process in MB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def hf_child(work: Path, s: Settings, steps: int, threads: int) -> dict:
     """A plain PyTorch loop over HF PEFT's LoRA model (runs in its own process)."""
     import torch
@@ -347,14 +337,14 @@ def hf_child(work: Path, s: Settings, steps: int, threads: int) -> dict:
     ids = torch.tensor(rows, dtype=torch.long)
     batches = [ids[i:i + s.batch] for i in range(0, len(rows) - s.batch + 1, s.batch)]
 
-    rss = {"imports_data": _status_mb("VmRSS")}
+    rss = {"imports_data": status_mb("VmRSS")}
     model = GPT2LMHeadModel.from_pretrained(model_dir, local_files_only=True)
-    rss["model_loaded"] = _status_mb("VmRSS")
+    rss["model_loaded"] = status_mb("VmRSS")
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=TARGETS, fan_in_fan_out=True))
     model.train()
-    rss["peft_applied"] = _status_mb("VmRSS")
+    rss["peft_applied"] = status_mb("VmRSS")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     def step(batch: dict) -> float:
@@ -377,8 +367,8 @@ def hf_child(work: Path, s: Settings, steps: int, threads: int) -> dict:
         step_tps.append(int(batch["attention_mask"].sum()) / dt)
         cpu_tps.append(int(batch["attention_mask"].sum()) / dc)
         if i == 0:
-            rss["peak_after_step_1"] = _status_mb("VmHWM")
-    rss["peak_end"] = _status_mb("VmHWM")
+            rss["peak_after_step_1"] = status_mb("VmHWM")
+    rss["peak_end"] = status_mb("VmHWM")
     return {"step_tokens_per_s": step_tps, "wall_tokens_per_s": step_tps,
             "cpu_tokens_per_s": cpu_tps, "losses": losses,
             "trainable": sum(p.numel() for p in params), "rss_mb": rss}
@@ -475,24 +465,10 @@ def _env(threads: int) -> dict:
         except PackageNotFoundError:
             return None
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
     return {"python": platform.python_version(), "torch": ver("torch"),
             "transformers": ver("transformers"), "peft": ver("peft"),
-            "peftspec": ver("peftspec"), "cpu": cpu, "cpus": os.cpu_count(),
-            "threads": threads, "loadavg_start": _loadavg()}
-
-
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+            "peftspec": ver("peftspec"), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "threads": threads, "loadavg_start": loadavg()}
 
 
 def _mb(nbytes: float) -> str:
@@ -612,7 +588,7 @@ def main(argv=None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    res["env"]["loadavg_end"] = _loadavg()
+    res["env"]["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - t0
 
     e = res["env"]
