@@ -31,8 +31,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapter_file import _checked_plan
-from .errors import AdapterFileError, ModelSourceError, NotMergeableError
+from .errors import AdapterFileError, NotMergeableError
 from .method import load_adapter_state
+from .models.hf import config_and_class
 from .patching import refuse_tied
 from .safetensors_io import DTYPES, _raw, header_bytes
 
@@ -90,18 +91,7 @@ def _mergeable_records(plan, registry, skip_unmergeable: bool):
 
 
 def _meta_model(path: Path) -> nn.Module:
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(f"'hf:{path}' is not a local transformers directory "
-                               "(no config.json there)")
-    try:
-        import transformers
-    except ImportError:
-        raise ModelSourceError("hf: models need transformers: pip install 'peftspec[hf]'") \
-            from None
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)),
-               transformers.AutoModel)
+    _, config, cls = config_and_class(str(path))
     with torch.device("meta"):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else \
             cls.from_config(config)

@@ -18,12 +18,12 @@ torch's global generator, and its parameter names are listed in the model's
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 from torch import nn
 
 from peftspec import ModelSourceError, hookimpl
+from peftspec.models.hf import config_and_class
 
 
 def load_default(rest: str, num_labels: int | None = None) -> nn.Module:
@@ -74,22 +74,9 @@ def load_py(rest: str, num_labels: int | None = None) -> nn.Module:
 
 
 def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
-    path = Path(rest)
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(f"'hf:{rest}' is not a local transformers directory "
-                               "(no config.json there); peftspec never downloads models")
-    try:
-        import transformers
-    except ImportError:
-        raise ModelSourceError("hf: models need transformers: pip install 'peftspec[hf]'") \
-            from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    path, config, cls = config_and_class(rest)
     if num_labels is not None:
         return _load_hf_classifier(rest, path, config, num_labels)
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)),
-               transformers.AutoModel)
     return cls.from_pretrained(path, local_files_only=True)
 
 
