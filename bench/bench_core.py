@@ -50,7 +50,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peftspec  # noqa: E402
-from benchenv import cpu_name, loadavg  # noqa: E402
+from benchenv import cpu_name, header, loadavg  # noqa: E402
 from peftspec.train.loop import peak_rss_mb  # noqa: E402
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -408,11 +408,7 @@ def main(argv=None) -> int:
     res["env"]["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - t0
 
-    e = res["env"]
-    print(f"peftspec {e['peftspec']} vs peft {e['peft']} | torch {e['torch']}, transformers "
-          f"{e['transformers']}, Python {e['python']} | {e['cpu']}, {e['threads']} threads of "
-          f"{e['cpus']} CPUs | load avg {e['loadavg_start']} -> {e['loadavg_end']}"
-          + (" | QUICK (smoke test, not the real sizes)" if args.quick else ""))
+    print(header(res["env"], args.quick))
     print()
     print(table(res))
     if args.json:

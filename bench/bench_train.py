@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchenv import cpu_name, loadavg, status_mb
+from benchenv import cpu_name, header, loadavg, status_mb
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -591,12 +591,7 @@ def main(argv=None) -> int:
     res["env"]["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - t0
 
-    e = res["env"]
-    print(f"peftspec {e['peftspec']} vs peft {e['peft']} | torch {e['torch']}, transformers "
-          f"{e['transformers']}, Python {e['python']} | {e['cpu']}, {e['threads']} threads of "
-          f"{e['cpus']} CPUs | load avg {e['loadavg_start']} -> {e['loadavg_end']} | "
-          f"{res['total_s']:.0f} s" + (" | QUICK (smoke test, not the real sizes)"
-                                       if args.quick else ""))
+    print(header(res["env"], args.quick, res["total_s"]))
     if "throughput" in res:
         print()
         print(throughput_table(res, s, info))

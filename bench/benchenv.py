@@ -36,3 +36,14 @@ def status_mb(key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def header(env: dict, quick: bool, seconds: float | None = None) -> str:
+    """The line each bench prints above its tables: versions, machine, load average."""
+    line = (f"peftspec {env['peftspec']} vs peft {env['peft']} | torch {env['torch']}, "
+            f"transformers {env['transformers']}, Python {env['python']} | {env['cpu']}, "
+            f"{env['threads']} threads of {env['cpus']} CPUs | load avg "
+            f"{env['loadavg_start']} -> {env['loadavg_end']}")
+    if seconds is not None:
+        line += f" | {seconds:.0f} s"
+    return line + (" | QUICK (smoke test, not the real sizes)" if quick else "")
