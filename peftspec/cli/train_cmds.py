@@ -18,10 +18,10 @@ import click
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
-from rich.table import Table
 
-from .cli import MODEL_HELP, _registry, cli, err, human_bytes, memory_options, out
-from .train.config import OPTIONS, TrainConfig
+from ..train.config import OPTIONS, TrainConfig
+from .common import MODEL_HELP, err, memory_options, out, registry
+from .memory_view import memory_report
 
 CLI_TYPES = {int: int, float: float, str: str}
 
@@ -73,7 +73,7 @@ class _Stopper:
             signal.signal(sig, handler)
 
 
-@cli.command()
+@click.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
 @click.option("--out", "out_path", required=True,
@@ -118,10 +118,10 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
       torchrun --nproc_per_node=2 --no-python -- peftspec train specs/train-lora.toml \\
         --out lora.safetensors [--fsdp]
     """
-    from .spec import load_spec
-    from .train.loop import train as run_train
+    from ..spec import load_spec
+    from ..train.loop import train as run_train
 
-    reg = _registry()
+    reg = registry()
     s = load_spec(spec, registry=reg)
     try:
         cfg = TrainConfig.resolve(s.train_config, spec.parent, **options)
@@ -200,80 +200,7 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
         raise click.exceptions.Exit(130)
 
 
-def prompt_tokens(plan) -> int:
-    """Virtual tokens the plan's soft prompts add to every sequence."""
-    return sum(int(getattr(step.options, "tokens", 0) or 0)
-               for step in plan.steps if step.family == "prefix")
-
-
-def memory_report(spec: Path, model_source: str | None, batch_size: int | None,
-                  seq_len: int | None, precision: str | None,
-                  gradient_checkpointing: bool | None, as_json: bool, loaded=None) -> None:
-    """Print the memory table of full fine-tuning against SPEC (``as_json``: as JSON)."""
-    table = memory_numbers(spec, model_source, batch_size, seq_len, precision,
-                           gradient_checkpointing, loaded)
-    if as_json:
-        out.print_json(json.dumps(table))
-    else:
-        print_memory(table)
-
-
-def memory_numbers(spec: Path, model_source: str | None, batch_size: int | None,
-                   seq_len: int | None, precision: str | None,
-                   gradient_checkpointing: bool | None, loaded=None) -> dict:
-    """The memory table (:func:`peftspec.train.memory.memory_table`) for SPEC, with
-    the spec's name; ``loaded``: what ``cli._load`` returned, where the caller has it."""
-    import torch
-
-    from .cli import _load
-    from .patching import apply_plan
-    from .train import memory as mem
-
-    reg, s, model, plan = loaded or _load(spec, model_source)
-    tc = s.train_config
-    batch = batch_size or tc.get("batch_size", OPTIONS["batch_size"].default)
-    seq = seq_len or tc.get("max_length", OPTIONS["max_length"].default)
-    precision = precision or tc.get("precision", OPTIONS["precision"].default)
-    ckpt = gradient_checkpointing if gradient_checkpointing is not None \
-        else tc.get("gradient_checkpointing", False)
-    extra = prompt_tokens(plan)
-    base = mem.full_finetune(model)
-    with torch.random.fork_rng(devices=[]):
-        apply_plan(plan, model, registry=reg)
-    table = mem.memory_table(base, mem.with_spec(model), mem.model_dims(model), batch=batch,
-                             seq=seq, precision=precision, checkpointing=ckpt,
-                             spec_extra_tokens=extra)
-    return {**table, "spec_name": s.name or str(spec)}
-
-
-def print_memory(table: dict) -> None:
-    """The table :func:`memory_numbers` returns, as a rich table."""
-    batch, seq, precision = table["batch_size"], table["seq_len"], table["precision"]
-    ckpt, extra = table["gradient_checkpointing"], table["spec_extra_tokens"]
-    t = Table(title=f"training memory, batch {batch} x {seq} tokens, {precision}"
-                    f"{', gradient checkpointing' if ckpt else ''}", title_justify="left")
-    t.add_column("")
-    t.add_column("full fine-tuning", justify="right")
-    t.add_column(table["spec_name"], justify="right")
-    cols = table["columns"]
-    for key, label in (("weights", "weights"), ("gradients", "gradients"),
-                       ("optimizer", "optimizer states (AdamW)"),
-                       ("activations", "activations (estimate)"), ("total", "total")):
-        t.add_row(label, *(human_bytes(cols[c][key]) if cols[c][key] is not None
-                           else "unknown" for c in ("full", "spec")))
-    t.add_row("trainable parameters", f"{cols['full']['trainable']:,}",
-              f"{cols['spec']['trainable']:,}")
-    notes = []
-    if extra:
-        notes.append(f"the spec's soft prompts add {extra} virtual tokens to each sequence")
-    if table["dims"] is None:
-        notes.append("activations unknown: the model's config names no layers/width/heads")
-    if notes:
-        t.caption = "; ".join(notes)
-    out.print(t)
-
-
-@cli.command()
+@click.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "-m", "model_source", default=None, metavar="M", help=MODEL_HELP)
 @memory_options
@@ -297,7 +224,7 @@ def memory(spec: Path, model_source: str | None, batch_size: int | None, seq_len
                   as_json)
 
 
-@cli.command()
+@click.command()
 @click.argument("metrics", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
@@ -309,7 +236,7 @@ def report(metrics: Path, out_path: Path, title: str | None):
     METRICS is the JSONL log `peftspec train --log` writes. Needs matplotlib:
     pip install 'peftspec[plot]'.
     """
-    from .train.report import render
+    from ..train.report import render
 
     info = render(metrics, out_path, title=title)
     out.print(f"wrote {escape(str(out_path))} ({info['train_points']} train and "

@@ -1,7 +1,6 @@
 """``peftspec export`` and ``peftspec import``: HF PEFT's adapter folders.
 
-Registered on the ``cli`` group of :mod:`peftspec.cli` when that module is
-imported; the work is done by :mod:`peftspec.hf_peft`.
+The work is done by :mod:`peftspec.hf_peft`.
 """
 
 from __future__ import annotations
@@ -10,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from .cli import MODEL_HELP, _registry, cli, human_bytes, out
-from .hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
+from ..hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
+from .common import MODEL_HELP, human_bytes, out, registry
 
 
-@cli.command("export")
+@click.command("export")
 @click.argument("adapter", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["hf-peft"]), default="hf-peft",
               show_default=True, help="the format to write")
@@ -42,16 +41,16 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
     Example:
       peftspec export lora.safetensors --out hf-lora/ --model hf:./tiny-llama
     """
-    from .hf_peft import export_hf_peft
+    from ..hf_peft import export_hf_peft
 
     export_hf_peft(adapter, out_dir, model=model, task_type=None if task_type == "none"
-                   else task_type, registry=_registry())
+                   else task_type, registry=registry())
     size = (out_dir / WEIGHTS_FILE).stat().st_size
     out.print(f"wrote {out_dir / CONFIG_FILE} and {out_dir / WEIGHTS_FILE} "
               f"({human_bytes(size)})", soft_wrap=True)
 
 
-@cli.command("import")
+@click.command("import")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", "out_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
@@ -76,8 +75,8 @@ def import_cmd(src: Path, out_path: Path, spec_out: Path | None, model: str | No
       peftspec import hf-lora/ --out lora.safetensors --spec-out lora.toml \\
           --model hf:./tiny-llama
     """
-    from .hf_peft import import_hf_peft
+    from ..hf_peft import import_hf_peft
 
-    adapter, spec = import_hf_peft(src, out_path, spec_out, model=model, registry=_registry())
+    adapter, spec = import_hf_peft(src, out_path, spec_out, model=model, registry=registry())
     out.print(f"wrote {adapter} ({human_bytes(adapter.stat().st_size)}) and {spec}",
               soft_wrap=True)

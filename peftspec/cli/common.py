@@ -1,0 +1,92 @@
+"""What every ``peftspec`` command shares: consoles, the model option's help,
+the error-to-exit-code group, the plugin registry, byte formatting, loading a
+spec with its model, and the memory options.
+
+Command modules import this one; the group (:mod:`peftspec.cli`) imports the
+command modules, never the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import PeftspecError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+MODEL_HELP = ("model to adapt: 'default' (built-in nanoGPT, the default; "
+              "'default:num_labels=N' for its sequence classifier), "
+              "'py:pkg.module:factory' (any nn.Module), or 'hf:PATH' (local transformers dir)")
+
+
+class Group(click.Group):
+    """Turns peftspec errors into a message and an exit code, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PeftspecError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure: exit 1, no traceback
+            if os.environ.get("PEFTSPEC_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}"
+                      "\n(set PEFTSPEC_DEBUG=1 for the traceback)", soft_wrap=True)
+            ctx.exit(1)
+
+
+def registry():
+    from ..plugins import get_registry
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg = get_registry()
+    for failure in reg.failures:
+        err.print(f"warning: {failure}", soft_wrap=True)
+    return reg
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def load(spec: Path, model: str | None):
+    """(registry, spec, model, plan) for SPEC on the model source MODEL."""
+    from ..plan import compile_plan
+    from ..spec import load_spec
+
+    reg = registry()
+    s = load_spec(spec, registry=reg)
+    with err.status(f"loading model {model or 'default'}..."):
+        m = reg.load_model(model)
+    return reg, s, m, compile_plan(s, m, registry=reg)
+
+
+def memory_options(fn):
+    """The options ``peftspec memory`` and ``peftspec plan --memory`` share."""
+    for opt in reversed([
+        click.option("--batch-size", type=int, default=None,
+                     help="examples per micro-batch [default: the spec's train_config, else 8]"),
+        click.option("--seq-len", type=int, default=None,
+                     help="tokens per example [default: the spec's max_length, else 128]"),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="activation precision [default: the spec's, else fp32]"),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="estimate activations with checkpointed blocks"),
+    ]):
+        fn = opt(fn)
+    return fn
