@@ -32,6 +32,8 @@ from torch import nn
 
 from peftspec import Method, hookimpl, option
 
+from .kv_cache import CACHE_ARGS, cache_arg, cache_len, describe, with_prefix
+
 CHILD = "prompt"
 
 
@@ -118,11 +120,6 @@ def _forward_params(model: nn.Module) -> inspect.Signature:
     return inspect.signature(model.forward)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    params = _forward_params(model).parameters
-    return name in params
-
-
 def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) for prefix tuning."""
     cfg = getattr(model, "config", None)
@@ -139,16 +136,6 @@ def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return layers, kv_heads, head_dim
-
-
-def _cache_len(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (list, tuple)) and past and past[0] is not None:
-        return int(past[0][0].shape[2])
-    return 0
 
 
 # --- modules --------------------------------------------------------------------------
@@ -233,8 +220,8 @@ class _Rewriter:
         self.embedding = embedding
         self.kind = kind  # "prompt" or "prefix"
         self.geometry = geometry
-        self.model_config = getattr(model, "config", None)
-        self.list_cache = not hasattr(self.model_config, "num_hidden_layers")
+        self.model = model  # for the cache's kind and error messages (not a submodule)
+        self.cache_arg = cache_arg(self.sig)  # 'cache' (transformers >= 5.24) or 'past_key_values'
 
     def _kwargs(self, args, kwargs) -> dict[str, Any]:
         bound = self.sig.bind_partial(*args, **kwargs)
@@ -252,9 +239,10 @@ class _Rewriter:
         # a cached decoding step: the prompt is already in the cache. (With
         # use_cache=False a model may still hand back the cache we injected, and
         # generate() passes it in again: it holds nothing to reuse then.)
-        decoding = kw.get("use_cache") is not False and _cache_len(kw.get("past_key_values")) > 0
+        past = kw.get(self.cache_arg) if self.cache_arg else None
+        decoding = kw.get("use_cache") is not False and cache_len(past, self.model) > 0
         if kw.get("use_cache") is False and self.kind == "prefix":
-            kw["past_key_values"] = None
+            kw[self.cache_arg] = past = None
         ref = kw.get("input_ids")
         if ref is None:
             ref = kw.get("inputs_embeds")
@@ -303,7 +291,7 @@ class _Rewriter:
         else:
             if pos is not None:
                 kw["position_ids"] = pos + n
-            kw["past_key_values"] = self._prefix_cache(b, kw.get("past_key_values"), ref)
+            kw[self.cache_arg] = self._prefix_cache(b, past, ref)
         return (), kw
 
     def _prefix_cache(self, b: int, cache, ref: torch.Tensor):
@@ -316,15 +304,7 @@ class _Rewriter:
         kv = table.view(n, layers * 2, heads, hd).permute(1, 2, 0, 3).to(dtype)
         kv = kv.unsqueeze(1).expand(-1, b, -1, -1, -1)  # (layers·2, b, heads, n, hd)
         pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
-        if self.list_cache:
-            return pairs
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model_config)
-        for i, (k, v) in enumerate(pairs):
-            cache.update(k, v, i)
-        return cache
+        return with_prefix(pairs, cache, self.model)
 
 
 # --- methods ---------------------------------------------------------------------------
@@ -336,10 +316,16 @@ class _SoftPromptMethod(Method):
 
     def _parts(self, model, options):
         _, emb = find_embedding(model, options.embedding)
-        need = "inputs_embeds" if self.kind == "prompt" else "past_key_values"
-        if not _accepts(model, need):
-            raise ValueError(f"{self.name} needs a model whose forward() takes '{need}'; "
-                             f"{type(model).__name__}.forward does not")
+        sig = _forward_params(model)
+        if self.kind == "prompt" and "inputs_embeds" not in sig.parameters:
+            raise ValueError(f"{self.name} needs a model whose forward() takes "
+                             f"'inputs_embeds'; {describe(model)}.forward does not")
+        if cache_arg(sig) is None and (self.kind == "prefix" or "use_cache" in sig.parameters):
+            # prefix tuning hands the prefixes over as the cache; prompt tuning must
+            # tell cached decoding steps from the first call
+            raise ValueError(f"{self.name} needs to reach the key/value cache, but "
+                             f"{describe(model)}.forward takes none of "
+                             f"{', '.join(repr(a) for a in reversed(CACHE_ARGS))}")
         return emb
 
     def check(self, module, step):

@@ -106,6 +106,20 @@ def test_outputs_equal_hf_peft_with_the_same_table(build, kind):
     assert torch.allclose(a.loss, b.loss, atol=1e-5)
 
 
+def greedy_reference(model, ids, mask, new_tokens):
+    """Greedy decoding without generate() and without a cache: the whole sequence
+    through forward() at every step, positions counted over unmasked tokens (as
+    generate() does for left padding). The reference every generate() must equal."""
+    for _ in range(new_tokens):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return ids
+
+
 @pytest.mark.parametrize("build", [gpt2, llama, default_model],
                          ids=["gpt2", "llama", "default"])
 @pytest.mark.parametrize("kind", list(BODIES))
@@ -124,6 +138,7 @@ def test_generate_batched_left_padded_cache_on_and_off(build, kind):
 
     with_cache, without = gen(ids, mask, True), gen(ids, mask, False)
     assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache, greedy_reference(model, ids, mask, 6))
     alone = gen(ids[:1, 2:], None, True)  # the padded row, unpadded, on its own
     assert torch.equal(alone, with_cache[:1, 2:])
     peftspec.remove(model)
