@@ -91,3 +91,44 @@ def test_apply_trains_exactly_the_adapter():
                                '[[train]]\nparams = ["1.bias"]\n')
     peftspec.apply(spec, model)
     assert set(peftspec.trainable_parameters(model)) == {"0.lora_A", "0.lora_B", "1.bias"}
+
+
+def test_apply_takes_the_fast_paths_on_the_installed_transformers(monkeypatch):
+    """On the transformers installed (CI runs the oldest and the newest admitted),
+    LoRA's modules are built without ``nn.Module.__init__`` and swapped in without
+    ``setattr``: if a release adds a module-registration hook or a custom
+    ``__setattr__``, apply falls back to the slow paths (3x slower on thousands of
+    targets) and this test says so, where a benchmark would only be noisy."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from peftspec import patching
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=64)
+    gpt2 = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64,
+                                   n_positions=32)
+    for model, modules in ((transformers.LlamaForCausalLM(cfg), '["type:Linear"]\nexclude = '
+                            '["lm_head"]'), (transformers.GPT2LMHeadModel(gpt2), '["**.c_attn"]')):
+        spec = peftspec.parse_spec(f'[[reparameterize]]\nmethod = "lora"\nmodules = {modules}\n'
+                                   'r = 2\n')
+        inits, setattrs = [], []
+        real_init = nn.Module.__init__
+
+        def counting_init(self, *args, **kwargs):
+            inits.append(type(self).__name__)
+            real_init(self, *args, **kwargs)
+
+        def counting_setattr(obj, name, value):
+            setattrs.append(f"{type(obj).__name__}.{name}")
+            setattr(obj, name, value)
+
+        monkeypatch.setattr(nn.Module, "__init__", counting_init)
+        monkeypatch.setattr(patching, "setattr", counting_setattr, raising=False)
+        plan = peftspec.compile_plan(spec, model)
+        peftspec.apply_plan(plan, model)
+        monkeypatch.undo()
+        assert len(plan.steps) >= 3
+        assert not inits, f"nn.Module.__init__ ran for {sorted(set(inits))}"
+        assert not setattrs, f"slow child swap for {setattrs[:3]}"
