@@ -122,6 +122,32 @@ def _hidden(model: nn.Module, batch) -> torch.Tensor:
         return model(**batch).last_hidden_state
 
 
+@pytest.mark.parametrize("kind", ["prompt-tuning", "prefix-tuning"])
+def test_minilm_soft_prompts_equal_hf_peft(minilm_dir, minilm_batch, kind):
+    """Soft prompts on the real MiniLM, through whichever cache argument the
+    installed transformers names (prefix tuning hands BERT its prefixes as the
+    cache): the same hidden states as HF PEFT with the same table, and not the
+    base's (the prompt acts)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = _load_minilm(minilm_dir)
+    body = {"prompt-tuning": 'method = "prompt-tuning"\ntokens = 4\ninit = "vocab"',
+            "prefix-tuning": 'method = "prefix-tuning"\ntokens = 4'}[kind]
+    config = {"prompt-tuning": peft.PromptTuningConfig, "prefix-tuning": peft.PrefixTuningConfig}[
+        kind](num_virtual_tokens=4, task_type="FEATURE_EXTRACTION")
+    ours = peftspec.apply(peftspec.parse_spec("[prefix]\n" + body), copy.deepcopy(base))
+    hf = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        ours.prompt.embeddings.normal_(std=0.5)
+        hf.prompt_encoder.default.embedding.weight.copy_(ours.prompt.embeddings)
+    a, b = _hidden(ours, minilm_batch), _hidden(hf, minilm_batch)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    plain = _hidden(base, minilm_batch)
+    real = slice(4, None) if kind == "prompt-tuning" else slice(None)  # the real tokens' states
+    assert a[:, real].shape == plain.shape and not torch.allclose(a[:, real], plain, atol=1e-3)
+
+
 @pytest.mark.slow  # the first load of the pretrained model
 def test_minilm_outputs_unchanged_at_apply(minilm_dir, minilm_batch):
     model = _load_minilm(minilm_dir)

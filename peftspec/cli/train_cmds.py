@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
@@ -136,8 +137,10 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
     progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
                                    "{task.fields[tps]} tok/s"),
-                        TimeRemainingColumn(), console=err, transient=True,
-                        disable=not rank0)
+                        TimeRemainingColumn(), transient=True, disable=not rank0,
+                        # a quiet console too: rich 13.7 prints a newline on stop
+                        # even when disabled, and other ranks must print nothing
+                        console=err if rank0 else Console(stderr=True, quiet=True))
     task = progress.add_task("train", total=None, loss="-", lr="-", tps="-")
     last_eval = {}
 

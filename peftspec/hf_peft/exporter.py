@@ -30,6 +30,11 @@ from .export_context import ExportContext, ExportRule, HFPeftPart
 from .folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, _read_tensors, _refuse
 
 
+# Config keys that HF PEFT added later (the version in brackets), written only when set.
+# exclude_modules [0.14]; modules_to_save on prompt-learning configs [0.14].
+NEWER_KEYS = frozenset({"exclude_modules", "modules_to_save"})
+
+
 def _task_type(model: nn.Module | None, fp_names: set[str]) -> str | None:
     if model is not None:
         cfg = getattr(model, "config", None)
@@ -204,7 +209,11 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     full = {"peft_type": part.peft_type, "task_type": task_type,
             "base_model_name_or_path": base_name, "revision": None, "inference_mode": True,
             "modules_to_save": None, **config}
-    full = dict(sorted(full.items()))
+    # A key a method leaves at None that older HF PEFT versions do not know is
+    # left out: their configs refuse unknown keys (peft < 0.14 has no
+    # exclude_modules, nor modules_to_save for prompt tuning), and None is the
+    # default wherever the key exists.
+    full = dict(sorted((k, v) for k, v in full.items() if not (v is None and k in NEWER_KEYS)))
     data = serialize(out_tensors, {"format": "pt"})
     if out_dir.exists() and not out_dir.is_dir():
         _refuse(f"{out_dir} exists and is not a folder")
