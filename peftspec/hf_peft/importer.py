@@ -12,7 +12,6 @@ briefly, to save it in peftspec's format, and the base is left as it was.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from ..matching import parse_selector
 from ..method import adapter_state, load_adapter_state
 from ..patching import active_adapter, apply_plan, base_view, remove, use
 from ..plan import compile_plan
+from ..saferegex import UnsafePattern
 from ..spec import parse_spec
 from .folder import CONFIG_FILE, PREFIX, _read_tensors, _refuse, read_hf_adapter
 from .import_context import ImportContext, ImportedRule
@@ -73,9 +73,8 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         ctx = ImportContext(config, model, {k: tuple(v.shape) for k, v in hf_tensors.items()})
         try:
             result = method.from_hf_peft(config, ctx)
-        except re.error as exc:
-            _refuse(f"cannot import: a pattern in {CONFIG_FILE} is not a valid regular "
-                    f"expression ({exc})")
+        except UnsafePattern as exc:
+            _refuse(f"cannot import: a pattern in {CONFIG_FILE}: {exc}")
         rules, mapping = list(result.rules), dict(result.tensors)
         if config.get("modules_to_save"):
             rules.append(_train_rule(ctx, ctx.get("modules_to_save", "str|str-list"), mapping))
