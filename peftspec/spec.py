@@ -30,7 +30,8 @@ else:  # pragma: no cover
 from .errors import Problem, SpecError, did_you_mean
 from .options import build_options, describe_type, selector_fields
 from .matching import parse_selector
-from .tomlerrors import syntax_problem
+from .tomlerrors import syntax_problem, unreadable_problem
+from .untrusted import BadText, toml_loads
 from .tomlpos import LineMap, format_path
 from .train.config import OPTIONS as TRAIN_OPTIONS, check_value as check_train_value
 
@@ -100,9 +101,11 @@ def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
 
         registry = get_registry()
     try:
-        doc = tomllib.loads(text)
+        doc = toml_loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(syntax_problem(text, exc, file)) from None
+    except BadText as exc:  # nesting past the recursion limit, a 5,000-digit number
+        raise SpecError(unreadable_problem(text, exc, file)) from None
 
     lines = LineMap(text)
     problems: list[Problem] = []

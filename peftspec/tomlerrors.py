@@ -148,3 +148,28 @@ def syntax_problem(text: str, exc: Exception, file: str | None) -> Problem:
     if m:
         return Problem(f"TOML syntax error at column {col}: {msg}", file=file, line=line)
     return Problem(f"TOML syntax error: {msg} at the end of the file", file=file, line=line)
+
+
+_LONG_NUMBER = re.compile(r"[0-9_]{1000,}")
+
+
+def unreadable_problem(text: str, exc: Exception, file: str | None) -> Problem:
+    """The :class:`Problem` for TOML that is well-formed but cannot be read: nesting
+    past the recursion limit (placed at the deepest construct) or a number too long."""
+    line = None
+    m = _LONG_NUMBER.search(text)
+    if m and "digits" in str(exc):
+        line = text.count("\n", 0, m.start()) + 1
+    else:
+        ends: list[int] = []
+        deepest = (0, None)
+        for kind, start, stop in scan(text):
+            while ends and ends[-1] is not None and ends[-1] <= start:
+                ends.pop()
+            ends.append(stop if stop is not None else len(text) + 1)
+            if len(ends) > deepest[0]:
+                deepest = (len(ends), start)
+        if deepest[1] is not None:
+            line = text.count("\n", 0, deepest[1]) + 1
+    return Problem(f"TOML cannot be read: {exc}", file=file, line=line,
+                   hint="a spec needs neither; nest less, or write a shorter number")
