@@ -99,6 +99,26 @@ def writing(path: str | os.PathLike, needed: int | None = None) -> Iterator[None
         raise _error(path, exc, needed) from None
 
 
+def check_room(path: str | os.PathLike, needed: int) -> None:
+    """Raise the :class:`WriteError` a later write of ``needed`` bytes to ``path``
+    would meet (a read-only or unwritable folder, too little space), now: a
+    command that works for minutes first (train) fails before, not after."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError as exc:
+        raise _error(path, exc, needed) from None
+    if st.f_flag & os.ST_RDONLY:
+        raise _error(path, OSError(errno.EROFS, os.strerror(errno.EROFS)), needed)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _error(path, OSError(errno.EACCES, os.strerror(errno.EACCES)), needed)
+    if needed > st.f_bavail * st.f_frsize:
+        raise _error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one."""
     path = Path(path)
@@ -177,5 +197,5 @@ def staging_dir(out: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
 
 
-__all__ = ["WriteError", "atomic_write_bytes", "free_bytes", "replace_dir", "staging_dir",
-           "writing"]
+__all__ = ["WriteError", "atomic_write_bytes", "check_room", "free_bytes", "replace_dir",
+           "staging_dir", "writing"]

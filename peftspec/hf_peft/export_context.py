@@ -125,7 +125,8 @@ class ExportContext:
                 continue
 
             def ok(s: str, value=value) -> bool:
-                return all(v == value for n, v in values.items() if compile_pattern(rf"(.*\.)?({s})$").match(n))
+                pat = compile_pattern(rf"(.*\.)?({s})$")
+                return all(v == value for n, v in values.items() if pat.match(n))
 
             key = self.shortest_suffixes([name], ok)[0]
             out.setdefault(key, value)

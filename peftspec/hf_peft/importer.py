@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter_file import atomic_write_bytes, file_tensors, save_adapter
+from ..adapter_file import MAX_FINGERPRINT_CHARS, file_tensors, save_adapter
+from ..atomicio import atomic_write_bytes, check_room
 from ..errors import ConversionError, SpecError
 from ..matching import parse_selector
 from ..method import adapter_state, load_adapter_state
@@ -132,6 +133,9 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         with torch.no_grad():
             for k in set(converted) - in_state:
                 params[k].copy_(converted[k])
+        # both files, or neither: room for the two is checked before the first is written
+        check_room(out, sum(t.numel() * t.element_size() for t in converted.values()) +
+                   len(text.encode("utf-8")) + MAX_FINGERPRINT_CHARS)
         save_adapter(model, out)
         atomic_write_bytes(spec_out, text.encode("utf-8"))
     finally:

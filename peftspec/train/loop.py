@@ -357,6 +357,12 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     emit = on_event if (on_event and rank0) else (lambda record: None)
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
               resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
+    if out is not None and rank0:  # a full disk or read-only --out: say so before training
+        from ..adapter_file import file_tensors
+        from ..atomicio import check_room
+
+        tensors = file_tensors(run.model).values()
+        check_room(out, sum(t.numel() * t.element_size() for t in tensors))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     log = MetricsLog(cfg.log if rank0 else None,
                      resume_step=run.step if run.resume_folder else None)
