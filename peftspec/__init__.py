@@ -32,21 +32,29 @@ from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # n
                        is_patched, merge, remove, use, using)
 from .plan import Plan, Step, compile_plan, compile_with_tensors  # noqa: E402
 from .rows import rows  # noqa: E402
+from .sizeguard import AdapterTooLarge, check_fits  # noqa: E402
 from .plugins import build_registry, get_registry  # noqa: E402
 from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
 from .adapter_file import load_adapter, save_adapter  # noqa: E402
 from .hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
 
 
-def apply(spec: Spec | str | Path, model: nn.Module, registry=None) -> nn.Module:
-    """Load (if a path), compile and apply ``spec`` to ``model`` in place."""
+def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bool = False,
+          training: bool = False) -> nn.Module:
+    """Load (if a path), compile and apply ``spec`` to ``model`` in place.
+
+    An adapter larger than the base or than the memory available is refused
+    (:class:`peftspec.sizeguard.AdapterTooLarge`) unless ``force``; ``training``
+    counts its gradients and AdamW states in that check too."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry=registry)
     fresh = not is_patched(model)
     plan, tensors = compile_with_tensors(spec, model, registry=registry)
+    check_fits(plan, force=force, training=training)
     # Compiled this instant from this very model: apply_plan need not walk it again
     # to check that the plan fits (a patched model's active adapter moves, so it does).
-    return apply_plan(plan, model, registry=registry, _tensors=tensors if fresh else None)
+    return apply_plan(plan, model, registry=registry, force=force,
+                      _tensors=tensors if fresh else None)
 
 
 def load_model(source: str | None = None, registry=None, *,
@@ -65,7 +73,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 __all__ = [
     "__version__", "active_adapter", "adapter_names", "disabled", "rows", "use", "using",
-    "AdapterFileError", "AdapterModule", "Method", "ModelSourceError",
+    "AdapterFileError", "AdapterModule", "AdapterTooLarge", "Method", "ModelSourceError",
     "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
     "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",
     "compile_plan", "export_hf_peft", "get_registry", "hookimpl", "import_hf_peft",

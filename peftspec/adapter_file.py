@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
+from .atomicio import atomic_write_bytes
 from .errors import AdapterFileError, PeftspecError, SpecError
 from .fingerprint import decode, describe_difference, digest, encode, fingerprint
 from .method import adapter_params, adapter_state, load_adapter_state
@@ -111,35 +111,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would create it
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The adapter file's metadata, validated; raises :class:`AdapterFileError`."""
     path = Path(path)
@@ -166,7 +137,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
                  activate: bool | None = None, registry=None,
-                 allow_nonfinite: bool = False) -> nn.Module:
+                 allow_nonfinite: bool = False, force: bool = False) -> nn.Module:
     """Re-create the adapter saved at ``path`` on ``model`` as adapter ``name``.
 
     The first adapter on a model becomes active; a further one is loaded beside
@@ -175,13 +146,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
     Raises:
         AdapterFileError: unreadable file, another base, missing or extra
             tensors, wrong shapes, non-finite values. The model is unchanged.
+        AdapterTooLarge: its embedded spec would allocate more than the base or
+            the memory available (unless ``force``); nothing is allocated.
     """
     name = name or DEFAULT_NAME
     previous = active_adapter(model)
     with base_view(model):
         plan = _checked_plan(model, path, registry)
     with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
-        apply_plan(plan, model, name=name, activate=True, registry=registry)
+        apply_plan(plan, model, name=name, activate=True, registry=registry, force=force)
     try:
         _copy_tensors(model, Path(path), allow_nonfinite)
     except BaseException:
@@ -209,7 +182,7 @@ def _checked_plan(model: nn.Module, path, registry):
         if "base_fingerprint" in meta:
             try:
                 detail = describe_difference(decode(meta["base_fingerprint"]), actual)
-            except Exception:  # noqa: BLE001 - a corrupt fingerprint is reported below
+            except ValueError:  # a damaged fingerprint (BadText): said instead of the detail
                 detail = ["(the file's base fingerprint is unreadable)"]
         raise AdapterFileError(f"{path}: this adapter was made for another base model:\n  " +
                                "\n  ".join(detail or ["tensor names or shapes differ"]))

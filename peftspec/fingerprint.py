@@ -8,6 +8,7 @@ shape error deep inside ``load_state_dict`` or, worse, a silent partial load.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import zlib
@@ -15,6 +16,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from .untrusted import BadText, json_loads
 
 Entry = tuple[str, tuple[int, ...], str]
 Tensors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
@@ -63,9 +66,29 @@ def encode(fp: list[Entry]) -> str:
     return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 
 
+# A fingerprint of the largest models decompresses to a few MiB; a file claiming
+# more is a decompression bomb.
+MAX_DECODED = 64 << 20
+
+
 def decode(text: str) -> list[Entry]:
-    raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
-    return [(n, tuple(s), d) for n, s, d in json.loads(raw)]
+    """The fingerprint :func:`encode` wrote; a file's text may be anything, so any
+    damage raises :class:`~peftspec.untrusted.BadText` (a ``ValueError``)."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, MAX_DECODED)
+        if inflater.unconsumed_tail:
+            raise BadText(f"it inflates to more than {MAX_DECODED >> 20} MiB")
+    except (UnicodeEncodeError, binascii.Error, zlib.error) as exc:
+        raise BadText(f"not zlib-compressed base64 ({exc})") from None
+    entries = json_loads(raw)
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and
+            isinstance(e[1], list) and all(isinstance(x, int) for x in e[1]) and
+            isinstance(e[2], str) for e in entries):
+        raise BadText("not a list of [name, shape, dtype] entries")
+    return [(n, tuple(s), d) for n, s, d in entries]
 
 
 def describe_difference(expected: list[Entry], actual: list[Entry], limit: int = 6) -> list[str]:

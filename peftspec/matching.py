@@ -5,17 +5,20 @@ Three forms:
 * glob on dotted names: ``*`` matches inside one name (``layers.*.q_proj``),
   ``**`` matches across names (``**.bias``, ``encoder.**``), ``?`` one
   character;
-* ``re:<pattern>``: a Python regular expression that must match the *whole*
-  name;
+* ``re:<pattern>``: a regular expression that must match the *whole* name,
+  in RE2's syntax (Python's, less backreferences and lookaround: see
+  :mod:`peftspec.saferegex`, which compiles every pattern here so that
+  matching takes linear time whatever a spec from a stranger says);
 * ``type:<ClassName>``: modules whose class (or a base class) has that name;
   as a parameter selector, the parameters owned directly by such modules.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .saferegex import Pattern, UnsafePattern, compile_pattern, escape
 
 
 def _glob_to_regex(pattern: str) -> str:
@@ -37,7 +40,7 @@ def _glob_to_regex(pattern: str) -> str:
             out.append(r"[^.]")
             i += 1
         else:
-            out.append(re.escape(pattern[i]))
+            out.append(escape(pattern[i]))
             i += 1
     return "".join(out)
 
@@ -48,14 +51,24 @@ class Selector:
 
     text: str
     kind: str  # "glob", "re" or "type"
-    regex: re.Pattern | None
+    regex: Pattern | None
     type_name: str | None
+    # globs without wildcards but a leading '**.' or a trailing '.**' (nearly
+    # all): string tests, several times cheaper than any regex engine
+    literal: tuple[str, str] | None = None
 
     def matches(self, name: str, type_names: frozenset[str] | tuple[str, ...] = ()) -> bool:
         """Does the selector pick ``name`` (whose module's class names are ``type_names``)?"""
         if self.kind == "type":
             return self.type_name in type_names
-        return self.regex.fullmatch(name) is not None
+        if self.literal is not None:
+            how, text = self.literal
+            if how == "suffix":
+                return name == text or name.endswith("." + text)
+            if how == "prefix":
+                return name == text or name.startswith(text + ".")
+            return name == text
+        return self.regex.fullmatch(name)
 
 
 @lru_cache(maxsize=4096)
@@ -63,9 +76,9 @@ def parse_selector(text: str) -> Selector:
     """Compile ``text``; raises ``ValueError`` with a readable reason if malformed."""
     if text.startswith("re:"):
         try:
-            return Selector(text, "re", re.compile(text[3:]), None)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression in selector {text!r}: {exc}") from None
+            return Selector(text, "re", compile_pattern(text[3:]), None)
+        except UnsafePattern as exc:
+            raise ValueError(f"selector {text!r}: {exc}") from None
     if text.startswith("type:"):
         name = text[5:].strip()
         if not name.isidentifier():
@@ -73,7 +86,23 @@ def parse_selector(text: str) -> Selector:
         return Selector(text, "type", None, name)
     if not text or text.strip() != text:
         raise ValueError(f"selector {text!r} is empty or has surrounding spaces")
-    return Selector(text, "glob", re.compile(_glob_to_regex(text)), None)
+    return Selector(text, "glob", _compile_glob(text), None, _literal(text))
+
+
+def _literal(glob: str) -> tuple[str, str] | None:
+    for how, core in (("suffix", glob[3:] if glob.startswith("**.") else None),
+                      ("prefix", glob[:-3] if glob.endswith(".**") else None),
+                      ("exact", glob)):
+        if core and not any(c in core for c in "*?"):
+            return how, core
+    return None
+
+
+def _compile_glob(glob: str) -> Pattern:
+    try:
+        return compile_pattern(_glob_to_regex(glob))
+    except UnsafePattern as exc:  # only by length: a glob's regex is always RE2 syntax
+        raise ValueError(f"selector {glob!r}: {exc}") from None
 
 
 def class_names(obj: object) -> frozenset[str]:

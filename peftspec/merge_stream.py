@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapter_file import _checked_plan
+from .atomicio import replace_dir, staging_dir, writing
 from .errors import AdapterFileError, NotMergeableError
 from .method import load_adapter_state
 from .models.hf import config_and_class
@@ -54,30 +54,33 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
 
         registry = get_registry()
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
-                                else None))
-    try:
-        if source and source.startswith("hf:"):
-            summary = _merge_hf(Path(source[3:]), Path(adapter), tmp, skip_unmergeable,
-                                registry, progress, allow_nonfinite)
-        else:
-            summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable, registry,
-                                       allow_nonfinite)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # Built under a temporary name beside OUT and swapped in at once: a crash or a
+    # full disk at any moment leaves the previous OUT as it was (peftspec.atomicio).
+    needed = _output_bytes(Path(source[3:])) if source and source.startswith("hf:") else None
+    with writing(out, needed):
+        tmp = staging_dir(out)
+        try:
+            if source and source.startswith("hf:"):
+                summary = _merge_hf(Path(source[3:]), Path(adapter), tmp, skip_unmergeable,
+                                    registry, progress, allow_nonfinite)
+            else:
+                summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable,
+                                           registry, allow_nonfinite, final=out)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return summary
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
+def _output_bytes(path: Path) -> int | None:
+    """Bytes a streamed merge of the hf: folder ``path`` writes: its files less pickles
+    (the shards keep their keys, dtypes and shapes, so their sizes)."""
+    try:
+        return sum(p.stat().st_size for p in path.iterdir()
+                   if p.is_file() and not p.name.endswith(".bin"))
+    except OSError:
+        return None
 
 
 def _mergeable_records(plan, registry, skip_unmergeable: bool):
@@ -261,7 +264,7 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
 
 
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
-                     registry, allow_nonfinite: bool = False) -> dict:
+                     registry, allow_nonfinite: bool = False, final: Path | None = None) -> dict:
     from .adapter_file import load_adapter
     from .patching import merge
 
@@ -277,7 +280,8 @@ def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
     from .safetensors_io import header_and_chunks, write_chunks
 
     head, chunks = header_and_chunks(tensors, {"format": "pt"})
-    with open(out / WEIGHTS, "wb") as w:
+    needed = len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
+    with writing((final or out) / WEIGHTS, needed), open(out / WEIGHTS, "wb") as w:
         write_chunks(w, head, chunks)
         w.flush()
         os.fsync(w.fileno())

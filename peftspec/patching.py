@@ -29,6 +29,7 @@ from torch import nn
 from .errors import NotMergeableError, PeftspecError
 from .fingerprint import digest, fingerprint, named_tensors
 from .method import Method, is_adapter_module
+from .sizeguard import check_fits
 from .plan import Plan, Step
 
 DEFAULT_NAME = "default"
@@ -295,7 +296,7 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
 
 def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                name: str = DEFAULT_NAME, activate: bool | None = None,
-               _tensors=None) -> nn.Module:
+               force: bool = False, _tensors=None) -> nn.Module:
     """Execute ``plan`` on ``model`` in place, as adapter ``name``; return the model.
 
     The first adapter on a model becomes active. A further one is loaded beside
@@ -304,7 +305,11 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     Raises:
         PeftspecError: an adapter of that name is loaded already, or the model
             is not the one the plan was compiled for.
+        AdapterTooLarge: the adapter would add more parameters than the base
+            has, or more bytes than the memory available (``force`` skips this
+            check, made before anything is allocated).
     """
+    check_fits(plan, force=force)
     if registry is None:
         from .plugins import get_registry
 

@@ -30,6 +30,8 @@ else:  # pragma: no cover
 from .errors import Problem, SpecError, did_you_mean
 from .options import build_options, describe_type, selector_fields
 from .matching import parse_selector
+from .tomlerrors import syntax_problem, unreadable_problem
+from .untrusted import BadText, toml_loads
 from .tomlpos import LineMap, format_path
 from .train.config import OPTIONS as TRAIN_OPTIONS, check_value as check_train_value
 
@@ -99,23 +101,11 @@ def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
 
         registry = get_registry()
     try:
-        doc = tomllib.loads(text)
+        doc = toml_loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # Python < 3.14 puts the position only in the message: "... (at line 4, column 5)"
-        msg = str(exc)
-        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
-        line = col = None
-        if m:
-            line, col = int(m.group(1)), int(m.group(2))
-            msg = msg[:m.start()]
-        elif msg.endswith("(at end of document)"):
-            line = max(1, len(text.splitlines()))
-            msg = msg[: -len("(at end of document)")].rstrip() + " at the end of the file"
-        if col is not None:
-            msg = f"TOML syntax error at column {col}: {msg}"
-        else:
-            msg = f"TOML syntax error: {msg}"
-        raise SpecError(Problem(msg, file=file, line=line)) from None
+        raise SpecError(syntax_problem(text, exc, file)) from None
+    except BadText as exc:  # nesting past the recursion limit, a 5,000-digit number
+        raise SpecError(unreadable_problem(text, exc, file)) from None
 
     lines = LineMap(text)
     problems: list[Problem] = []

@@ -276,6 +276,10 @@ class LoRA(Method):
             return "LoRA adapts Linear, Conv1D and Embedding modules only"
         if kind == "embedding" and step.options.dora:
             return "DoRA is not supported on Embedding modules; use dora = false here"
+        n_in, n_out = _dims(module, kind)
+        if step.options.r > min(n_in, n_out):  # B·A has rank <= min(in, out) anyway
+            return (f"r = {step.options.r} exceeds min(in, out) = {min(n_in, n_out)} of "
+                    f"this {n_in}x{n_out} module; a larger rank only adds parameters")
         return None
 
     def count_params(self, module, step):

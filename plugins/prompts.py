@@ -307,6 +307,17 @@ class _Rewriter:
         return with_prefix(pairs, cache, self.model)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most positions ``model`` takes (its config's ``max_position_embeddings``,
+    ``n_positions`` or ``block_size``), or ``None`` where it does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "block_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 # --- methods ---------------------------------------------------------------------------
 
 class _SoftPromptMethod(Method):
@@ -337,6 +348,10 @@ class _SoftPromptMethod(Method):
             return str(exc)
         if CHILD in module._modules or hasattr(module, CHILD):
             return f"the model already has an attribute named '{CHILD}'"
+        limit = context_length(module)
+        if limit is not None and step.options.tokens >= limit:
+            return (f"tokens = {step.options.tokens} leaves no room for input in this "
+                    f"model's context of {limit} positions")
         return None
 
     def width(self, model, options) -> int:

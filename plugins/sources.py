@@ -74,10 +74,16 @@ def load_py(rest: str, num_labels: int | None = None) -> nn.Module:
 
 
 def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
-    path, config, cls = config_and_class(rest)
-    if num_labels is not None:
-        return _load_hf_classifier(rest, path, config, num_labels)
-    return cls.from_pretrained(path, local_files_only=True)
+    try:
+        path, config, cls = config_and_class(rest)
+        if num_labels is not None:
+            return _load_hf_classifier(rest, path, config, num_labels)
+        # use_safetensors: a folder holding only pytorch_model.bin is refused, not
+        # unpickled (peftspec never unpickles, even with torch's weights_only); remote
+        # code (a config's auto_map) is never trusted, so transformers refuses it too.
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"'hf:{rest}' does not load: {exc}") from None
 
 
 def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Module:
@@ -98,7 +104,8 @@ def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Mo
                 extra["pad_token_id"] = config.eos_token_id
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, num_labels=num_labels, output_loading_info=True,
+            path, local_files_only=True, use_safetensors=True, num_labels=num_labels,
+            output_loading_info=True,
             problem_type="single_label_classification", **extra)
     except (ValueError, RuntimeError, OSError, KeyError) as exc:
         raise ModelSourceError(f"'hf:{rest}' does not load as a sequence classifier with "

@@ -116,7 +116,8 @@ def test_toml_syntax_error(tmp_path):
     p = write(tmp_path, '[[reparameterize]]\nmethod = "lora"\nmodules = ["a"\n')
     r = invoke("check", p)
     assert r.exit_code == 2
-    assert f"{p}:3: TOML syntax error: Unclosed array at the end of the file" in r.stderr
+    assert f"{p}:3: TOML syntax error at column 11: unclosed array (no matching ']'); the " \
+        "parser stopped at the end of the file: Unclosed array" in " ".join(r.stderr.split())
 
 
 def test_selector_matching_nothing_names_it(tmp_path):

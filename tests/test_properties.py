@@ -46,7 +46,7 @@ def specs(draw, allow_train=True, allow_prefix=True):
         has_emb = any(MODULE_SELECTORS[m] for m in mods)
         lines += ["[[reparameterize]]", 'method = "lora"',
                   "modules = [" + ", ".join(f'"{m}"' for m in mods) + "]",
-                  f"r = {draw(st.integers(1, 4))}",
+                  f"r = {draw(st.integers(1, 2))}",  # <= min(in, out): ToyConfig d >= 2
                   f"alpha = {draw(st.sampled_from([1, 2, 8, 16.5]))}",
                   f"rslora = {str(draw(st.booleans())).lower()}",
                   f"dora = {str(False if has_emb else draw(st.booleans())).lower()}",

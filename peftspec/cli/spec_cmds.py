@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
-from .common import MODEL_HELP, human_bytes, load, memory_options, out, registry
+from .common import MODEL_HELP, err, human_bytes, load, memory_options, out, registry
 
 
 @click.command()
@@ -58,6 +59,13 @@ def _print_plan(plan, verbose: bool) -> None:
     out.print(f"trainable: {plan.trainable_params:,} of {plan.total_params:,} parameters "
               f"({pct:.4f}%); adapter size: {human_bytes(plan.adapter_bytes)} "
               f"({plan.adapter_bytes:,} bytes of tensors)")
+    from ..sizeguard import AdapterTooLarge, check_fits
+
+    try:
+        check_fits(plan)
+    except AdapterTooLarge as exc:  # plan changes nothing; apply and train will refuse
+        err.print(f"[yellow]warning:[/] apply and train refuse this: {escape(str(exc))}",
+                  soft_wrap=True)
 
 
 @click.command()
@@ -111,7 +119,11 @@ def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memor
               help="adapter file to write (.safetensors)")
 @click.option("--seed", default=0, show_default=True, help="seed for the adapter's init")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def apply(spec: Path, model: str | None, out_path: Path, seed: int, as_json: bool):
+@click.option("--force", is_flag=True,
+              help="apply even an adapter larger than the base model or than the memory "
+                   "available (refused otherwise, before anything is allocated)")
+def apply(spec: Path, model: str | None, out_path: Path, seed: int, as_json: bool,
+          force: bool):
     """Apply SPEC to a model and write the freshly initialised adapter.
 
     The file is self-describing (spec, base fingerprint, version): load it
@@ -125,7 +137,7 @@ def apply(spec: Path, model: str | None, out_path: Path, seed: int, as_json: boo
     reg, _, m, p = load(spec, model)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    apply_plan(p, m, registry=reg)
+    apply_plan(p, m, registry=reg, force=force)
     elapsed = time.perf_counter() - t0
     save_adapter(m, out_path)
     size = out_path.stat().st_size

@@ -87,8 +87,11 @@ class _Stopper:
               help="under torchrun: shard the model over the processes with FSDP2 "
                    "(for bases too large for one device) instead of a copy per process (DDP)")
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary")
+@click.option("--force", is_flag=True,
+              help="train even an adapter larger than the base model or than the memory "
+                   "available (refused otherwise, before anything is allocated)")
 def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | None,
-          fsdp: bool, as_json: bool, **options):
+          fsdp: bool, as_json: bool, force: bool, **options):
     """Train SPEC's adapter on a data file and write it to --out.
 
     \b
@@ -171,7 +174,7 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
     with _Stopper(quiet=not rank0) as stopper, progress:
         result = run_train(s, cfg, model_source=model_source, out=out_path, resume=resume,
                            registry=reg, on_event=on_event, should_stop=lambda: stopper.flag,
-                           fsdp=fsdp)
+                           fsdp=fsdp, force=force)
     if not rank0:  # under torchrun, rank 0 reports for all
         if result.interrupted:
             raise click.exceptions.Exit(130)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..spec import Rule
 from .folder import PREFIX, _refuse
+from ..saferegex import compile_pattern
 from .matching import _suffixes, hf_pattern_key, hf_selects
 
 
@@ -124,7 +125,8 @@ class ExportContext:
                 continue
 
             def ok(s: str, value=value) -> bool:
-                return all(v == value for n, v in values.items() if re.match(rf"(.*\.)?({s})$", n))
+                pat = compile_pattern(rf"(.*\.)?({s})$")
+                return all(v == value for n, v in values.items() if pat.match(n))
 
             key = self.shortest_suffixes([name], ok)[0]
             out.setdefault(key, value)

@@ -14,11 +14,14 @@ exported rule owns.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from torch import nn
 
-from ..adapter_file import _checked_plan, atomic_write_bytes, read_metadata
+from ..adapter_file import _checked_plan, read_metadata
+from ..atomicio import atomic_write_bytes, replace_dir, staging_dir, writing
 from ..errors import AdapterFileError, SpecError
 from ..fingerprint import decode
 from ..matching import parse_selector
@@ -26,6 +29,7 @@ from ..options import selector_fields
 from ..patching import base_view
 from ..safetensors_io import serialize
 from ..spec import parse_spec
+from ..untrusted import BadText, json_loads
 from .export_context import ExportContext, ExportRule, HFPeftPart
 from .folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, _read_tensors, _refuse
 
@@ -60,7 +64,13 @@ def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str]
     if raw is None:
         _refuse("the adapter file does not record its targets (written by an older "
                 "peftspec); pass --model so the spec can be resolved against the base")
-    targets: dict[str, str] = json.loads(raw)
+    try:
+        targets: dict[str, str] = json_loads(raw)
+    except BadText as exc:
+        _refuse(f"the adapter file's 'targets' metadata is not readable JSON ({exc})")
+    if not isinstance(targets, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in targets.items()):
+        _refuse("the adapter file's 'targets' metadata is not a JSON object of strings")
     steps, claimed = [], set()
     for rule in spec.rules:
         method = registry.method(rule.method)
@@ -128,7 +138,11 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         raise AdapterFileError(f"{adapter}: its embedded spec does not load here:\n{exc}") \
             from None
     tensors = _read_tensors(adapter)
-    fp = decode(meta["base_fingerprint"]) if "base_fingerprint" in meta else None
+    try:
+        fp = decode(meta["base_fingerprint"]) if "base_fingerprint" in meta else None
+    except BadText as exc:
+        raise AdapterFileError(f"{adapter}: its 'base_fingerprint' metadata is damaged ({exc})") \
+            from None
     fp_names = {n for n, _, _ in fp} if fp else set()
 
     if model is not None:
@@ -217,9 +231,35 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     data = serialize(out_tensors, {"format": "pt"})
     if out_dir.exists() and not out_dir.is_dir():
         _refuse(f"{out_dir} exists and is not a folder")
-    atomic_write_bytes(out_dir / WEIGHTS_FILE, data)
-    atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(full, indent=2) + "\n").encode())
+    config_bytes = (json.dumps(full, indent=2) + "\n").encode()
+    _write_folder(out_dir, {WEIGHTS_FILE: data, CONFIG_FILE: config_bytes})
     return out_dir
+
+
+def _write_folder(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into ``out_dir`` as one change: the folder is staged beside it
+    (its other files hard-linked in) and swapped in, so a crash or a full disk never
+    leaves new weights beside an old config."""
+    with writing(out_dir, sum(map(len, files.values()))):
+        stage = staging_dir(out_dir)
+        try:
+            if out_dir.is_dir():
+                for item in out_dir.iterdir():
+                    if item.name in files:
+                        continue
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.copytree(item, stage / item.name, symlinks=True)
+                        continue
+                    try:
+                        os.link(item, stage / item.name, follow_symlinks=False)
+                    except OSError:
+                        shutil.copy2(item, stage / item.name, follow_symlinks=False)
+            for name, data in files.items():
+                atomic_write_bytes(stage / name, data)
+            replace_dir(stage, out_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
 
 
 def _modules_to_save(trained: list[ExportRule], params: set[str], module_names: list[str],

@@ -12,7 +12,6 @@ that the export and import sides share it without depending on each other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ConversionError
+from ..untrusted import BadText, json_loads
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -51,8 +51,8 @@ def read_hf_adapter(src: str | Path) -> tuple[dict, Path]:
     if not cfg_path.is_file():
         _refuse(f"{src}: no {CONFIG_FILE} here, so this is not an HF PEFT adapter folder")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json_loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, BadText) as exc:
         _refuse(f"{cfg_path}: not readable JSON ({exc})")
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         _refuse(f"{cfg_path}: has no 'peft_type' string; not an HF PEFT adapter config")

@@ -25,6 +25,7 @@ from torch import nn
 from ..matching import class_names, parse_selector
 from .export_context import ExportContext
 from .folder import CONFIG_FILE, _refuse
+from ..saferegex import UnsafePattern, escape
 from .matching import _suffixes, hf_pattern_key, hf_selects
 
 
@@ -116,9 +117,9 @@ class ImportContext:
             self.get(name, kinds)
         try:
             return [n for n in self.modules if hf_selects(self.config, n)]
-        except re.error as exc:
-            _refuse(f"cannot import: a module pattern in {CONFIG_FILE} is not a valid regular "
-                    f"expression ({exc})")
+        except UnsafePattern as exc:
+            _refuse(f"cannot import: a module pattern in {CONFIG_FILE} (target_modules, "
+                    f"exclude_modules, layers_pattern or modules_to_save): {exc}")
 
     @staticmethod
     def pattern_key(patterns: dict | None, name: str) -> str | None:
@@ -144,7 +145,7 @@ class ImportContext:
             return []
         if isinstance(names, str):
             return [f"re:{names}"]
-        return [f"**.{n}" if re.fullmatch(r"[\w.\-]+", n) else f"re:(.*\\.)?{re.escape(n)}"
+        return [f"**.{n}" if re.fullmatch(r"[\w.\-]+", n) else f"re:(.*\\.)?{escape(n)}"
                 for n in sorted(names)]  # HF PEFT saves a set: its order means nothing
 
     @staticmethod
@@ -176,8 +177,8 @@ class ImportContext:
         if len(globs) <= 12:
             out.append((globs, exclude))
         alt = "|".join
-        out.append(([f"re:(.*\\.)?({alt(map(re.escape, stacks))})\\.({alt(map(str, layers))})"
-                     f"\\.(.*\\.)?({alt(map(re.escape, targets))})"], exclude))
+        out.append(([f"re:(.*\\.)?({alt(map(escape, stacks))})\\.({alt(map(str, layers))})"
+                     f"\\.(.*\\.)?({alt(map(escape, targets))})"], exclude))
         return out
 
     def selectors(self, members: Iterable[str], candidates=(), *,
@@ -210,7 +211,7 @@ class ImportContext:
             picked -= gone
             if modules and picked == want:
                 return modules, exclude
-        return [n if re.fullmatch(r"[\w.\-]+", n) else f"re:{re.escape(n)}"
+        return [n if re.fullmatch(r"[\w.\-]+", n) else f"re:{escape(n)}"
                 for n in members], []
 
     @staticmethod

@@ -12,18 +12,19 @@ briefly, to save it in peftspec's format, and the base is left as it was.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..adapter_file import atomic_write_bytes, file_tensors, save_adapter
+from ..adapter_file import MAX_FINGERPRINT_CHARS, file_tensors, save_adapter
+from ..atomicio import atomic_write_bytes, check_room
 from ..errors import ConversionError, SpecError
 from ..matching import parse_selector
 from ..method import adapter_state, load_adapter_state
 from ..patching import active_adapter, apply_plan, base_view, remove, use
 from ..plan import compile_plan
+from ..saferegex import UnsafePattern
 from ..spec import parse_spec
 from .folder import CONFIG_FILE, PREFIX, _read_tensors, _refuse, read_hf_adapter
 from .import_context import ImportContext, ImportedRule
@@ -73,9 +74,8 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         ctx = ImportContext(config, model, {k: tuple(v.shape) for k, v in hf_tensors.items()})
         try:
             result = method.from_hf_peft(config, ctx)
-        except re.error as exc:
-            _refuse(f"cannot import: a pattern in {CONFIG_FILE} is not a valid regular "
-                    f"expression ({exc})")
+        except UnsafePattern as exc:
+            _refuse(f"cannot import: a pattern in {CONFIG_FILE}: {exc}")
         rules, mapping = list(result.rules), dict(result.tensors)
         if config.get("modules_to_save"):
             rules.append(_train_rule(ctx, ctx.get("modules_to_save", "str|str-list"), mapping))
@@ -133,6 +133,9 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         with torch.no_grad():
             for k in set(converted) - in_state:
                 params[k].copy_(converted[k])
+        # both files, or neither: room for the two is checked before the first is written
+        check_room(out, sum(t.numel() * t.element_size() for t in converted.values()) +
+                   len(text.encode("utf-8")) + MAX_FINGERPRINT_CHARS)
         save_adapter(model, out)
         atomic_write_bytes(spec_out, text.encode("utf-8"))
     finally:

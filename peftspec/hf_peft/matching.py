@@ -7,28 +7,36 @@ peft 0.21 (``tuners_utils.check_target_module_exists``). Export uses them to
 check that the config it writes selects exactly the adapted modules, import to
 find what an HF config adapts. (peftspec's own selectors are
 :mod:`peftspec.matching`; this is HF PEFT's matching, not ours.)
+
+The patterns come from configs written by anyone, so they are compiled with
+RE2 (:mod:`peftspec.saferegex`): linear time whatever the config says; a
+pattern RE2 cannot run (backreferences, lookaround) raises
+:class:`~peftspec.saferegex.UnsafePattern`, which the importer reports.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
+
+from ..saferegex import compile_pattern
+
+_DEFAULT_LAYER = compile_pattern(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def _layer_index(key: str, layers_pattern) -> int | None:
     if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        idx = _DEFAULT_LAYER.group(key, "idx")
     else:
-        m = None
+        idx = None
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if m:
+            idx = compile_pattern(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.").group(key, "idx")
+            if idx is not None:
                 break
-    return int(m.group("idx")) if m else None
+    return int(idx) if idx is not None else None
 
 
 def _hf_wrapped(modules_to_save, key: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save or ())
+    return any(compile_pattern(rf"(^|.*\.){m}($|\..*)").match(key) for m in modules_to_save or ())
 
 
 def hf_selects(config: dict, key: str) -> bool:
@@ -36,7 +44,7 @@ def hf_selects(config: dict, key: str) -> bool:
     exclude = config.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if compile_pattern(exclude).fullmatch(key):
                 return False
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return False
@@ -46,7 +54,7 @@ def hf_selects(config: dict, key: str) -> bool:
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return compile_pattern(targets).fullmatch(key)
     if key in targets:
         return True
     found = any(key.endswith(f".{t}") for t in targets)
@@ -62,7 +70,7 @@ def hf_selects(config: dict, key: str) -> bool:
 def hf_pattern_key(keys: Iterable[str], key: str) -> str | None:
     """The ``rank_pattern`` / ``alpha_pattern`` key HF PEFT uses for ``key``, if any."""
     for k in keys:
-        if re.match(rf"(.*\.)?({k})$", key):
+        if compile_pattern(rf"(.*\.)?({k})$").match(key):
             return k
     return None
 

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..adapter_file import atomic_write_bytes, save_adapter
+from ..adapter_file import save_adapter
+from ..atomicio import atomic_write_bytes, replace_dir, staging_dir, writing
 from ..errors import PeftspecError
+from ..untrusted import BadText, json_loads
 from ..safetensors_io import serialize
 
 FORMAT = "peftspec.train-checkpoint"
@@ -87,9 +87,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], path
         for key in f.keys():
             kind, _, name = key.partition("/")
             by_name.setdefault(name, {})[kind] = f.get_tensor(key)
-    saved_groups = json.loads(meta.get("param_groups", "[]"))
+    try:
+        saved_groups = json_loads(meta.get("param_groups", "[]"))
+    except BadText as exc:
+        raise CheckpointError(f"{path}: 'param_groups' metadata is not JSON ({exc})") from None
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if [g["params"] for g in saved_groups] != current:
+    if not isinstance(saved_groups, list) or \
+            [g.get("params") if isinstance(g, dict) else g for g in saved_groups] != current:
         raise CheckpointError(f"{path}: the checkpoint's trainable parameters differ from "
                               "this run's (was the spec changed?)")
     state_dict = optimizer.state_dict()
@@ -114,9 +118,8 @@ def save(directory: Path, *, step: int, model, optimizer, names: dict[int, str],
     ``adapter_metadata``: extra header entries of the adapter file (a classifier's
     task and labels).
     """
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=directory))
+    tmp = staging_dir(final)
     try:
         save_adapter(model, tmp / "adapter.safetensors", tensors=adapter_tensors,
                      metadata=adapter_metadata)
@@ -126,9 +129,8 @@ def save(directory: Path, *, step: int, model, optimizer, names: dict[int, str],
                 "rng": rng_state()}
         atomic_write_bytes(tmp / "state.json",
                            (json.dumps(body, sort_keys=True) + "\n").encode())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with writing(final):
+            replace_dir(tmp, final)  # a checkpoint written again (resumed runs) swaps whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -151,10 +153,11 @@ def find(path: Path) -> Path:
 
 def read_state(folder: Path) -> dict:
     try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json_loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, BadText) as exc:
         raise CheckpointError(f"{folder / 'state.json'}: unreadable ({exc})") from None
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or \
+            state.get("version") != VERSION:
         raise CheckpointError(f"{folder}: not a peftspec training checkpoint of version "
                               f"{VERSION}")
     return state

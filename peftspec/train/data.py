@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftspecError
+from ..untrusted import BadText, json_loads
 
 IGNORE = -100
 MAX_LABELS = 10_000  # integer labels are class ids below this
@@ -157,9 +158,11 @@ def read_examples(path: str | Path) -> list[Example]:
 def _record(path: Path, lineno: int, line: str) -> Example:
     where = f"{path}:{lineno}"
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        obj = json_loads(line)
+    except BadText as exc:
+        why = f"{exc.args[0].rsplit(' at line ', 1)[0]} at column {exc.colno}" \
+            if exc.colno is not None else str(exc)
+        raise DataError(f"{where}: not valid JSON ({why})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     has_text, has_pc = "text" in obj, ("prompt" in obj or "completion" in obj)

@@ -107,7 +107,7 @@ class Run:
 
     def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
                  resume: Path | None = None, rank0: bool = True,
-                 world: distributed.World | None = None):
+                 world: distributed.World | None = None, force: bool = False):
         from .. import apply, get_registry, load_adapter
 
         self.cfg, self.rank0 = cfg, rank0
@@ -124,11 +124,11 @@ class Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.resume_folder is None:
-            apply(spec, self.model, registry=self.registry)
+            apply(spec, self.model, registry=self.registry, force=force, training=True)
         else:
             tasks.check_resume(self.task, self.resume_folder / "adapter.safetensors")
             load_adapter(self.model, self.resume_folder / "adapter.safetensors",
-                         registry=self.registry)
+                         registry=self.registry, force=force)
         tasks.check_head_trained(self.task, self.model)
         self.model.train()
         self.checkpointing = checkpointing.enable(self.model) \
@@ -319,7 +319,7 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
           on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] = lambda: False,
           max_steps_this_run: int | None = None, rank0: bool | None = None,
-          fsdp: bool = False) -> TrainResult:
+          fsdp: bool = False, force: bool = False) -> TrainResult:
     """Train ``spec``'s adapter on ``model`` (or the model ``model_source`` names).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel, starting
@@ -339,20 +339,30 @@ def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None
         rank0: whether this process writes files and reports (default: rank 0).
         fsdp: shard the model with FSDP2 instead of replicating it with DDP
             (under torchrun only).
+        force: train an adapter larger than the base or than the memory
+            available (its weights, gradients and AdamW states), which is
+            otherwise refused before anything is allocated.
     """
     with distributed.session(fsdp) as world:
         return _train(spec, cfg, model_source=model_source, model=model, out=out,
                       resume=resume, registry=registry, on_event=on_event,
                       should_stop=should_stop, max_steps_this_run=max_steps_this_run,
-                      rank0=world.rank0 if rank0 is None else rank0, world=world)
+                      rank0=world.rank0 if rank0 is None else rank0, world=world,
+                      force=force)
 
 
 def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry, on_event,
            should_stop, max_steps_this_run, rank0: bool,
-           world: distributed.World) -> TrainResult:
+           world: distributed.World, force: bool = False) -> TrainResult:
     emit = on_event if (on_event and rank0) else (lambda record: None)
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
-              resume=Path(resume) if resume else None, rank0=rank0, world=world)
+              resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
+    if out is not None and rank0:  # a full disk or read-only --out: say so before training
+        from ..adapter_file import file_tensors
+        from ..atomicio import check_room
+
+        tensors = file_tensors(run.model).values()
+        check_room(out, sum(t.numel() * t.element_size() for t in tensors))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     log = MetricsLog(cfg.log if rank0 else None,
                      resume_step=run.step if run.resume_folder else None)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..untrusted import BadText, json_loads
+
 
 class MetricsLog:
     """Appends records to ``path`` (``None``: discards them)."""
@@ -55,8 +57,8 @@ def read(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = json_loads(line)
+        except BadText:
             continue
         if isinstance(rec, dict):
             records.append(rec)

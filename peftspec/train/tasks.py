@@ -22,7 +22,6 @@ train a causal LM. ``{"text", "label"}`` records train a sequence classifier:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PeftspecError
+from ..untrusted import BadText, json_loads
 from . import data
 
 CLASSIFICATION = "sequence-classification"
@@ -170,8 +170,8 @@ def _labels_in(meta: dict, path: Path) -> list | None:
     if meta.get("task") != CLASSIFICATION:
         return None
     try:
-        labels = json.loads(meta["labels"])
-    except (KeyError, json.JSONDecodeError):
+        labels = json_loads(meta["labels"])
+    except (KeyError, BadText):
         labels = None
     if not isinstance(labels, list):
         from ..errors import AdapterFileError
