@@ -270,11 +270,28 @@ def test_cli_plugins_warns_about_an_empty_plugin_and_never_truncates(tmp_path):
         def register_methods(register):
             raise AssertionError("never called: not a hook implementation")
         """))
+    (site / "peftspec_long_pkg").mkdir()
+    (site / "peftspec_long_pkg" / "__init__.py").write_text(textwrap.dedent("""\
+        from peftspec import hookimpl
+        from peftspec_plugins.selective import Select
+
+        class LongName(Select):
+            name = "a-rather-long-method-name-for-the-table"
+            summary = "a summary long enough to need the room the names take " * 2
+
+        @hookimpl
+        def register_methods(register):
+            register(LongName())
+        """))
     dist = "peftspec-a-very-long-distribution-name-for-a-method"
-    info = site / f"{dist.replace('-', '_')}-0.0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text("[peftspec]\nforgot = peftspec_forgot_pkg\n")
+    long_dist = "peftspec-another-distribution-with-a-long-name"
+    for name, ep in ((dist, "forgot = peftspec_forgot_pkg"), (long_dist,
+                                                               "long = peftspec_long_pkg")):
+        info = site / f"{name.replace('-', '_')}-0.0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
+                                       "Version: 0.0.1\n")
+        (info / "entry_points.txt").write_text(f"[peftspec]\n{ep}\n")
     env = {k: v for k, v in os.environ.items() if k != "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD"}
     env.update(PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]),
                COLUMNS="80")
@@ -287,6 +304,15 @@ def test_cli_plugins_warns_about_an_empty_plugin_and_never_truncates(tmp_path):
     assert f"'{dist}'" in " ".join(text.split())  # whole, possibly wrapped only at spaces
     assert "register_methods() is not marked with @peftspec.hookimpl" in " ".join(text.split())
     assert "…" not in res.stdout
+    # names too long for a table row at 80 columns: listed whole, never cropped
+    lines = res.stdout.splitlines()
+    assert "a-rather-long-method-name-for-the-table" in lines
+    assert any(long_dist in line for line in lines)
+    # and with room, one table row holds both, uncut
+    env["COLUMNS"] = "200"
+    row = next(line for line in run().stdout.splitlines() if "a-rather-long-method" in line)
+    assert "a-rather-long-method-name-for-the-table" in row and long_dist in row
+    env["COLUMNS"] = "80"
     for name in ("prompt-tuning", "prefix-tuning", "bottleneck", "peftspec"):
         assert name in res.stdout
     data = json.loads(run("--json").stdout)

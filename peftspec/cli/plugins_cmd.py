@@ -52,21 +52,35 @@ def plugins(method: str | None, as_json: bool):
     cols = ["method", "family", "mergeable", "distribution"]
     cells = [[r["name"], r["family"], "yes" if r["mergeable"] else "no", r["distribution"]]
              for r in rows]
-    out.print(_table("methods", cols, cells, [r["summary"] for r in rows], "summary"))
-    out.print(_table("model sources", ["source", "distribution"],
-                     [[s["source"], s["distribution"]] for s in sources],
-                     [s["help"] for s in sources], "help"))
+    _show("methods", cols, cells, [r["summary"] for r in rows], "summary")
+    _show("model sources", ["source", "distribution"],
+          [[s["source"], s["distribution"]] for s in sources], [s["help"] for s in sources],
+          "help")
     if reg.methods:
         out.print("details of one method: peftspec plugins METHOD", style="dim")
 
 
-def _table(title: str, cols: list[str], cells: list[list[str]], notes: list[str],
-           note_col: str) -> Table:
+def _show(title: str, cols: list[str], cells: list[list[str]], notes: list[str],
+          note_col: str) -> None:
     """A table whose named columns never wrap or truncate; the free-text column
-    folds, or is left out when the terminal leaves it too little room."""
+    folds, or is left out when the terminal leaves it too little room. Where even
+    the named columns do not fit, one entry per paragraph instead (a table would
+    crop them)."""
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     fixed = sum(widths) + 3 * len(cols) + 1  # cell padding and borders
-    room = out.width - fixed - 3
+    if fixed > out.width:
+        out.print(title)
+        for row, note in zip(cells, notes):
+            out.print(escape(row[0]), style="bold", soft_wrap=True)
+            out.print("  " + escape(", ".join(f"{c}: {v}" for c, v in zip(cols[1:], row[1:]))),
+                      soft_wrap=True)
+            if note:
+                out.print("  " + escape(note), style="dim", soft_wrap=True)
+        return
+    out.print(_table(title, cols, widths, cells, notes, note_col, out.width - fixed - 3))
+
+
+def _table(title, cols, widths, cells, notes, note_col, room) -> Table:
     t = Table(title=title, title_justify="left")
     for c, w in zip(cols, widths):
         t.add_column(c, no_wrap=True, min_width=w, overflow="fold")
