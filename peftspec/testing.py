@@ -370,7 +370,7 @@ class _Checks:
         try:
             with ps.rows(model, names):
                 mixed = self.out(model)
-        except NotImplementedError as exc:
+        except (NotImplementedError, ps.PeftspecError) as exc:  # a clear refusal is fine
             raise _Skip(f"not supported: {exc}") from None
         for i, name in enumerate(names):
             with ps.using(model, name):
@@ -427,10 +427,10 @@ class _Checks:
     def hf_peft(self):
         from .method import Method
 
-        declared = [m for m in self.methods if m.hf_peft_types or
-                    type(m).to_hf_peft is not Method.to_hf_peft]
-        if not declared:
-            raise _Skip("no method declares HF PEFT support")
+        undeclared = sorted({m.name for m in self.methods if m.family != "train" and not (
+            m.hf_peft_types or type(m).to_hf_peft is not Method.to_hf_peft)})
+        if undeclared or all(m.family == "train" for m in self.methods):
+            raise _Skip(f"{', '.join(undeclared) or 'the spec'} declares no HF PEFT support")
         ps = self.ps
         folder = ps.export_hf_peft(self.file, self.tmp / "hf", model=self.fresh(),
                                    registry=self.reg)

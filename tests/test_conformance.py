@@ -35,7 +35,7 @@ BUILTIN = {
     "p-tuning": '[prefix]\nmethod = "p-tuning"\ntokens = 2\nencoder = "lstm"',
     "prefix-tuning": '[prefix]\nmethod = "prefix-tuning"\ntokens = 2\nprojection = true',
     "mixed": '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\nr = 2\n'
-             '[[augment]]\nmethod = "bottleneck"\nafter = ["**.attn"]\nsize = 4',
+             '[[augment]]\nmethod = "bottleneck"\nafter = ["**.mlp"]\nsize = 4',
 }
 
 # what each case must skip (everything else must pass)
