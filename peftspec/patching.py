@@ -208,7 +208,7 @@ def _activate(model: nn.Module, state: PatchState, name: str) -> None:
 def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     """Freeze everything, then unfreeze the adapter's tensors and its trained base
     parameters, in one walk of the model (on thousands of modules each walk counts).
-    Returns the walk (every module, and the adapter modules) for :func:`verify`."""
+    Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
     adapters = []
     modules = _all_modules(model)
     for module in modules:  # not model.parameters(): its de-duplication costs
@@ -221,10 +221,12 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     if trained:
         for name in trained:
             state.base_values[name][0].requires_grad_(True)
+    unfrozen = []
     for module in adapters:  # after the walk: a later module may share a parameter
         for p in module.adapter_params().values():
             p.requires_grad_(True)
-    return modules, adapters
+            unfrozen.append(p)
+    return modules, unfrozen
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:
@@ -355,9 +357,9 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         state.adapters[name] = adapter
         state.active = name
         model.__dict__["_peftspec"] = state
-        modules, adapters = _set_trainable(model, state, adapter)
+        modules, adapter_tensors = _set_trainable(model, state, adapter)
         registry.pm.hook.after_apply(model=model, plan=plan)
-        verify(model, snapshot, modules, adapters, plan, adapter.records, registry)
+        verify(model, snapshot, modules, adapter_tensors, plan, adapter.records, registry)
     except BaseException:
         state.adapters.pop(name, None)
         state.active = None

@@ -56,12 +56,13 @@ class BaseSnapshot:
 
 
 def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
-           adapters: Iterable[nn.Module], plan, records, registry) -> None:
+           adapter_tensors: Iterable[torch.Tensor], plan, records, registry) -> None:
     """Raise :class:`PluginError` if the applied adapter broke the promise.
 
     Args:
         modules: every module of the patched model (each once).
-        adapters: those of them that are adapter modules.
+        adapter_tensors: the parameters the adapter modules' ``adapter_params()``
+            returned (repeats allowed), as ``apply_plan`` just unfroze them.
         plan: the plan just applied; ``records``: its ``Record`` list.
     """
     present_p: set[int] = set()
@@ -90,11 +91,10 @@ def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
 
     seen: set[int] = set()
     added = 0
-    for m in adapters:
-        for p in m.adapter_params().values():
-            if id(p) not in seen:
-                seen.add(id(p))
-                added += p.numel()
+    for p in adapter_tensors:
+        if id(p) not in seen:
+            seen.add(id(p))
+            added += p.numel()
     base_ids = {id(t) for _, t, _ in snap.params}
     stray = present_p - base_ids - seen
     if stray:
