@@ -44,8 +44,12 @@ class BaseSnapshot:
     __slots__ = ("params", "buffers", "_alias")
 
     def __init__(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
-        self.params = [(name, t, _ptr(t)) for name, t in params.items()]
-        self.buffers = [(name, t, _ptr(t)) for name, t in buffers.items()]
+        try:  # the common case in one pass each; tensor subclasses may lack storage
+            self.params = [(name, t, t.data_ptr()) for name, t in params.items()]
+            self.buffers = [(name, t, t.data_ptr()) for name, t in buffers.items()]
+        except (RuntimeError, NotImplementedError):
+            self.params = [(name, t, _ptr(t)) for name, t in params.items()]
+            self.buffers = [(name, t, _ptr(t)) for name, t in buffers.items()]
         self._alias = [t.data for t in params.values()] + [t.data for t in buffers.values()]
 
     def restore(self) -> None:
@@ -64,7 +68,77 @@ def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
         adapter_tensors: the parameters the adapter modules' ``adapter_params()``
             returned (repeats allowed), as ``apply_plan`` just unfroze them.
         plan: the plan just applied; ``records``: its ``Record`` list.
+
+    The fast path, taken when every step swapped its module for one that holds
+    the original's own tensors and children under the same names (LoRA, IA3,
+    bottleneck's wrapper), costs a few dictionary lookups per step; otherwise
+    (a step patched in place, or renamed or dropped a tensor) every module's
+    tensors are looked up.
     """
+    modules = list(modules)
+    if not _kept_by_name(records):
+        present_p, present_b = _present(modules)
+        missing = [(name, f"base {kind} '{name}' is no longer in the model (was it replaced "
+                          "by a copy? keep the base module's own tensor object, e.g. "
+                          "self.weight = base.weight)")
+                   for entries, present, kind in ((snap.params, present_p, "parameter"),
+                                                  (snap.buffers, present_b, "buffer"))
+                   for name, t, _ in entries if id(t) not in present]
+        if missing:
+            _raise_for_names(model, plan, registry, missing)
+    try:
+        moved = [name for name, t, ptr in snap.params + snap.buffers if t.data_ptr() != ptr]
+    except (RuntimeError, NotImplementedError):
+        moved = [name for name, t, ptr in snap.params + snap.buffers
+                 if ptr is not None and _ptr(t) != ptr]
+    if moved:
+        kinds = {name: "buffer" for name, _, _ in snap.buffers}
+        moved = [(name, f"base {kinds.get(name, 'parameter')} '{name}' now points at other "
+                        "memory (its .data was replaced); base tensors must stay untouched")
+                 for name in moved]
+        _raise_for_names(model, plan, registry, moved)
+
+    seen: set[int] = set()
+    added = 0
+    for p in adapter_tensors:
+        if id(p) not in seen:
+            seen.add(id(p))
+            added += p.numel()
+    if added != plan.params_added:
+        present_p, _ = _present(modules)
+        stray = present_p - {id(t) for _, t, _ in snap.params} - seen
+        if stray:  # the likely cause: new parameters adapter_params() does not report
+            _raise_stray(model, plan, registry, stray)
+        _raise_count(plan, records, registry, added)
+
+
+def _kept_by_name(records) -> bool:
+    """Whether every step installed a new module holding the original's own
+    parameters, buffers and children under the same names."""
+    for rec in records:  # written for speed: thousands of steps on a deep model
+        o, i = rec.original, rec.installed
+        if i is o:
+            return False
+        own, theirs = o._parameters, i._parameters
+        if own is not theirs:  # (bottleneck's wrapper adopts the dicts themselves)
+            for k, v in own.items():
+                if v is not None and theirs.get(k) is not v:
+                    return False
+        own, theirs = o._buffers, i._buffers
+        if own and own is not theirs:
+            for k, v in own.items():
+                if v is not None and theirs.get(k) is not v:
+                    return False
+        own, theirs = o._modules, i._modules
+        if own and own is not theirs:
+            for k, v in own.items():
+                if v is not None and theirs.get(k) is not v:
+                    return False
+    return True
+
+
+def _present(modules) -> tuple[set[int], set[int]]:
+    """ids of every parameter and buffer held by ``modules``."""
     present_p: set[int] = set()
     present_b: set[int] = set()
     for m in modules:
@@ -75,32 +149,7 @@ def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
             for b in m._buffers.values():
                 if b is not None:
                     present_b.add(id(b))
-    changed = []  # (name, why)
-    for entries, present, kind in ((snap.params, present_p, "parameter"),
-                                   (snap.buffers, present_b, "buffer")):
-        for name, t, ptr in entries:
-            if id(t) not in present:
-                changed.append((name, f"base {kind} '{name}' is no longer in the model (was it "
-                                      "replaced by a copy? keep the base module's own tensor "
-                                      "object, e.g. self.weight = base.weight)"))
-            elif ptr is not None and _ptr(t) != ptr:
-                changed.append((name, f"base {kind} '{name}' now points at other memory (its "
-                                      ".data was replaced); base tensors must stay untouched"))
-    if changed:
-        _raise_for_names(model, plan, registry, changed)
-
-    seen: set[int] = set()
-    added = 0
-    for p in adapter_tensors:
-        if id(p) not in seen:
-            seen.add(id(p))
-            added += p.numel()
-    base_ids = {id(t) for _, t, _ in snap.params}
-    stray = present_p - base_ids - seen
-    if stray:
-        _raise_stray(model, plan, registry, stray)
-    if added != plan.params_added:
-        _raise_count(plan, records, registry, added)
+    return present_p, present_b
 
 
 def _who(registry, step) -> str:
