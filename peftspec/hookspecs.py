@@ -26,6 +26,11 @@ def register_methods(register):
     ``method`` is an instance of a :class:`peftspec.Method` subclass. Its
     ``name`` must be unique across all installed plugins; a clash is reported
     against the plugin that registered second, and that method is ignored.
+    Its ``Options`` must be a frozen dataclass; a method that fails these
+    checks is reported by the plugin's distribution and the plugin's other
+    methods still register. A plugin that registers nothing at all (typically
+    this function without ``@hookimpl``) is listed by ``peftspec plugins`` with
+    a warning. The contract of a method, hook by hook: ``docs/plugins.md``.
     """
 
 

@@ -108,6 +108,12 @@ class Method:
             keys in a rule are errors.
         summary: one line for ``peftspec plugins``.
         mergeable: whether :meth:`merge` folds the method into base weights.
+        unchanged_at_apply: whether the model's outputs are exactly the base's
+            right after :meth:`apply` (LoRA's ``B = 0``); the conformance kit
+            (:mod:`peftspec.testing`) holds the method to it.
+        example: a TOML rule shown by ``peftspec plugins NAME``; by default one
+            is generated from ``Options`` (set this where options constrain each
+            other, so that the generated one would not load).
     """
 
     name: ClassVar[str]
@@ -115,6 +121,8 @@ class Method:
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    unchanged_at_apply: ClassVar[bool] = False
+    example: ClassVar[str] = ""
 
     def resolve_options(self, options: Any, model: nn.Module) -> Any:
         """Return the options to compile with, given the whole model.
@@ -178,7 +186,7 @@ class Method:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "summary": self.summary,
-                "mergeable": self.mergeable}
+                "mergeable": self.mergeable, "unchanged_at_apply": self.unchanged_at_apply}
 
     # --- HF PEFT's format (optional; `peftspec export` / `import`, see peftspec.hf_peft) ---
 

@@ -153,6 +153,10 @@ def build_options(cls: type, table: dict[str, Any], *, where: tuple,
             if any(not s for s in conv):
                 problems.append(locate(where + (key,), "empty selector string"))
                 continue
+            if not conv and f.metadata.get("required"):  # as the docstring of selectors() says
+                problems.append(locate(where + (key,), f"an empty list selects nothing; list "
+                                                       f"{f.metadata['selector']} to adapt"))
+                continue
         values[key] = conv
     for name, f in fields.items():
         missing = name not in values and not any(p.key and p.key.endswith(f".{name}")
@@ -168,3 +172,32 @@ def build_options(cls: type, table: dict[str, Any], *, where: tuple,
         return cls(**values), []
     except (TypeError, ValueError) as exc:  # a __post_init__ cross-field check
         return None, [locate(where, str(exc))]
+
+
+def options_problem(cls: Any) -> str | None:
+    """Why ``cls`` cannot serve as a method's ``Options``, or ``None`` if it can.
+
+    Checked when a plugin registers its method, so that a mistake is reported
+    against the plugin's distribution at load time instead of surfacing later as
+    a ``TypeError`` from :mod:`dataclasses` while a spec is checked.
+    """
+    if not isinstance(cls, type):
+        return f"Options must be a class (a frozen dataclass), got {cls!r}"
+    name = cls.__name__
+    if not dataclasses.is_dataclass(cls):
+        return f"Options class {name} is not a dataclass: decorate it with @dataclass(frozen=True)"
+    if not cls.__dataclass_params__.frozen:
+        return (f"Options class {name} is not frozen: use @dataclass(frozen=True) (one "
+                "options object is shared by every step of a rule)")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:  # noqa: BLE001 - a NameError from a string annotation, typically
+        return f"the type annotations of Options class {name} cannot be resolved: {exc}"
+    for f in dataclasses.fields(cls):
+        if "selector" not in f.metadata:
+            continue
+        tp = hints.get(f.name)
+        if get_origin(tp) not in (tuple, list) or get_args(tp)[:1] != (str,):
+            return (f"selector option '{f.name}' of {name} must be annotated "
+                    f"tuple[str, ...], not {tp!r}")
+    return None

@@ -31,6 +31,7 @@ from .fingerprint import digest, fingerprint, named_tensors
 from .method import Method, is_adapter_module
 from .sizeguard import check_fits
 from .plan import Plan, Step
+from .promise import BaseSnapshot, verify
 
 DEFAULT_NAME = "default"
 
@@ -205,11 +206,13 @@ def _activate(model: nn.Module, state: PatchState, name: str) -> None:
         adapter.stashed = None
 
 
-def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter) -> None:
+def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     """Freeze everything, then unfreeze the adapter's tensors and its trained base
-    parameters, in one walk of the model (on thousands of modules each walk counts)."""
+    parameters, in one walk of the model (on thousands of modules each walk counts).
+    Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
     adapters = []
-    for module in _all_modules(model):  # not model.parameters(): its de-duplication costs
+    modules = _all_modules(model)
+    for module in modules:  # not model.parameters(): its de-duplication costs
         for p in module._parameters.values():  # ~40% more, and freezing twice is harmless
             if p is not None and p.requires_grad:
                 p.requires_grad_(False)
@@ -219,9 +222,12 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter) -> Non
     if trained:
         for name in trained:
             state.base_values[name][0].requires_grad_(True)
+    unfrozen = []
     for module in adapters:  # after the walk: a later module may share a parameter
         for p in module.adapter_params().values():
             p.requires_grad_(True)
+            unfrozen.append(p)
+    return modules, unfrozen
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:
@@ -331,6 +337,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             _activate(model, state, previous)
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
                             "shapes differ); compile it against this model")
+    snapshot = BaseSnapshot(params, buffers)  # checked after apply: the promise
     fresh = state is None
     if fresh:
         state = PatchState(requires_grad=[(p, p.requires_grad) for p in params.values()])
@@ -355,12 +362,14 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         state.adapters[name] = adapter
         state.active = name
         model.__dict__["_peftspec"] = state
-        _set_trainable(model, state, adapter)
+        modules, adapter_tensors = _set_trainable(model, state, adapter)
         registry.pm.hook.after_apply(model=model, plan=plan)
+        verify(model, snapshot, modules, adapter_tensors, plan, adapter.records, registry)
     except BaseException:
         state.adapters.pop(name, None)
         state.active = None
         _undo_records(model, adapter.records)
+        snapshot.restore()
         for rec in adapter.records:
             rec.method.release(rec.installed, rec.original, rec.step)
         _finish(model, state, previous)

@@ -165,8 +165,10 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
     problems: list[Problem] = []
 
-    def problem(rule: Rule, message: str, key: str | None = None, hint: str | None = None):
-        problems.append(Problem(message, file=spec.file, line=rule.line,
+    def problem(rule: Rule, message: str, key: str | None = None, hint: str | None = None,
+                item: str | None = None):
+        line = _item_line(spec, rule, key, item) if item is not None else None
+        problems.append(Problem(message, file=spec.file, line=line or rule.line,
                                 key=f"{rule.where}.{key}" if key else rule.where, hint=hint))
 
     steps: list[Step] = []
@@ -272,19 +274,66 @@ def _resolve_all(rule, key, selectors, kind, modules, module_types, params, para
         if not hits and not rule.optional:
             pool = params if kind == "params" else modules
             problem(rule, f"selector '{text}' matched no {'parameter' if kind == 'params' else 'module'}",
-                    key=key, hint=_near_miss(text, pool, module_types, kind))
+                    key=key, hint=_near_miss(text, pool, module_types, kind),
+                    item=text)
         found.update(hits)
     return found
 
 
+def _item_line(spec: Spec, rule: Rule, key: str, item: str) -> int | None:
+    """The line that holds selector ``item`` of ``rule``'s ``key`` (the item's own
+    line in a multi-line list), not the rule's first line; ``None`` when the spec
+    text has no such key (a selector a preset expanded to). Only computed for a
+    problem, so re-reading the text costs nothing on a good spec."""
+    from .tomlpos import LineMap
+
+    path = (rule.family,) if rule.family == "prefix" else (rule.family, rule.index)
+    lines = LineMap(spec.text)
+    if path + (key,) not in lines.lines:
+        return None
+    return lines.line_of_item(path + (key,), item)
+
+
+def _fix_segments(text: str, names) -> str | None:
+    """``text`` with each misspelt literal segment replaced by the closest name
+    segment of the model, if the result matches something (wildcards kept)."""
+    import difflib
+
+    atoms = sorted({a for n in names if n for a in n.split(".")})
+    known = set(atoms)
+    segments = text.split(".")
+    changed = False
+    for i, seg in enumerate(segments):
+        if not seg or any(c in seg for c in "*?") or seg in known:
+            continue
+        close = difflib.get_close_matches(seg, atoms, n=1, cutoff=0.6)
+        if not close:
+            return None
+        segments[i], changed = close[0], True
+    if not changed:
+        return None
+    fixed = ".".join(segments)
+    try:
+        sel = parse_selector(fixed)
+    except ValueError:
+        return None
+    return fixed if any(n and sel.matches(n) for n in names) else None
+
+
 def _near_miss(text: str, names, module_types, kind: str) -> str:
+    """A hint in the selector's own form: ``**.v_prj`` gets ``did you mean
+    '**.v_proj'?`` (a selector that matches), not the bare leaf name."""
     if text.startswith("type:"):
         types = sorted({t for ts in module_types.values() for t in ts
                         if t not in ("Module", "object")})
-        return did_you_mean(text[5:], types) or f"module types here: {', '.join(types[:12])}"
-    last = text.rsplit(".", 1)[-1]
+        close = did_you_mean(text[5:], types)
+        return (f"did you mean 'type:{close.split(chr(39))[1]}'?" if close else
+                f"module types here: {', '.join(types[:12])}")
+    fixed = None if text.startswith("re:") else _fix_segments(text, names)
+    if fixed:
+        return f"did you mean '{fixed}'?"
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    hint = did_you_mean(last, leaves)
+    hint = did_you_mean(text.rsplit(".", 1)[-1], leaves)
     if hint:
         return hint
     sample = [n for n in names if n][:6]

@@ -29,6 +29,7 @@ import pluggy
 from . import hookspecs
 from .errors import ModelSourceError, PluginError, did_you_mean
 from .method import FAMILIES, Method
+from .options import options_problem
 
 GROUP = "peftspec"
 OWN_DIST = "peftspec"
@@ -59,6 +60,19 @@ class LoadFailure:
         return f"plugin {self.entry_point!r} from distribution {self.dist!r} was not loaded: {self.error}"
 
 
+@dataclass(frozen=True)
+class EmptyPlugin:
+    """A plugin that loaded but registered nothing (no method, source or other hook)."""
+
+    dist: str
+    entry_point: str
+    reason: str
+
+    def __str__(self) -> str:
+        return (f"plugin {self.entry_point!r} from distribution {self.dist!r} registered "
+                f"nothing: {self.reason}")
+
+
 @dataclass
 class Registry:
     """Plugin manager plus the methods and model sources the plugins registered."""
@@ -67,6 +81,7 @@ class Registry:
     methods: dict[str, MethodInfo] = field(default_factory=dict)
     sources: dict[str, SourceInfo] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
+    empty: list[EmptyPlugin] = field(default_factory=list)
 
     def method(self, name: str) -> Method:
         try:
@@ -140,15 +155,73 @@ def build_registry(*, autoload: bool | None = None, plugins: Iterable[object] = 
         _register(reg, plugin, getattr(plugin, "__name__", repr(plugin)),
                   getattr(plugin, "__peftspec_dist__", "<local>"), dist_of)
 
+    added: dict[int, int] = {}  # id(plugin) -> methods and sources it registered
     for impl in pm.hook.register_methods.get_hookimpls():
         dist = dist_of.get(id(impl.plugin), "<unknown>")
-        _call_register(reg, impl, dist, lambda m, dist=dist: _add_method(reg, m, dist))
+        _call_register(reg, impl, dist, lambda m, dist=dist, impl=impl: _counted(
+            reg, impl, added, lambda: _add_method(reg, m, dist)))
     for impl in pm.hook.register_model_sources.get_hookimpls():
         dist = dist_of.get(id(impl.plugin), "<unknown>")
         _call_register(reg, impl, dist,
-                       lambda prefix, loader, help="", dist=dist: _add_source(reg, prefix, loader,
-                                                                              help, dist))
+                       lambda prefix, loader, help="", dist=dist, impl=impl: _counted(
+                           reg, impl, added,
+                           lambda: _add_source(reg, prefix, loader, help, dist)))
+    _find_empty(reg, dist_of, added)
     return reg
+
+
+def _counted(reg: Registry, impl, added: dict, add: Callable) -> None:
+    """Run one ``register(...)`` call; a bad item is recorded against its plugin's
+    distribution and the plugin's other items still register."""
+    try:
+        add()
+    except PluginError as exc:
+        reg.failures.append(LoadFailure(_dist_of_impl(impl), _entry_point(impl), str(exc)))
+        return
+    added[id(impl.plugin)] = added.get(id(impl.plugin), 0) + 1
+
+
+def _dist_of_impl(impl) -> str:
+    return impl.plugin_name.split(":", 1)[0] if ":" in impl.plugin_name else "<unknown>"
+
+
+def _entry_point(impl) -> str:
+    return impl.plugin_name.split(":", 1)[-1]
+
+
+_REGISTERING = ("register_methods", "register_model_sources")
+
+
+def _find_empty(reg: Registry, dist_of: dict, added: dict) -> None:
+    """Record every loaded plugin that contributed nothing, with the likely cause.
+
+    A module whose hook function lacks ``@hookimpl`` loads without error and
+    pluggy silently ignores the function: the spec then only says "unknown
+    method". Naming the unmarked function here turns that into a one-line fix.
+    """
+    spec_names = {n for n in dir(hookspecs) if callable(getattr(hookspecs, n, None)) and
+                  hasattr(getattr(hookspecs, n), "peftspec_spec")}
+    for name, plugin in reg.pm.list_name_plugin():
+        if id(plugin) not in dist_of or name is None:
+            continue
+        dist, _, entry = name.partition(":")
+        callers = {c.name for c in (reg.pm.get_hookcallers(plugin) or [])}
+        if callers - set(_REGISTERING) or added.get(id(plugin)):
+            continue  # check_plan/after_apply/commands, or it registered something
+        if any(f.dist == dist and f.entry_point == entry for f in reg.failures):
+            continue  # already reported as a failure
+        unmarked = sorted(n for n in spec_names if callable(getattr(plugin, n, None)) and
+                          not hasattr(getattr(plugin, n), "peftspec_impl"))
+        if unmarked:
+            reason = (", ".join(f"function {n}()" for n in unmarked) + " is not marked with "
+                      "@peftspec.hookimpl, so pluggy ignores it: decorate it")
+        elif callers:
+            reason = (" and ".join(sorted(callers)) + " ran but called register() "
+                      "for nothing")
+        else:
+            reason = ("it has no @peftspec.hookimpl functions (is the entry point the "
+                      "module that defines them?)")
+        reg.empty.append(EmptyPlugin(dist, entry, reason))
 
 
 def _register(reg: Registry, plugin: object, name: str, dist: str, dist_of: dict) -> None:
@@ -176,13 +249,21 @@ def _call_register(reg: Registry, impl, dist: str, register: Callable) -> None:
 
 def _add_method(reg: Registry, method: Method, dist: str) -> None:
     if not isinstance(method, Method):
-        raise PluginError(f"register() takes a peftspec.Method instance, got {method!r}")
+        raise PluginError(f"register() takes a peftspec.Method instance, got {method!r}"
+                          + (" (a class: register an instance, MyMethod())"
+                             if isinstance(method, type) else ""))
     name = getattr(method, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"method {method!r} has no name")
-    if method.family not in FAMILIES:
-        raise PluginError(f"method {name!r} has family {method.family!r}; "
+    if getattr(method, "family", None) not in FAMILIES:
+        raise PluginError(f"method {name!r} has family {getattr(method, 'family', None)!r}; "
                           f"expected one of {', '.join(FAMILIES)}")
+    why = options_problem(method.Options)
+    if why:
+        raise PluginError(f"method {name!r}: {why}")
+    if method.mergeable and type(method).merge is Method.merge and method.family != "train":
+        raise PluginError(f"method {name!r} says mergeable = True but does not implement "
+                          "merge(installed, original)")
     if name in reg.methods:
         raise PluginError(f"method {name!r} is already provided by "
                           f"{reg.methods[name].dist!r}")

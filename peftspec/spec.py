@@ -205,6 +205,8 @@ def _parse_rule(family, index, table, where, registry, locate, lines, problems) 
                                                                        registry.methods)
         if hint is None:
             hint = f"methods for [{family}]: {', '.join(family_names) or 'none installed'}"
+        for empty in getattr(registry, "empty", ()):  # the likely cause, when there is one
+            hint += f"; note: {empty}"
         problems.append(locate(where + ("method",), f"unknown method '{method_name}'", hint))
         return None
     method = info.method

@@ -217,6 +217,14 @@ class BottleneckMethod(Method):
     Options = BottleneckOptions
     summary = "bottleneck adapters after or beside modules (Houlsby, Pfeiffer, parallel)"
     mergeable = False
+    unchanged_at_apply = True  # the up-projection starts at zero
+    example = """
+[[augment]]
+method = "bottleneck"
+after = ["**.mlp"]          # or parallel_to = [...], or preset = "houlsby"
+size = 64                   # or reduction_factor = 16
+activation = "relu"
+"""
 
     def resolve_options(self, options: BottleneckOptions, model: nn.Module):
         if options.preset is None:

@@ -269,6 +269,7 @@ class LoRA(Method):
     Options = LoRAOptions
     summary = "low-rank update W + s·B·A (rsLoRA, DoRA); Linear, Conv1D, Embedding"
     mergeable = True
+    unchanged_at_apply = True  # B starts at zero (A, for embeddings); DoRA's m = ||W||
 
     def check(self, module, step):
         kind = _kind(module)

@@ -25,6 +25,7 @@ class Select(Method):
     Options = SelectOptions
     summary = "train chosen original parameters (BitFit biases, norms, whole layers)"
     mergeable = True  # nothing to fold: the trained tensors are the base's own
+    unchanged_at_apply = True  # it only unfreezes
 
 
 @hookimpl

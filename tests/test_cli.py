@@ -124,8 +124,8 @@ def test_selector_matching_nothing_names_it(tmp_path):
     p = write(tmp_path, '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.qproj"]\n')
     r = invoke("plan", p)
     assert r.exit_code == 2
-    assert f"{p}:1: reparameterize[0].modules: selector '**.qproj' matched no module " \
-           "(did you mean 'q_proj'?)" in r.stderr
+    assert f"{p}:3: reparameterize[0].modules: selector '**.qproj' matched no module " \
+           "(did you mean '**.q_proj'?)" in r.stderr
 
 
 def test_method_on_unsupported_module(tmp_path):

@@ -170,8 +170,9 @@ def test_selector_matching_nothing_is_an_error_with_a_hint(tiny_gpt, registry):
         method = "lora"
         modules = ["**.q_proj", "**.v_projj"]
         """, tiny_gpt, registry)
-    assert msgs == ["s.toml:2: reparameterize[0].modules: selector '**.v_projj' matched no "
-                    "module (did you mean 'v_proj'?)"]
+    # the line of the `modules` key, and a hint in the selector's own form
+    assert msgs == ["s.toml:4: reparameterize[0].modules: selector '**.v_projj' matched no "
+                    "module (did you mean '**.v_proj'?)"]
 
 
 def test_optional_rule_tolerates_unmatched_selectors(tiny_gpt, registry):

@@ -120,6 +120,7 @@ class IA3(Method):
     Options = IA3Options
     summary = "(IA)^3: learned vectors rescale outputs (inputs for feedforward); Linear, Conv1D"
     mergeable = True
+    unchanged_at_apply = True  # the vectors start at exactly 1.0
 
     def check(self, module, step):
         if "feedforward" in step.roles and "modules" not in step.roles:

@@ -1,0 +1,455 @@
+"""A conformance kit for method plugins: call it from your plugin's tests.
+
+::
+
+    from peftspec.testing import check_method
+    import my_plugin
+
+    def test_conformance():
+        check_method(my_plugin, '''
+            [[augment]]
+            method = "my-method"
+            modules = ["**.v_proj"]
+            ''')                                   # the built-in model
+        check_method(my_plugin, RULE_FOR_GPT2, model=make_gpt2, inputs=ids)
+
+The plugin is registered in-process (``build_registry(autoload=False,
+plugins=[plugin])``, so it need not be installed) beside the built-ins. Every
+promise peftspec makes about an adapter is checked, on the built-in model or
+on any model you pass; each check is reported, and :class:`ConformanceError`
+(an ``AssertionError``) lists every one that failed:
+
+* ``count_params``: the plan's count equals the parameters ``adapter_params()``
+  exposes, and exactly those (plus ``[[train]]`` picks) are trainable;
+* ``unchanged_at_apply``: outputs equal the base's, exactly, where the method
+  claims it (``Method.unchanged_at_apply``);
+* ``frozen_base``: base parameters are the same objects under the same names,
+  and bit-identical through optimizer steps (AdamW), which do change the
+  adapter;
+* ``save_load``: the saved file recreates the trained outputs exactly on a fresh
+  base;
+* ``switching``: two adapters, ``use`` / ``disabled`` give each one's outputs
+  and the base's, exactly;
+* ``rows``: a per-row batch equals each row run alone (skipped where the method
+  says it does not support per-row batches);
+* ``remove``: the original modules, tensors, ``requires_grad`` flags and
+  outputs come back, exactly;
+* ``merge``: merged outputs equal unmerged ones when every method is
+  ``mergeable``, and merge refuses otherwise;
+* ``hf_peft``: export to HF PEFT's format and import back gives the same
+  outputs, when the method declares HF PEFT support (and, for transformers
+  models with ``peft`` installed, ``PeftModel.from_pretrained`` agrees).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+CHECKS = ("count_params", "unchanged_at_apply", "frozen_base", "save_load", "switching",
+          "rows", "remove", "merge", "hf_peft")
+
+
+@dataclass(frozen=True)
+class Result:
+    check: str
+    status: str  # "passed", "failed" or "skipped"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.check}: {self.status}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Report:
+    """What :func:`check_method` found, one :class:`Result` per check."""
+
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Result]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def status(self, check: str) -> str:
+        return next(r.status for r in self.results if r.check == check)
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.results)
+
+
+class ConformanceError(AssertionError):
+    """One or more conformance checks failed; ``report`` has them all."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        super().__init__("conformance checks failed:\n" + "\n".join(
+            f"  {r}" for r in report.failures) + "\nall checks:\n" + "\n".join(
+            f"  {r}" for r in report.results))
+
+
+class _Failed(Exception):
+    pass
+
+
+def _default_model() -> nn.Module:
+    from .models.nanogpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+
+
+def _output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor in {type(out).__name__}; pass inputs= "
+                    "as a callable returning a tensor")
+
+
+def _runner(inputs) -> Callable[[nn.Module, slice | None], torch.Tensor]:
+    """``run(model, rows)``: the model's output tensor for ``inputs`` (rows sliced)."""
+
+    def pick(x, rows):
+        return x[rows] if rows is not None and isinstance(x, torch.Tensor) else x
+
+    def run(model, rows=None):
+        if callable(inputs):
+            if rows is not None:
+                raise _Skip("per-row checks need tensor or dict inputs, not a callable")
+            return _output(inputs(model))
+        if isinstance(inputs, dict):
+            return _output(model(**{k: pick(v, rows) for k, v in inputs.items()}))
+        return _output(model(pick(inputs, rows)))
+
+    return run
+
+
+class _Skip(Exception):
+    pass
+
+
+def _batch_size(inputs) -> int | None:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, dict):
+        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)}
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise _Failed(message)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.shape == b.shape else float("inf")
+
+
+def check_method(plugin: object | None, rule: str, *, model: nn.Module | Callable | None = None,
+                 inputs: Any = None, registry=None, steps: int = 3, lr: float = 1e-2,
+                 seed: int = 0, atol: float = 1e-5, raise_on_failure: bool = True) -> Report:
+    """Run every conformance check of the methods in ``rule`` (TOML: one or more rules).
+
+    Args:
+        plugin: the plugin module or object (registered in-process beside the
+            built-ins), or ``None`` to use ``registry`` (default: the installed
+            plugins).
+        model: a factory returning a fresh base model, or a model (deep-copied for
+            each fresh base); default: a small built-in nanoGPT.
+        inputs: what to feed the model: a tensor (``model(x)``), a dict
+            (``model(**x)``), or a callable ``f(model) -> output``; default: token
+            ids of shape (3, 10) for the built-in model. Row-sliceable inputs with
+            three or more rows also exercise per-row batches.
+        steps, lr: AdamW steps for the frozen-base check.
+        atol: tolerance where results are equal only up to float rounding
+            (merge, per-row, HF PEFT); everything else is compared exactly.
+        raise_on_failure: raise :class:`ConformanceError` listing failed checks.
+    """
+    import peftspec
+
+    if registry is None:
+        registry = (peftspec.build_registry(autoload=False, plugins=[plugin]) if plugin
+                    is not None else peftspec.get_registry())
+    if model is None:
+        factory = _default_model
+    elif isinstance(model, nn.Module):
+        factory = lambda: copy.deepcopy(model)  # noqa: E731
+    else:
+        factory = model
+    if inputs is None:
+        inputs = torch.randint(0, 257, (3, 10), generator=torch.Generator().manual_seed(seed))
+    run = _runner(inputs)
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="peftspec-conformance-") as tmp:
+        _Checks(peftspec, registry, rule, factory, run, inputs, steps, lr, seed, atol,
+                Path(tmp), report).run_all()
+    if raise_on_failure and report.failures:
+        raise ConformanceError(report)
+    return report
+
+
+class _Checks:
+    def __init__(self, ps, registry, rule, factory, run, inputs, steps, lr, seed, atol, tmp,
+                 report):
+        self.ps, self.reg, self.factory, self.run_model = ps, registry, factory, run
+        self.inputs, self.steps, self.lr, self.seed, self.atol = inputs, steps, lr, seed, atol
+        self.tmp, self.report = tmp, report
+        self.spec = ps.parse_spec(rule, registry=registry)
+        self.methods = [registry.method(r.method) for r in self.spec.rules]
+        failures = [str(f) for f in registry.failures]
+        if failures:
+            self._record("registration", "failed", "; ".join(failures))
+
+    # -- helpers -------------------------------------------------------------------
+    def fresh(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return self.factory().eval()
+
+    @torch.no_grad()
+    def out(self, model, rows=None) -> torch.Tensor:
+        return self.run_model(model, rows).detach().clone()
+
+    def _record(self, check, status, detail=""):
+        self.report.results.append(Result(check, status, detail))
+
+    def check(self, name, fn) -> None:
+        try:
+            detail = fn()
+        except _Skip as exc:
+            self._record(name, "skipped", str(exc))
+        except _Failed as exc:
+            self._record(name, "failed", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported
+            self._record(name, "failed", f"{type(exc).__name__}: {exc}")
+        else:
+            self._record(name, "passed", detail or "")
+
+    # -- the checks, in an order where each builds on the last --------------------
+    def run_all(self) -> None:
+        ps = self.ps
+        self.base = base = self.fresh()
+        self.base_out = self.out(base)
+        self.base_params = dict(base.named_parameters())
+        self.base_values = {n: p.detach().clone() for n, p in self.base_params.items()}
+        self.base_flags = {n: p.requires_grad for n, p in self.base_params.items()}
+        self.base_types = {n: type(m) for n, m in base.named_modules()}
+        self.base_keys = set(base.state_dict())
+        try:
+            self.plan = ps.compile_plan(self.spec, base, registry=self.reg)
+            ps.apply_plan(self.plan, base, registry=self.reg)
+        except Exception as exc:  # noqa: BLE001
+            self._record("apply", "failed", f"{type(exc).__name__}: {exc}")
+            return
+        self.applied_out = self.out(base)
+        self.check("count_params", self.count_params)
+        self.check("unchanged_at_apply", self.unchanged_at_apply)
+        self.check("frozen_base", self.frozen_base)
+        self.file = self.tmp / "adapter.safetensors"
+        self.check("save_load", self.save_load)
+        self.check("switching", self.switching)
+        self.check("rows", self.rows)
+        self.check("remove", self.remove)
+        self.check("merge", self.merge)
+        self.check("hf_peft", self.hf_peft)
+
+    def count_params(self):
+        adapter = self.ps.adapter_params(self.base)
+        added = sum(p.numel() for p in {id(p): p for p in adapter.values()}.values())
+        _expect(added == self.plan.params_added,
+                f"plan says {self.plan.params_added:,} parameters added, adapter_params() "
+                f"exposes {added:,}")
+        trained = set(self.plan.trained_base)
+        trainable = set(self.ps.trainable_parameters(self.base))
+        _expect(trainable == set(adapter) | trained,
+                f"trainable {sorted(trainable - set(adapter) - trained)[:3]} beyond the "
+                f"adapter, or adapter parameters left frozen "
+                f"{sorted(set(adapter) - trainable)[:3]}")
+        return f"{added:,} parameters"
+
+    def unchanged_at_apply(self):
+        claim = [m.name for m in self.methods if not m.unchanged_at_apply]
+        if claim:
+            raise _Skip(f"{', '.join(sorted(set(claim)))} does not claim unchanged_at_apply")
+        _expect(torch.equal(self.applied_out, self.base_out),
+                f"outputs changed at apply (max |diff| "
+                f"{_max_diff(self.applied_out, self.base_out):.3g}) although the method "
+                "claims unchanged_at_apply")
+
+    def frozen_base(self):
+        model, ps = self.base, self.ps
+        now = dict(model.named_parameters())
+        moved = [n for n, p in self.base_params.items() if now.get(n) is not p]
+        _expect(not moved, f"base parameters not the same objects under their names after "
+                           f"apply: {moved[:3]} (keep the base module's tensors: "
+                           "self.weight = base.weight)")
+        _expect(self.base_keys <= set(model.state_dict()),
+                f"base state-dict keys gone: {sorted(self.base_keys - set(model.state_dict()))[:3]}")
+        params = ps.trainable_parameters(model)
+        adapter_before = {n: p.detach().clone() for n, p in ps.adapter_params(model).items()}
+        opt = torch.optim.AdamW(params.values(), lr=self.lr)
+        model.train()
+        for _ in range(self.steps):
+            opt.zero_grad()
+            loss = self.run_model(model).float().pow(2).mean()
+            _expect(loss.requires_grad, "training changed no adapter parameter: the output "
+                                        "depends on none of them; does forward() use them?")
+            loss.backward()
+            opt.step()
+        model.eval()
+        trained = set(self.plan.trained_base)
+        changed = [n for n in self.base_params if n not in trained and
+                   not torch.equal(self.base_params[n], self.base_values[n])]
+        _expect(not changed, f"frozen base parameters changed in training: {changed[:3]}")
+        grads = [n for n, p in self.base_params.items() if n not in trained and p.grad is not None]
+        _expect(not grads, f"frozen base parameters received gradients: {grads[:3]}")
+        moved = {n: p for n, p in ps.adapter_params(model).items()
+                 if not torch.equal(p, adapter_before[n])}
+        _expect(bool(moved) or not adapter_before,
+                "training changed no adapter parameter: does forward() use them?")
+        self.trained_out = self.out(model)
+        return f"{self.steps} AdamW steps; {len(moved)} adapter tensors trained"
+
+    def save_load(self):
+        ps = self.ps
+        ps.save_adapter(self.base, self.file)
+        fresh = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
+        from .method import adapter_state  # what the file stores (P-tuning: the prompt)
+
+        ours, theirs = adapter_state(self.base), adapter_state(fresh)
+        _expect(set(ours) == set(theirs), f"loaded adapter tensors differ in names: "
+                                          f"{sorted(set(ours) ^ set(theirs))[:3]}")
+        _expect(all(torch.equal(ours[n], theirs[n]) for n in ours), "loaded values differ")
+        out = self.out(fresh)
+        _expect(torch.equal(out, self.trained_out),
+                f"outputs after load differ (max |diff| {_max_diff(out, self.trained_out):.3g})")
+
+    def switching(self):
+        ps = self.ps
+        model = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
+        ps.load_adapter(model, self.file, name="b", registry=self.reg)
+        with ps.using(model, "b"), torch.no_grad():
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            for p in ps.trainable_parameters(model).values():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+        with ps.using(model, "b"):
+            out_b = self.out(model)
+        _expect(torch.equal(self.out(model), self.trained_out), "adapter 'default' changed "
+                "after switching to 'b' and back")
+        with ps.disabled(model):
+            _expect(torch.equal(self.out(model), self.base_out),
+                    "disabled(model) does not give the base model's outputs exactly")
+        ps.use(model, None)
+        _expect(torch.equal(self.out(model), self.base_out), "use(model, None) is not the base")
+        ps.use(model, "b")
+        _expect(torch.equal(self.out(model), out_b), "switching back to 'b' changed it")
+        ps.use(model, "default")
+        _expect(torch.equal(self.out(model), self.trained_out), "switching back changed it")
+        self.switch_model, self.out_b = model, out_b
+
+    def rows(self):
+        ps, model = self.ps, getattr(self, "switch_model", None)
+        if model is None:
+            raise _Skip("needs the switching check's two adapters")
+        n = _batch_size(self.inputs)
+        if n is None or n < 3:
+            raise _Skip("needs tensor or dict inputs with at least 3 rows")
+        # a soft prompt's row and a plain row have outputs of different lengths:
+        # with prefix methods every row gets an adapter
+        cycle = ("default", "b", "default") if any(m.family == "prefix" for m in
+                                                   self.methods) else ("default", "b", None)
+        names = [cycle[i % 3] for i in range(n)]
+        try:
+            with ps.rows(model, names):
+                mixed = self.out(model)
+        except (NotImplementedError, ps.PeftspecError) as exc:  # a clear refusal is fine
+            raise _Skip(f"not supported: {exc}") from None
+        for i, name in enumerate(names):
+            with ps.using(model, name):
+                alone = self.out(model, slice(i, i + 1))
+            row = mixed[i:i + 1]
+            _expect(row.shape == alone.shape and
+                    torch.allclose(row, alone, atol=self.atol, rtol=0),
+                    f"row {i} ({name}) differs from running it alone (max |diff| "
+                    f"{_max_diff(row, alone):.3g})")
+        return f"rows {names}"
+
+    def remove(self):
+        ps, model = self.ps, self.base
+        ps.remove(model)
+        _expect(not ps.is_patched(model), "still patched after remove")
+        _expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
+                "module types differ from the base after remove")
+        now = dict(model.named_parameters())
+        _expect(set(now) == set(self.base_params) and
+                all(now[n] is p for n, p in self.base_params.items()),
+                "parameters are not the base's own objects after remove")
+        _expect(all(torch.equal(p, self.base_values[n]) for n, p in now.items()),
+                "parameter values differ from the base after remove")
+        _expect(all(p.requires_grad == self.base_flags[n] for n, p in now.items()),
+                "requires_grad flags not restored")
+        _expect(set(model.state_dict()) == self.base_keys, "state-dict keys differ")
+        _expect(torch.equal(self.out(model), self.base_out), "outputs differ from the base")
+
+    def merge(self):
+        ps = self.ps
+        model = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
+        if not all(m.mergeable for m in self.methods):
+            try:
+                ps.merge(model)
+            except ps.NotMergeableError:
+                raise _Skip("not mergeable; merge refused, as it should") from None
+            raise _Failed("merge() succeeded although a method says mergeable = False")
+        try:
+            ps.merge(model)
+        except ps.NotMergeableError as exc:
+            if "tied" not in str(exc):
+                raise
+            raise _Skip(f"merge refused for a tied weight, as it should: {exc}") from None
+        out = self.out(model)
+        _expect(not ps.is_patched(model) and not ps.adapter_params(model),
+                "adapter modules left after merge")
+        _expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
+                "module types differ from the base after merge")
+        diff = _max_diff(out, self.trained_out)
+        _expect(diff <= self.atol, f"merged outputs differ from unmerged by {diff:.3g} "
+                                   f"(atol {self.atol:g})")
+        return f"max |diff| {diff:.2g}"
+
+    def hf_peft(self):
+        from .method import Method
+
+        undeclared = sorted({m.name for m in self.methods if m.family != "train" and not (
+            m.hf_peft_types or type(m).to_hf_peft is not Method.to_hf_peft)})
+        if undeclared or all(m.family == "train" for m in self.methods):
+            raise _Skip(f"{', '.join(undeclared) or 'the spec'} declares no HF PEFT support")
+        ps = self.ps
+        folder = ps.export_hf_peft(self.file, self.tmp / "hf", model=self.fresh(),
+                                   registry=self.reg)
+        back, _ = ps.import_hf_peft(folder, self.tmp / "back.safetensors",
+                                    self.tmp / "back.toml", model=self.fresh(),
+                                    registry=self.reg)
+        model = ps.load_adapter(self.fresh(), back, registry=self.reg)
+        diff = _max_diff(self.out(model), self.trained_out)
+        _expect(diff <= self.atol, f"export + import changed outputs by {diff:.3g}")
+        detail = "export + import round trip"
+        base = self.fresh()
+        try:
+            import peft
+            from transformers import PreTrainedModel
+        except ImportError:
+            return detail + "; peft not installed"
+        if not isinstance(base, PreTrainedModel):
+            return detail + "; not a transformers model, PeftModel not tried"
+        theirs = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+        diff = _max_diff(self.out(theirs), self.trained_out)
+        _expect(diff <= self.atol, f"PeftModel.from_pretrained's outputs differ by {diff:.3g}")
+        return detail + "; PeftModel.from_pretrained agrees"
