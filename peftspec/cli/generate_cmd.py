@@ -51,9 +51,9 @@ def generate(model_source: str | None, adapters: tuple[Path, ...], no_base: bool
     Prompts go through the tokenizer's chat template (one user turn) when it
     has one, as `peftspec train` formats prompt/completion records; --raw
     skips it. Greedy unless --temperature > 0. The base and the adapters that
-    allow it (LoRA family, bottleneck) run in one batch through per-row
-    adapters; others (soft prompts) in a pass each. Works with merged output
-    folders too (--model hf:DIR).
+    allow it (LoRA family, bottleneck, IA3) run in one batch through per-row
+    adapters; others (soft prompts, [[train]] picks) in a pass each. Works
+    with merged output folders too (--model hf:DIR).
     \b
     Examples:
       peftspec generate --model smollm2 -p "What is the capital of France?"
