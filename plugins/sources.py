@@ -22,6 +22,7 @@ torch's global generator, and its parameter names are listed in the model's
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -82,7 +83,21 @@ def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
     path, config, cls = config_and_class(rest)
     if num_labels is not None:
         return _load_hf_classifier(rest, path, config, num_labels)
-    return cls.from_pretrained(path, local_files_only=True)
+    with _quiet_progress():  # a bar per load of a local folder is noise
+        return cls.from_pretrained(path, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:

@@ -1,7 +1,8 @@
 """The ``peftspec`` command line: a thin layer over the Python API.
 
 One module per command group (``spec_cmds``: check/plan/apply; ``train_cmds``:
-train/memory/report; ``interop``: export/import; ``merge_cmd``; ``plugins_cmd``),
+train/memory/report; ``interop``: export/import; ``merge_cmd``; ``plugins_cmd``;
+``generate_cmd``),
 the helpers they share in :mod:`peftspec.cli.common`. This module builds the
 group and imports the commands; commands never import it.
 
@@ -16,7 +17,7 @@ import sys
 import click
 
 from .. import __version__
-from . import interop, merge_cmd, plugins_cmd, spec_cmds, train_cmds
+from . import generate_cmd, interop, merge_cmd, plugins_cmd, spec_cmds, train_cmds
 from .common import Group, err
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +42,7 @@ def cli():
 
 for _command in (spec_cmds.check, spec_cmds.plan, spec_cmds.apply, train_cmds.train,
                  train_cmds.memory, train_cmds.report, merge_cmd.merge, plugins_cmd.plugins,
-                 interop.export_cmd, interop.import_cmd):
+                 interop.export_cmd, interop.import_cmd, generate_cmd.generate):
     cli.add_command(_command)
 
 

