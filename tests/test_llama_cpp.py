@@ -57,13 +57,16 @@ def chat(tok, question: str) -> list[int]:
 
 
 def greedy_torch(model, ids: list[int]) -> list[int]:
-    out = []
+    """The argmax token NEW times (no stop at end-of-turn: llama.cpp's side does not stop)."""
+    out, past = [], None
     with torch.no_grad():
         x = torch.tensor([ids])
         for _ in range(NEW):
-            nxt = int(model(input_ids=x).logits[0, -1].argmax())
+            res = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
-            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+            x = torch.tensor([[nxt]])
     return out
 
 
@@ -131,7 +134,7 @@ def load_llama(**kw):
 
     capi.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(model_path=str(gguf_path()), n_ctx=256, n_threads=2,
+        return llama_cpp.Llama(model_path=str(gguf_path()), n_ctx=256, n_threads=1,
                                logits_all=True, verbose=False, seed=0, **kw)
     finally:
         capi.llama_model_default_params = default
