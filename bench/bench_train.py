@@ -189,7 +189,7 @@ def run_child(cmd: list[str], threads: int, tty: bool = False,
 
     With ``watch_log``, the child's CPU time is sampled (every 20 ms) each time
     a line is added to that file: ``cpu_at_line[k]`` is the CPU time when line
-    ``k + 1`` had been written."""
+    ``k + 1`` had been written, and ``wall_at_line[k]`` the seconds since the start."""
     env = child_env(threads, env_extra)
     chunks: list[bytes] = []
     if tty:
@@ -221,6 +221,7 @@ def run_child(cmd: list[str], threads: int, tty: bool = False,
     reader.start()
     done = threading.Event()
     cpu_at_line: list[float | None] = []
+    wall_at_line: list[float] = []
 
     def watch():
         seen = 0
@@ -229,6 +230,7 @@ def run_child(cmd: list[str], threads: int, tty: bool = False,
             if n > seen:
                 cpu = _cpu_s(p.pid)
                 cpu_at_line.extend([None] * (n - seen - 1) + [cpu])
+                wall_at_line.extend([time.perf_counter() - t0] * (n - seen))
                 seen = n
     watcher = threading.Thread(target=watch, daemon=True)
     if watch_log is not None:
@@ -252,7 +254,8 @@ def run_child(cmd: list[str], threads: int, tty: bool = False,
                            f"{stdout.decode(errors='replace')[-2000:]}\n{stderr_text[-3000:]}")
     return {"stdout": stdout.decode("utf-8", errors="replace"), "stderr": stderr_text,
             "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "cpu_at_line": cpu_at_line}
+            "cpu_s": usage.ru_utime + usage.ru_stime, "cpu_at_line": cpu_at_line,
+            "wall_at_line": wall_at_line}
 
 
 def peftspec_exe() -> str:

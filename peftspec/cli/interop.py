@@ -1,6 +1,7 @@
-"""``peftspec export`` and ``peftspec import``: HF PEFT's adapter folders.
+"""``peftspec export`` and ``peftspec import``: HF PEFT's adapter folders, and
+llama.cpp's LoRA adapter GGUF files (export only).
 
-The work is done by :mod:`peftspec.hf_peft`.
+The work is done by :mod:`peftspec.hf_peft` and :mod:`peftspec.gguf_export`.
 """
 
 from __future__ import annotations
@@ -10,25 +11,31 @@ from pathlib import Path
 import click
 
 from ..hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
-from .common import MODEL_HELP, human_bytes, out, registry
+from .common import MODEL_HELP, err, human_bytes, out, registry
 
 
 @click.command("export")
 @click.argument("adapter", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["hf-peft"]), default="hf-peft",
-              show_default=True, help="the format to write")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help=f"folder to write {CONFIG_FILE} and {WEIGHTS_FILE} into")
+@click.option("--format", "fmt", type=click.Choice(["hf-peft", "gguf"]), default="hf-peft",
+              show_default=True, help="hf-peft: an HF PEFT folder; gguf: a llama.cpp LoRA "
+                                      "adapter file")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help=f"hf-peft: folder to write {CONFIG_FILE} and {WEIGHTS_FILE} into; "
+                   "gguf: the .gguf file to write")
 @click.option("--model", "-m", default=None, metavar="M",
-              help="the base model, optional ('hf:PATH', 'py:pkg.module:factory' or "
-                   "'default'): checks the adapter against it and fills in its geometry; "
-                   "'hf:PATH' becomes base_model_name_or_path")
+              help="the base model ('hf:PATH', 'py:pkg.module:factory' or 'default'); "
+                   "required for gguf. hf-peft: optional, checks the adapter against it and "
+                   "fills in its geometry; 'hf:PATH' becomes base_model_name_or_path")
 @click.option("--task-type", default="auto", show_default=True,
               type=click.Choice(["auto", "none", *TASK_TYPES]),
               help="HF PEFT's task_type; auto: from the model's class (CAUSAL_LM for causal "
                    "LMs and for soft prompts)")
-def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_type: str):
-    """Write the peftspec ADAPTER file as an HF PEFT adapter folder.
+@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="gguf: the tensors' type")
+def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_type: str,
+               outtype: str):
+    """Write the peftspec ADAPTER file as an HF PEFT adapter folder, or (--format
+    gguf) as a llama.cpp LoRA adapter.
 
     The folder loads with peft.PeftModel.from_pretrained(base, OUT). Several
     LoRA rules become one LoraConfig (rank_pattern / alpha_pattern); whole
@@ -37,11 +44,34 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
     types in one spec, rules differing in dropout/rslora/dora) is refused with
     exit code 2, naming the rule and option.
 
+    With --format gguf the file loads in llama.cpp (--lora adapter.gguf) and
+    Ollama (ADAPTER in a Modelfile) over the base model's GGUF: Llama models,
+    LoRA only; rules differing in alpha or rslora are folded into one alpha.
+    DoRA, other methods, soft prompts and [[train]] rules are refused (exit 2).
+
     \b
-    Example:
+    Examples:
       peftspec export lora.safetensors --out hf-lora/ --model hf:./tiny-llama
+      peftspec export lora.safetensors --format gguf --out lora.gguf --model smollm2
     """
+    if fmt == "gguf":
+        from ..gguf_export import export_gguf
+
+        if model is None:
+            raise click.UsageError("--format gguf needs --model (the base the adapter was "
+                                   "trained on)")
+        with err.status(f"loading model {model}..."):
+            reg = registry()
+            base = reg.load_model(model)
+        path = export_gguf(adapter, out_dir, model=base, registry=reg, outtype=outtype)
+        out.print(f"wrote {path} ({human_bytes(path.stat().st_size)}); use it with "
+                  f"llama.cpp's --lora {path} or Ollama's ADAPTER line", soft_wrap=True)
+        return
     from ..hf_peft import export_hf_peft
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} is a file; hf-peft writes a folder",
+                                 param_hint="'--out'")
 
     export_hf_peft(adapter, out_dir, model=model, task_type=None if task_type == "none"
                    else task_type, registry=registry())

@@ -4,7 +4,10 @@ Formats:
 
 * JSONL, one object a line: ``{"text": ...}`` for causal language modelling
   (every token scored), or ``{"prompt": ..., "completion": ...}`` where only
-  the completion is scored (the prompt's labels are -100), or
+  the completion is scored (the prompt's labels are -100; with a tokenizer
+  that has a chat template, the prompt is its user turn with the assistant's
+  turn opened, exactly what ``peftspec generate`` feeds the model, and the
+  completion ends with the end-of-turn token), or
   ``{"text": ..., "label": ...}`` for sequence classification (the label an
   integer id or a string name; see :class:`Labels`). A file holds language
   modelling records or classification records, not both. Blank lines are
@@ -202,8 +205,9 @@ def encode(example: Example, tok, max_length: int) -> tuple[list[int], list[int]
     if example.text is not None:
         ids = tok.encode(example.text) + eos
         labels = list(ids)
-    else:
-        p = tok.encode(example.prompt)
+    else:  # an instruct tokenizer's chat template frames the prompt, as generate does
+        p = tok.encode_chat(example.prompt) if getattr(tok, "has_chat_template", False) \
+            else tok.encode(example.prompt)
         c = tok.encode(example.completion) + eos
         ids, labels = p + c, [IGNORE] * len(p) + c
     return ids[:max_length], labels[:max_length]

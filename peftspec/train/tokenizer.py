@@ -10,8 +10,6 @@ A tokenizer here is anything with ``encode(text) -> list[int]``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from ..errors import ModelSourceError
 
 
@@ -36,6 +34,9 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    decode_clean = decode  # end-of-text is not a byte: decode drops it already
+    has_chat_template = False
 
 
 @dataclass
@@ -72,16 +73,36 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
 
+    def decode_clean(self, ids) -> str:
+        """Text without special tokens (an answer, for people)."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """``prompt`` as one user turn of the chat template, the assistant's
+        turn opened: what an instruct model answers after. Training formats
+        prompt/completion records this way, and generation starts from it."""
+        text = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
 
 def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
     """The tokenizer to train ``model`` (loaded from ``source``) with.
 
-    * ``hf:PATH``: the directory's tokenizer (``AutoTokenizer``, local files only);
+    * a source with a transformers folder (``hf:PATH``; ``gguf:PATH`` and
+      ``smollm2``, whose cache folder holds the GGUF file's tokenizer): the
+      folder's tokenizer (``AutoTokenizer``, local files only);
     * the default model, or any model whose input embedding has at least 257
       rows: :class:`ByteTokenizer`.
     """
-    if source and source.startswith("hf:"):
-        path = Path(source[3:])
+    from ..models.hf import hf_folder
+
+    path = hf_folder(source)
+    if path is not None:
         try:
             from transformers import AutoTokenizer
         except ImportError:  # pragma: no cover - load_hf already needs it
