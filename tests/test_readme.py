@@ -40,8 +40,11 @@ def test_example_specs_all_check(registry):
 
 
 def _tiny_llama():
+    """SmolLM2's shape in small: GQA 9/3 heads, so k/v project to a third of the
+    width, wide enough (288 -> 96) for the spec's r = 16 (compile refuses a
+    rank above min(in, out))."""
     import transformers
 
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1))
+        vocab_size=64, hidden_size=288, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=9, num_key_value_heads=3))
