@@ -43,7 +43,8 @@ class WriteError(PeftspecError, OSError):
     exit_code = 1
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB': the one byte formatter (the CLI's too)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -75,10 +76,10 @@ def _reason(exc: OSError) -> str:
 def _error(path: Path, exc: OSError, needed: int | None) -> WriteError:
     msg = f"cannot write {path}: {_reason(exc)}"
     if needed is not None:
-        msg += f"; it needs {_human(needed)} ({needed:,} bytes)"
+        msg += f"; it needs {human_bytes(needed)} ({needed:,} bytes)"
         free = free_bytes(path)
         if free is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            msg += f", {_human(free)} free there"
+            msg += f", {human_bytes(free)} free there"
     return WriteError(msg + "; nothing was replaced")
 
 

@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from ..atomicio import human_bytes  # noqa: F401 - the commands' byte formatter
 from ..errors import PeftspecError
 
 err = Console(stderr=True, highlight=False)
@@ -56,14 +57,6 @@ def registry():
     for failure in reg.failures:
         err.print(f"warning: {failure}", soft_wrap=True)
     return reg
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def load(spec: Path, model: str | None):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..atomicio import fsync_dir
 from ..errors import PeftspecError
 
 FORMAT = 1
@@ -177,13 +178,13 @@ def _build(folder: Path, build: Callable[[Path], None], source: dict, what: str)
             f.write(_dump(manifest))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if folder.exists():  # a corrupt or stale entry: out of the way, then replaced
             old = folder.with_name(f".tmp-{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,14 +220,3 @@ def _dump(manifest: dict) -> bytes:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
