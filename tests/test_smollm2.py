@@ -151,5 +151,16 @@ def test_a_corrupt_cache_entry_is_rebuilt(monkeypatch, tmp_path, capsys):
     assert "rebuilding" in capsys.readouterr().err
     assert cache.problem(copy_folder) is None
     want = json.loads((sound / "manifest.json").read_text())["files"]
-    assert json.loads((copy_folder / "manifest.json").read_text())["files"] == want
+    got = json.loads((copy_folder / "manifest.json").read_text())["files"]
+    assert set(got) == set(want)
+    for name in want:
+        if name.endswith("config.json"):
+            # configs record the transformers version that wrote them, and the
+            # sound entry may come from another environment (CI runs three)
+            a, b = (json.loads((f / name).read_text()) for f in (sound, copy_folder))
+            a.pop("transformers_version", None)
+            b.pop("transformers_version", None)
+            assert a == b, name
+        else:  # the weights and the tokenizer: byte for byte
+            assert got[name] == want[name], name
     gguf_source._verified.clear()
