@@ -86,15 +86,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from ``path``: JSONL records ``{"prompt": ...}`` (a ``completion``
     or ``expected`` key is kept as the expected answer; training data works as
     is), or any other file as one prompt per non-blank line."""
-    from .train.data import DataError
+    from .train.data import DataError, read_text
 
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such prompts file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read prompts file: {exc}") from None
+    raw = read_text(path, "prompts file")
     prompts = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():

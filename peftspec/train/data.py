@@ -132,15 +132,21 @@ class Labels:
         return json.dumps(list(self.names), ensure_ascii=False, separators=(",", ":"))
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, else a DataError naming it as ``what`` (e.g.
+    "data file"): the one reader of the user's text inputs."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc}") from None
+
+
 def read_examples(path: str | Path) -> list[Example]:
     """Read and validate every record of ``path`` (JSONL, or ``.txt`` paragraphs)."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such data file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read data file: {exc}") from None
+    raw = read_text(path, "data file")
     if path.suffix == ".txt":
         paras = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n")]
         examples = [Example(text=p, where=f"{path}") for p in paras if p]
