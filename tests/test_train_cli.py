@@ -193,3 +193,34 @@ def test_train_hf_model_with_its_own_tokenizer(tmp_path):
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert recs[0]["tokens"] < 2 * 10  # words, not bytes: the directory's tokenizer
+
+
+def test_a_log_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path,
+                                                                      monkeypatch):
+    import peftspec.train.tasks as tasks
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --log was checked")
+
+    monkeypatch.setattr(tasks, "load_model", no_load)
+    result = CliRunner().invoke(cli, ["train", "specs/train-lora.toml", "--steps", "1",
+                                      "--log", str(tmp_path), "--out",
+                                      str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert f"--log {tmp_path}: is a folder" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_log_write_that_fails_mid_run_is_one_line(tmp_path):
+    # /dev/full opens, and every write to it fails with ENOSPC: a full disk
+    result = CliRunner().invoke(cli, ["train", "specs/train-lora.toml", "--steps", "2",
+                                      "--batch-size", "1", "--max-length", "16",
+                                      "--log", "/dev/full", "--out",
+                                      str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: --log /dev/full: cannot write step 1 to the metrics log (No "
+                     "space left on device); give a file path in a writable folder, or "
+                     "leave --log out"], result.output
+    assert not (tmp_path / "a.safetensors").exists()

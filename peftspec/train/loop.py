@@ -39,6 +39,7 @@ from ..errors import PeftspecError
 from . import checkpoint as ckpt
 from . import checkpointing, data, distributed, tasks
 from .config import TrainConfig
+from . import metrics
 from .metrics import MetricsLog
 from .schedule import lr_at
 from .tokenizer import tokenizer_for
@@ -355,6 +356,8 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
            should_stop, max_steps_this_run, rank0: bool,
            world: distributed.World, force: bool = False) -> TrainResult:
     emit = on_event if (on_event and rank0) else (lambda record: None)
+    if rank0:
+        metrics.check_path(cfg.log)  # a bad --log is refused before the model loads
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
               resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
     if out is not None and rank0:  # a full disk or read-only --out: say so before training
