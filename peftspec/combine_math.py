@@ -34,7 +34,7 @@ separately for its non-SVD types, which adds the cross terms ``Bᵢ·Aⱼ``):
     the DARE masks, then TIES's sign election and disjoint mean.
 
 An input that lacks the target contributes a zero update (the union rule of
-:mod:`peftspec.combine`); that is exact for every method here: a zero update
+:mod:`peftspec.combine_files`); that is exact for every method here: a zero update
 adds nothing to a sum, and its sign (zero) never agrees with an elected one.
 
 The ``R`` factors are split evenly, ``B' = U·√S``, ``A' = √S·Vᵀ``, so both

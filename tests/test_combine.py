@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.combine import CombineError, combine
+from peftspec.combine_files import CombineError, combine
 from peftspec.combine_math import dare_mask, factored_low_rank
 from peftspec.safetensors_io import serialize
 from toymodels import ToyConfig, ToyNet
@@ -105,7 +105,7 @@ def assert_deltas(got: dict, want: dict, atol=1e-5):
 def test_linear_and_cat_are_the_exact_weighted_sum(pair, tmp_path, method):
     a, b, da, db = pair
     out = tmp_path / "c.safetensors"
-    summary = combine([a, b], [0.7, -0.3], method=method, out=out)
+    summary = peftspec.combine([a, b], [0.7, -0.3], method=method, out=out)
     assert summary["targets"] == len(set(da) | set(db)) == 7  # the union, embedding included
     assert summary["max_truncation_error"] < 1e-6
     assert_deltas(deltas(out), expected_sum(da, db, 0.7, -0.3))
