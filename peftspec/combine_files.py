@@ -256,6 +256,9 @@ def combine(adapters: Sequence[str | os.PathLike], weights: Sequence[float], *, 
             if classes.setdefault(target, cls) != cls:
                 raise CombineError(f"{inp.path}: '{target}' is a {cls} there and a "
                                    f"{classes[target]} in another input")
+    if not classes:
+        raise CombineError(f"{', '.join(map(str, paths))}: no module is adapted by any input "
+                           "(every rule optional and matching nothing); nothing to combine")
     dtypes = {t.dtype for inp in inputs for _, a, b, _ in inp.terms.values() for t in (a, b)}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
 

@@ -382,12 +382,13 @@ def test_refuses_damaged_inputs(pair, tmp_path):
 # --- the command line --------------------------------------------------------------
 
 def test_cli_combine_end_to_end(pair, tmp_path):
+    from test_cli import run  # a real process, as every command's end-to-end test
+
     a, b, da, db = pair
     out = tmp_path / "c.safetensors"
-    r = CliRunner().invoke(cli, ["combine", str(a), str(b), "--weights", "0.7,0.3",
-                                 "--method", "cat", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    assert "wrote" in r.output and "7 modules" in r.output
+    r = run("combine", a, b, "--weights", "0.7,0.3", "--method", "cat", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "7 modules" in r.stdout
     assert_deltas(deltas(out), expected_sum(da, db, 0.7, 0.3))
     r = CliRunner().invoke(cli, ["combine", str(a), str(b), "-w", "1,1", "--method", "ties",
                                  "--density", "0.3", "--rank", "2", "--out", str(out),
