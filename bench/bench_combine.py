@@ -18,12 +18,9 @@ can have. Scenarios: both plain LoRA (r 4, alphas 8 and 16), and the first
 one rsLoRA (HF PEFT copies the first adapter's config, ``use_rslora``
 included, into the combined one).
 
-``--time`` also times ``peftspec combine`` per method on two r=16 adapters of
-SmolLM2-135M's shape (random weights, nothing downloaded).
-
 Run with any HF PEFT: ``PYTHONPATH=/tmp/peft-0.18 python bench/bench_combine.py``
-(``pip install --no-deps --target /tmp/peft-0.18 peft==0.18.1``). The error
-figures do not depend on the machine's load; the timings do.
+(``pip install --no-deps --target /tmp/peft-0.18 peft==0.18.1``). Nothing is
+timed; the figures do not depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -180,53 +177,10 @@ def deltas_of(path: Path) -> dict:
             t[k[:-1] + "B"].double() @ t[k].double() for k in t if k.endswith(".lora_A")}
 
 
-def timing(tmp: Path) -> list[tuple[str, float, float]]:
-    """Seconds per method to combine two LoRA r=16 adapters on all seven
-    projections of SmolLM2-135M's shape (30 layers, 576 wide, random weights,
-    210 modules), and the largest truncation error; one run each, after one
-    warm-up, so the figures carry the machine's load."""
-    import time
-
-    import transformers
-
-    import peftspec
-    from peftspec.combine_files import combine
-
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536,
-                                   num_hidden_layers=30, num_attention_heads=9,
-                                   num_key_value_heads=3, tie_word_embeddings=True)
-    files = []
-    for seed, alpha in ((1, 32), (2, 16)):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-        spec = peftspec.parse_spec(
-            '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.k_proj", '
-            '"**.v_proj", "**.o_proj", "**.gate_proj", "**.up_proj", "**.down_proj"]\n'
-            f"r = 16\nalpha = {alpha}\n")
-        peftspec.apply(spec, model)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in peftspec.trainable_parameters(model).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        files.append(peftspec.save_adapter(model, tmp / f"smol-{seed}.safetensors"))
-        del model
-    rows = []
-    combine(files, WEIGHTS, method="cat", out=tmp / "warm.safetensors")
-    for method in OURS:
-        kwargs = {"density": DENSITY} if method in ("ties", "dare_linear", "dare_ties") else {}
-        t0 = time.perf_counter()
-        summary = combine(files, WEIGHTS, method=method, out=tmp / f"smol-{method}.safetensors",
-                          **kwargs)
-        rows.append((method, time.perf_counter() - t0, summary["max_truncation_error"]))
-    return rows
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=4, help="svd_rank / --rank for truncating types")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--time", action="store_true",
-                    help="also time peftspec combine on SmolLM2-135M's shape (random weights)")
     args = ap.parse_args(argv)
     import peft
 
@@ -246,18 +200,6 @@ def main(argv=None):
                 e = "failed" if err is None else f"{err:.2e}"
                 b = "" if best_err is None else f"{best_err:.2e}"
                 print(f"| {name} | {ref} | {e} | {b} | {note} |")
-        if args.time:
-            from benchenv import loadavg
-
-            before = loadavg()
-            rows = timing(Path(tmp))
-            print(f"\npeftspec combine, two r=16 adapters on SmolLM2-135M's 210 projections "
-                  f"({torch.get_num_threads()} threads; load average {before} -> {loadavg()}):")
-            print("| method | seconds | largest truncation error |")
-            print("|---|---|---|")
-            for method, secs, err in rows:
-                print(f"| {method} | {secs:.2f} | {err:.2e} |")
-            results["timing"] = rows
     if args.json:
         print(json.dumps({"peft": peft.__version__, "results": results}))
     return 0
