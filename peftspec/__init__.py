@@ -38,6 +38,7 @@ from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
 from .adapter_file import load_adapter, save_adapter  # noqa: E402
 from .hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
 from .gguf_export import export_gguf  # noqa: E402
+from .combine_files import CombineError, combine  # noqa: E402
 
 
 def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bool = False,
@@ -81,4 +82,5 @@ __all__ = [
     "export_gguf", "is_patched", "load_adapter", "load_model",
     "load_spec", "merge", "option", "parse_spec", "remove", "save_adapter", "selectors",
     "trainable_parameters",
+    "CombineError", "combine",
 ]

@@ -36,6 +36,8 @@ BUILTIN = {
     "prefix-tuning": '[prefix]\nmethod = "prefix-tuning"\ntokens = 2\nprojection = true',
     "mixed": '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\nr = 2\n'
              '[[augment]]\nmethod = "bottleneck"\nafter = ["**.mlp"]\nsize = 4',
+    "ia3": '[[augment]]\nmethod = "ia3"\nmodules = ["**.k_proj", "**.up_proj"]\n'
+           'feedforward = ["**.up_proj"]',
 }
 
 # what each case must skip (everything else must pass)
@@ -47,6 +49,7 @@ SKIPS = {
     "p-tuning": {"unchanged_at_apply", "merge"},
     "prefix-tuning": {"unchanged_at_apply", "merge", "rows"},
     "mixed": {"merge", "hf_peft"},  # bottleneck: neither merges nor exports
+    "ia3": set(),
 }
 
 
@@ -68,7 +71,8 @@ def ia3_plugin():
     return mod
 
 
-IA3_RULE = '[[augment]]\nmethod = "ia3"\nmodules = [{m}]\nfeedforward = [{f}]'
+# the example registers its copy of (IA)^3 as "ia3-example": "ia3" is the built-in's
+IA3_RULE = '[[augment]]\nmethod = "ia3-example"\nmodules = [{m}]\nfeedforward = [{f}]'
 
 
 def test_ia3_example_conforms_on_the_builtin_model():

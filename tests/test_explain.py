@@ -106,7 +106,8 @@ def test_lora_options_carry_type_default_bounds_and_doc(reg):
 
 
 def test_every_methods_example_rule_loads(reg):
-    assert {"lora", "bottleneck", "select", "prompt-tuning", "ia3", "scale-out"} <= \
+    assert {"lora", "bottleneck", "select", "prompt-tuning", "ia3", "ia3-example",
+            "scale-out"} <= \
         set(reg.methods)
     for name, info in reg.methods.items():
         text = example_rule(info.method)

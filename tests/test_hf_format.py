@@ -5,8 +5,8 @@ Export: a peftspec adapter (random, non-zero weights) is written with
 into a fresh tiny GPT-2 (Conv1D) or Llama (Linear, grouped-query attention);
 the two models' logits must agree. Import: an adapter saved by HF PEFT's
 ``save_pretrained`` is converted, loaded with ``peftspec.load_adapter`` onto a
-fresh base, and compared with HF PEFT's model the same way. The (IA)^3 example
-plugin is pip-installed as in ``test_plugins.py``. Refusals and hostile inputs
+fresh base, and compared with HF PEFT's model the same way; (IA)^3 through the
+built-in ``ia3`` alone (``autoload=False``). Refusals and hostile inputs
 go through the command line: exit code 2, a message naming the problem, and
 no output written.
 """
@@ -33,7 +33,6 @@ import peftspec  # noqa: E402
 from peftspec.cli import cli  # noqa: E402
 from peftspec.errors import ConversionError  # noqa: E402
 from peftspec.hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
-from test_plugins import EXAMPLE, copy_source, on_sys_path, pip_install  # noqa: E402
 
 ATOL = 1e-5
 
@@ -120,12 +119,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ia3_registry(tmp_path_factory):
-    """The (IA)^3 example, pip-installed, and a registry that has it."""
-    root = tmp_path_factory.mktemp("ia3")
-    pip_install([copy_source(EXAMPLE, root / "src")], root / "site")
-    with on_sys_path(root / "site", ("peftspec_ia3",)):
-        yield peftspec.build_registry()
+def ia3_registry():
+    """The built-ins alone: (IA)^3 is one of them."""
+    registry = peftspec.build_registry(autoload=False)
+    assert registry.methods["ia3"].dist == "peftspec"
+    return registry
 
 
 def rule(modules, family="reparameterize", **opts) -> str:
@@ -198,7 +196,7 @@ def test_export_loads_in_hf_peft(arch, case, tmp_path):
 
 
 @ARCHS
-def test_export_ia3_through_the_example_plugin(arch, ia3_registry, tmp_path):
+def test_export_ia3(arch, ia3_registry, tmp_path):
     modules, ff = arch.ia3
     text = rule([f"**.{m}" for m in modules], family="augment", method="ia3",
                 feedforward=[f"**.{m}" for m in ff])
@@ -290,7 +288,7 @@ def test_import_matches_hf_peft(arch, case, tmp_path):
 
 
 @ARCHS
-def test_import_ia3_through_the_example_plugin(arch, ia3_registry, tmp_path):
+def test_import_ia3(arch, ia3_registry, tmp_path):
     modules, ff = arch.ia3
     config = peft.IA3Config(target_modules=modules, feedforward_modules=ff,
                             fan_in_fan_out=arch is GPT2, task_type="CAUSAL_LM")

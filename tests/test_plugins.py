@@ -3,8 +3,10 @@
 ``examples/peftspec-ia3`` is installed with pip into a temporary folder once
 per session and put on ``sys.path`` for this module only, so it is found the
 way any third-party plugin is: through its distribution's ``peftspec`` entry
-point. (IA)³ is checked against HF PEFT's implementation on the built-in
-default model (``nn.Linear``) and on a tiny GPT-2 (``Conv1D``).
+point. It registers its method as ``ia3-example``, beside the same code as
+the built-in ``ia3`` (``plugins/ia3.py``). Both are checked against HF PEFT's
+implementation on the built-in default model (``nn.Linear``) and on a tiny
+GPT-2 (``Conv1D``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from peftspec import plugins as plugin_loading
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "peftspec-ia3"
+EXAMPLE_METHOD = "ia3-example"  # the example's name; the built-in is "ia3"
 
 
 # -- installing distributions for real ---------------------------------------------
@@ -157,10 +160,10 @@ MODELS = {
 }
 
 
-def ia3_rule(modules, feedforward) -> str:
+def ia3_rule(modules, feedforward, method="ia3") -> str:
     return textwrap.dedent(f"""\
         [[augment]]
-        method = "ia3"
+        method = "{method}"
         modules = {json.dumps(modules)}
         feedforward = {json.dumps(feedforward)}
         """)
@@ -186,7 +189,9 @@ def randomize(params: dict[str, nn.Parameter], seed: int) -> None:
 # -- the registry ------------------------------------------------------------------
 
 def test_registry_lists_ia3_from_its_distribution(reg, ia3_site):
-    info = reg.methods["ia3"]
+    assert reg.methods["ia3"].dist == "peftspec"  # the built-in, beside the example
+    assert not reg.failures
+    info = reg.methods[EXAMPLE_METHOD]
     assert info.dist == "peftspec-ia3"
     assert info.method.family == "augment" and info.method.mergeable
     # the pip-installed copy, found through its entry point, not the source tree
@@ -194,19 +199,19 @@ def test_registry_lists_ia3_from_its_distribution(reg, ia3_site):
     assert module.__name__ == "peftspec_ia3.plugin"
     assert Path(module.__file__).resolve().is_relative_to(ia3_site.resolve())
     assert reg.methods["lora"].dist == reg.methods["select"].dist == "peftspec"
-    assert "ia3" in reg.method_names("augment")
-    assert not [f for f in reg.failures if f.dist == "peftspec-ia3"]
+    assert {"ia3", EXAMPLE_METHOD} <= set(reg.method_names("augment"))
 
 
 def test_get_registry_sees_a_plugin_after_reset(ia3_site):
     # ia3_installed reset the cache after putting the plugin on sys.path
-    assert peftspec.get_registry().methods["ia3"].dist == "peftspec-ia3"
+    assert peftspec.get_registry().methods[EXAMPLE_METHOD].dist == "peftspec-ia3"
 
 
 # -- (IA)^3 against HF PEFT ----------------------------------------------------------
 
+@pytest.mark.parametrize("method", ["ia3", EXAMPLE_METHOD])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_ia3_matches_hf_peft(name, reg, tmp_path):
+def test_ia3_matches_hf_peft(name, method, reg, tmp_path):
     peft = pytest.importorskip("peft")
     factory, vocab, (modules, feedforward), hf_config = MODELS[name]
     model = factory()
@@ -216,8 +221,9 @@ def test_ia3_matches_hf_peft(name, reg, tmp_path):
     base_keys = set(model.state_dict())
     base_params = {n: p for n, p in model.named_parameters()}
 
-    spec = peftspec.parse_spec(ia3_rule(modules, feedforward), registry=reg)
+    spec = peftspec.parse_spec(ia3_rule(modules, feedforward, method), registry=reg)
     plan = peftspec.compile_plan(spec, model, registry=reg)
+    assert {s.method for s in plan.steps} == {method}
     targets = [s.target for s in plan.steps]
     ff_targets = {s.target for s in plan.steps if "feedforward" in s.roles}
     assert ff_targets and len(ff_targets) < len(targets)
@@ -276,7 +282,7 @@ def test_ia3_matches_hf_peft(name, reg, tmp_path):
     torch.testing.assert_close(logits(model, ids), adapted, atol=1e-5, rtol=0)
     assert not peftspec.is_patched(model)
     assert not peftspec.adapter_params(model)
-    assert not [m for m in model.modules() if type(m).__module__.startswith("peftspec_ia3")]
+    assert not [m for m in model.modules() if type(m).__name__ == "IA3Linear"]
     assert set(model.state_dict()) == base_keys
     for n, p in model.named_parameters():
         assert p is base_params[n]
@@ -360,21 +366,22 @@ def test_feedforward_must_be_a_subset_of_modules(reg):
     assert "blocks.0.mlp.down_proj" not in msgs[0]
 
 
-def test_ia3_refuses_other_modules_and_lora_on_the_same_module(reg):
-    msgs = compile_problems("""
+@pytest.mark.parametrize("method", ["ia3", EXAMPLE_METHOD])
+def test_ia3_refuses_other_modules_and_lora_on_the_same_module(reg, method):
+    msgs = compile_problems(f"""
         [[augment]]
-        method = "ia3"
+        method = "{method}"
         modules = ["blocks.0.ln1"]
         """, reg)
     assert len(msgs) == 1 and "'blocks.0.ln1'" in msgs[0] and "LayerNorm" in msgs[0]
 
-    msgs = compile_problems("""
+    msgs = compile_problems(f"""
         [[reparameterize]]
         method = "lora"
         modules = ["blocks.1.attn.k_proj"]
 
         [[augment]]
-        method = "ia3"
+        method = "{method}"
         modules = ["**.k_proj"]
         """, reg)
     assert len(msgs) == 1
@@ -394,8 +401,10 @@ class One(nn.Module):
 
 @given(n_in=st.integers(1, 9), n_out=st.integers(1, 9), conv1d=st.booleans(),
        feedforward=st.booleans(), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
-def test_ia3_module_is_the_formula(reg, n_in, n_out, conv1d, feedforward, bias, dtype, seed):
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+       method=st.sampled_from(["ia3", EXAMPLE_METHOD]))
+def test_ia3_module_is_the_formula(reg, n_in, n_out, conv1d, feedforward, bias, dtype, seed,
+                                   method):
     torch.manual_seed(seed)
     if conv1d:
         from transformers.pytorch_utils import Conv1D
@@ -410,7 +419,7 @@ def test_ia3_module_is_the_formula(reg, n_in, n_out, conv1d, feedforward, bias, 
     x = torch.randn(3, 2, n_in, dtype=dtype)
     before = model(x).detach()
 
-    rule = ia3_rule(["proj"], ["proj"] if feedforward else [])
+    rule = ia3_rule(["proj"], ["proj"] if feedforward else [], method)
     plan = peftspec.compile_plan(peftspec.parse_spec(rule, registry=reg), model, registry=reg)
     assert plan.params_added == (n_in if feedforward else n_out)
     peftspec.apply_plan(plan, model, registry=reg)
@@ -436,7 +445,7 @@ def test_broken_plugins_are_reported_and_the_rest_work(broken_site, reg):
     with on_sys_path(broken_site, ("broken_plugin", "typo_plugin")):
         registry = peftspec.build_registry()
         with pytest.warns(RuntimeWarning) as warned:  # the cached registry warns
-            assert peftspec.get_registry().methods["ia3"].dist == "peftspec-ia3"
+            assert peftspec.get_registry().methods[EXAMPLE_METHOD].dist == "peftspec-ia3"
     assert any("broken-plugin" in str(w.message) for w in warned)
     assert any("typo-plugin" in str(w.message) for w in warned)
     failures = {f.dist: f for f in registry.failures}
@@ -445,8 +454,8 @@ def test_broken_plugins_are_reported_and_the_rest_work(broken_site, reg):
     assert broken.entry_point == "broken" and "nonexistent_dependency" in broken.error
     assert "broken-plugin" in str(broken)
     assert typo.entry_point == "typo" and "register_methodz" in typo.error
-    assert {"lora", "select", "ia3"} <= set(registry.methods)
-    assert registry.methods["ia3"].dist == "peftspec-ia3"
+    assert {"lora", "select", "ia3", EXAMPLE_METHOD} <= set(registry.methods)
+    assert registry.methods[EXAMPLE_METHOD].dist == "peftspec-ia3"
 
     model = nanogpt()
     ids = tokens(257)
@@ -456,7 +465,7 @@ def test_broken_plugins_are_reported_and_the_rest_work(broken_site, reg):
         method = "lora"
         modules = ["**.q_proj"]
         [[augment]]
-        method = "ia3"
+        method = "ia3-example"
         modules = ["**.v_proj"]
         [[train]]
         params = ["**.bias"]
@@ -474,10 +483,11 @@ def test_disable_autoload_env(monkeypatch, value, autoload):
     registry = peftspec.build_registry()
     assert {"lora", "select"} <= set(registry.methods)
     assert {"default", "py", "hf"} <= set(registry.sources)
-    assert ("ia3" in registry.methods) is autoload
+    assert "ia3" in registry.methods  # a built-in
+    assert (EXAMPLE_METHOD in registry.methods) is autoload
     if not autoload:
-        with pytest.raises(peftspec.SpecError, match="unknown method 'ia3'"):
-            peftspec.parse_spec(ia3_rule(["**.k_proj"], []), registry=registry)
+        with pytest.raises(peftspec.SpecError, match=f"unknown method '{EXAMPLE_METHOD}'"):
+            peftspec.parse_spec(ia3_rule(["**.k_proj"], [], EXAMPLE_METHOD), registry=registry)
 
 
 # -- the command line, in a fresh interpreter -----------------------------------------
@@ -496,8 +506,10 @@ def test_cli_plugins_lists_ia3_and_failures(ia3_site, broken_site):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     methods = {m["name"]: m for m in data["methods"]}
-    assert methods["ia3"]["distribution"] == "peftspec-ia3"
-    assert methods["ia3"]["family"] == "augment" and methods["ia3"]["mergeable"] is True
+    assert methods[EXAMPLE_METHOD]["distribution"] == "peftspec-ia3"
+    assert methods["ia3"]["distribution"] == "peftspec"
+    for name in ("ia3", EXAMPLE_METHOD):
+        assert methods[name]["family"] == "augment" and methods[name]["mergeable"] is True
     assert methods["lora"]["distribution"] == "peftspec"
     assert {"broken-plugin", "typo-plugin"} <= {f["distribution"] for f in data["failures"]}
     assert "broken-plugin" in res.stderr  # warned about, too
@@ -505,7 +517,8 @@ def test_cli_plugins_lists_ia3_and_failures(ia3_site, broken_site):
 
 def test_cli_plan_with_ia3(ia3_site, tmp_path):
     spec = tmp_path / "ia3.toml"
-    spec.write_text(ia3_rule(["**.k_proj", "**.v_proj", "**.down_proj"], ["**.down_proj"]))
+    spec.write_text(ia3_rule(["**.k_proj", "**.v_proj", "**.down_proj"], ["**.down_proj"],
+                             EXAMPLE_METHOD))
     res = run_cli("plan", str(spec), "--json", sites=[ia3_site])
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -513,15 +526,15 @@ def test_cli_plan_with_ia3(ia3_site, tmp_path):
     expected = sum(b.attn.k_proj.out_features + b.attn.v_proj.out_features +
                    b.mlp.down_proj.in_features for b in default.blocks)
     assert data["params_added"] == expected
-    assert {s["method"] for s in data["steps"]} == {"ia3"}
+    assert {s["method"] for s in data["steps"]} == {EXAMPLE_METHOD}
     assert len(data["steps"]) == 3 * len(default.blocks)
 
     res = run_cli("plan", str(spec), sites=[ia3_site],
                   env_extra={plugin_loading.DISABLE_ENV: "1"})
-    assert res.returncode == 2 and "unknown method 'ia3'" in res.stderr
+    assert res.returncode == 2 and f"unknown method '{EXAMPLE_METHOD}'" in res.stderr
 
 
-def test_example_spec_uses_the_plugin(reg):
+def test_example_spec_uses_the_builtin(reg):
     spec = peftspec.load_spec(REPO / "specs" / "ia3.toml", registry=reg)
     model = nanogpt()
     plan = peftspec.compile_plan(spec, model, registry=reg)

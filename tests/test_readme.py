@@ -29,7 +29,7 @@ def test_example_specs_all_check(registry):
     model = peftspec.load_model(registry=registry)
     classifier = peftspec.load_model(registry=registry, num_labels=2)  # has the score head
     for path in sorted((ROOT / "specs").glob("*.toml")):
-        if path.name in ("bad.toml", "ia3.toml"):  # ia3: tests/test_plugins.py, with the plugin
+        if path.name == "bad.toml":
             continue
         spec = peftspec.load_spec(path, registry=registry)
         target = classifier if path.name == "train-classify.toml" else model

@@ -13,6 +13,12 @@ third party writes. The package's entry point makes it known::
 
     [project.entry-points.peftspec]
     ia3 = "peftspec_ia3.plugin"
+
+peftspec ships the same method as its built-in ``ia3`` (``plugins/ia3.py``).
+Two plugins may not register one name (the second is reported as a failed
+plugin), so this example registers its method as ``ia3-example``; its HF PEFT
+adapters (``peft_type`` IA3) import as the built-in ``ia3``, which computes the
+same values.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ class IA3Linear(nn.Module):
 
 
 class IA3(Method):
-    name = "ia3"
+    name = "ia3-example"  # the built-in is "ia3"
     family = "augment"
     Options = IA3Options
     summary = "(IA)^3: learned vectors rescale outputs (inputs for feedforward); Linear, Conv1D"
