@@ -22,7 +22,8 @@ from peftspec.compare.settings import FULL, Entry, Settings, run_key
 
 SPECS = ["specs/lora.toml", "specs/prompt-tuning.toml"]
 COMMON = ["--data", "data/brindlecombe-train.jsonl", "--eval", "data/brindlecombe-heldout.jsonl",
-          "--steps", "3", "--batch-size", "4", "--max-length", "96", "--gen-tokens", "4"]
+          "--steps", "3", "--batch-size", "4", "--max-length", "96", "--gen-tokens", "4",
+          "--probe", "data/study-probe.jsonl", "--probe-tokens", "2"]
 
 
 def _compare(*args: str):
@@ -86,8 +87,17 @@ def test_every_column_is_present_and_consistent_with_plan(compared):
         assert lat["base_ms"] >= 0 and lat["unmerged_ms"] >= 0
         assert (lat["merged_ms"] is None) == (lat["not_mergeable"] is not None)
         assert (out / "runs" / Entry(r["name"], None).slug / "metrics.jsonl").is_file()
-    # the base is the same model in every run: its reference loss too
-    assert len({round(r["forgetting"]["before"], 6) for r in runs.values()}) == 1
+        answers = r["answers"]
+        assert [a["prompt"] for a in answers] == \
+            [json.loads(line)["prompt"] for line in open("data/study-probe.jsonl")]
+        assert all(isinstance(a["base"], str) and isinstance(a["adapter"], str)
+                   for a in answers)
+    # the base is the same model in every run: its reference and eval losses too, and
+    # the base's answers
+    for key in ("forgetting", "quality"):
+        field = "before" if key == "forgetting" else "eval_loss_before"
+        assert len({round(r[key][field], 6) for r in runs.values()}) == 1
+    assert len({json.dumps([a["base"] for a in r["answers"]]) for r in runs.values()}) == 1
     assert runs["prompt-tuning"]["latency"]["not_mergeable"]  # a soft prompt does not fold
     assert runs["lora-attention"]["latency"]["merged_ms"] is not None
     assert runs[FULL]["forgetting"]["before"] != runs[FULL]["forgetting"]["after"]

@@ -89,6 +89,10 @@ def _report(folder: Path, as_json: bool) -> None:
               help="new tokens per latency measurement")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
               show_default=True)
+@click.option("--probe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="prompts (a prompts file of peftspec generate) that the base and each "
+                   "adapter answer greedily; the answers go into results.json")
+@click.option("--probe-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--full", is_flag=True, help="add full fine-tuning (every parameter) as a row")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="folder for runs, results.json and figures")
@@ -98,7 +102,8 @@ def _report(folder: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print results.json's content")
 def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, reference,
             no_reference, steps, batch_size, lr, full_lr, warmup, max_length, seed,
-            eval_every, gen_tokens, precision, full, out_dir, report_dir, as_json):
+            eval_every, gen_tokens, precision, probe, probe_tokens, full, out_dir, report_dir,
+            as_json):
     """Train every SPEC alike and measure the trade-offs side by side.
 
     \b
@@ -148,7 +153,8 @@ def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, 
                         reference=str(reference) if reference else None, steps=steps,
                         batch_size=batch_size, lr=lr, full_lr=full_lr, warmup=warmup,
                         max_length=max_length, seed=seed, eval_every=eval_every,
-                        gen_tokens=gen_tokens, precision=precision)
+                        gen_tokens=gen_tokens, precision=precision,
+                        probe=str(probe) if probe else None, probe_tokens=probe_tokens)
     rows = entries(list(specs), full)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -23,11 +23,17 @@ from ..train import data
 LATENCY_PROMPT = "The capital of France is"
 
 
-@torch.no_grad()
 def text_loss(model, tok, examples: list, max_length: int, batch_size: int) -> float | None:
-    """Mean loss per scored token of ``model`` on ``examples`` (a text file's
-    records); None when no example has a token to score."""
+    """``model``'s loss on ``examples`` (a data file's language-modelling
+    records; :func:`items_loss`); None when no example has a token to score."""
     items, _ = data.encode_all(examples, tok, max_length)
+    return items_loss(model, tok, items, batch_size)
+
+
+@torch.no_grad()
+def items_loss(model, tok, items: list, batch_size: int) -> float | None:
+    """``model``'s loss on encoded ``items`` as ``peftspec train`` evaluates:
+    each batch's mean loss, averaged over the batches weighted by their rows."""
     if not items:
         return None
     was_training = model.training
@@ -36,7 +42,7 @@ def text_loss(model, tok, examples: list, max_length: int, batch_size: int) -> f
     device = next(model.parameters()).device
     try:
         for batch in data.eval_batches(items, batch_size, tok.pad_id):
-            n = data.scored(batch["labels"])
+            n = int(batch["labels"].shape[0])
             out = model(**{k: v.to(device) for k, v in batch.items()})
             loss = out.loss if hasattr(out, "loss") else out["loss"]
             total += float(loss) * n
@@ -122,3 +128,16 @@ def environment() -> dict:
     except OSError:
         env["loadavg"] = None
     return env
+
+
+def probe(model, tok, prompts: list, adapter: str | None, max_new_tokens: int) -> list[dict]:
+    """Greedy answers of the base and of ``adapter`` to ``prompts`` (a prompts
+    file's :class:`peftspec.generate.Prompt` list), in one batch where the
+    methods allow: ``[{"prompt", "expected", "base", "adapter"}]``."""
+    from ..generate import generate
+
+    wanted = [None] if adapter is None else [None, adapter]
+    answers = generate(model, tok, prompts, adapters=wanted, max_new_tokens=max_new_tokens)
+    by = {(a.prompt, a.adapter): a.text for a in answers}
+    return [{"prompt": p.text, "expected": p.expected, "base": by[(p.text, None)],
+             "adapter": by.get((p.text, adapter))} for p in prompts]

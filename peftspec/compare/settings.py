@@ -48,6 +48,8 @@ class Settings:
     eval_every: int = 0  # 0: about ten points on the curve
     gen_tokens: int = 16  # new tokens per latency measurement
     precision: str = "fp32"
+    probe: str | None = None  # prompts answered greedily by the base and each adapter
+    probe_tokens: int = 32
 
     def __post_init__(self):
         if self.eval is None and not self.eval_split:
@@ -132,7 +134,8 @@ def run_key(entry: Entry, settings: Settings) -> str:
     parts = {"spec": entry.text, "full": entry.is_full, "settings": settings.to_dict(),
              "data": _digest(settings.data), "eval": _digest(settings.eval),
              "reference": _digest(settings.reference), "version": __version__}
-    for key in ("data", "eval", "reference"):  # paths may move; contents decide
+    parts["probe"] = _digest(settings.probe)
+    for key in ("data", "eval", "reference", "probe"):  # paths may move; contents decide
         parts["settings"][key] = None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -144,6 +147,10 @@ def check_inputs(settings: Settings) -> None:
     read_examples(settings.data)
     if settings.eval:
         read_examples(settings.eval)
+    if settings.probe:
+        from ..generate import read_prompts
+
+        read_prompts(settings.probe)
     if settings.reference:
         examples = read_examples(settings.reference)
         if examples[0].label is not None:

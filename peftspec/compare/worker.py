@@ -74,8 +74,9 @@ def run(job: dict) -> dict:
     from ..train import memory as mem
     from ..train import tasks
     from ..train.config import TrainConfig
-    from ..train.data import encode_all, read_examples
-    from ..train.loop import peak_rss_mb, train
+    from ..generate import read_prompts
+    from ..train.data import encode_all, read_examples, split
+    from ..train.loop import _model_max_length, peak_rss_mb, train
     from ..train.tokenizer import tokenizer_for
     from . import measure
     from .settings import CompareError, Settings
@@ -105,18 +106,27 @@ def run(job: dict) -> dict:
     model = tasks.load_model(task, s.model, reg, s.seed)
     tok = tokenizer_for(s.model, model)
     rss_loaded = measure.rss_mb()
-    if task.eval is not None and not encode_all(task.eval, tok, s.max_length, task.labels)[0]:
-        raise CompareError(f"{s.eval}: no evaluation example keeps a token to score within "
-                           f"--max-length {s.max_length}; raise --max-length")
+    limit = _model_max_length(model)  # as train() truncates
+    max_len = min(s.max_length, limit) if limit else s.max_length
+    # the eval items train() scores (the same encoding, the same seeded split)
+    eval_items = encode_all(task.eval, tok, max_len, task.labels)[0] \
+        if task.eval is not None else split(encode_all(task.train, tok, max_len,
+                                                       task.labels)[0], s.eval_split, s.seed)[1]
+    if not eval_items:
+        raise CompareError(f"{s.eval or s.data}: no evaluation example keeps a token to score "
+                           f"within --max-length {s.max_length}; raise --max-length")
     plan = compile_plan(spec, model, registry=reg)
     base_cost = mem.full_finetune(model)
     dims = mem.model_dims(model)
     full_copy = measure.unique_bytes(model)
     generates = not task.classify and callable(getattr(model, "generate", None))
     reference = read_examples(s.reference) if s.reference and not task.classify else None
+    prompts = read_prompts(s.probe) if s.probe and generates else None
 
     emit({"type": "phase", "phase": "measuring the base"})
-    ref_before = measure.text_loss(model, tok, reference, s.max_length, s.batch_size) \
+    eval_before = None if task.classify else \
+        measure.items_loss(model, tok, eval_items, s.batch_size)
+    ref_before = measure.text_loss(model, tok, reference, max_len, s.batch_size) \
         if reference else None
     lat_base = measure.token_latency(model, tok, s.gen_tokens) if generates else None
 
@@ -143,9 +153,15 @@ def run(job: dict) -> dict:
                              spec_extra_tokens=extra)
 
     emit({"type": "phase", "phase": "measuring the adapter"})
-    ref_after = measure.text_loss(model, tok, reference, s.max_length, s.batch_size) \
+    ref_after = measure.text_loss(model, tok, reference, max_len, s.batch_size) \
         if reference else None
     lat_unmerged = measure.token_latency(model, tok, s.gen_tokens) if generates else None
+    answers = None
+    if prompts:
+        from ..patching import active_adapter
+
+        emit({"type": "phase", "phase": "answering the probe prompts"})
+        answers = measure.probe(model, tok, prompts, active_adapter(model), s.probe_tokens)
     lat_merged, not_merged = None, None
     if generates:
         try:
@@ -171,7 +187,7 @@ def run(job: dict) -> dict:
         "speed": {"tokens": tokens, "seconds": seconds,
                   "tokens_per_s": tokens / seconds if seconds else None,
                   "loop_seconds": result.seconds},
-        "quality": {"eval_loss": result.eval_loss, "eval_accuracy": last_eval.get("accuracy"),
+        "quality": {"eval_loss_before": eval_before, "eval_loss": result.eval_loss, "eval_accuracy": last_eval.get("accuracy"),
                     "train_loss": result.train_loss,
                     "train_curve": [[e["step"], e["loss"]] for e in train_events],
                     "eval_curve": [[e["step"], e["loss"]] + ([e["accuracy"]] if "accuracy" in e
@@ -182,6 +198,7 @@ def run(job: dict) -> dict:
         "latency": {"tokens": s.gen_tokens, "base_ms": _ms(lat_base),
                     "unmerged_ms": _ms(lat_unmerged), "merged_ms": _ms(lat_merged),
                     "not_mergeable": not_merged},
+        "answers": answers,
         "wall_seconds": time.perf_counter() - t_start,
     }
 
