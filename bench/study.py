@@ -46,6 +46,12 @@ SMOLLM2_ROWS = ["lora-r4", "lora-r8", "lora-r16", "lora-r32", "lora-r64", "dora-
                 "prompt-random", "prompt-vocab", "prompt-text", "prefix-tuning",
                 "bitfit-norms", "houlsby", "ia3", "full"]
 PROMPT_ROWS = ["prompt-random", "prompt-vocab", "prompt-text"]
+# the order runs are made in, so that an interrupted study has the rows the claims
+# hinge on first, then one of each kind before the rest of the rank sweep; the
+# table lists them in SMOLLM2_ROWS order
+PRIORITY = ["lora-r16", "prompt-text", "full"]
+THEN = ["lora-r4", "bitfit-norms", "lora-r64", "houlsby", "prompt-random", "dora-r16",
+        "prefix-tuning", "prompt-vocab", "lora-r8", "lora-r32", "ia3"]
 # the nf4-quantized frozen base (another issue): when it lands, a spec with a
 # [[freeze]] nf4 rule beside LoRA r=16 goes here and into SMOLLM2_ROWS
 NF4_SLOT = "lora-r16-nf4"
@@ -68,7 +74,7 @@ def ia3_installed() -> bool:
     return any(ep.name == "ia3" for ep in eps)
 
 
-def pretrain_tiny(out: Path, steps: int) -> Path:
+def pretrain_tiny(out: Path, steps: int, env: dict) -> Path:
     """The tiny model's brief pretraining on the reference text (once)."""
     adapter = out / "tiny-pretrained.safetensors"
     if adapter.is_file():
@@ -79,7 +85,7 @@ def pretrain_tiny(out: Path, steps: int) -> Path:
     rc = peftspec("train", str(spec), "--data", "data/reference.txt", "--steps", str(steps),
                   "--batch-size", "8", "--max-length", "256", "--lr", "3e-3", "--warmup", "20",
                   "--checkpoint-dir", str(out / "tiny-pretrain.checkpoints"),
-                  "--log", str(out / "tiny-pretrain.jsonl"), "--out", str(adapter))
+                  "--log", str(out / "tiny-pretrain.jsonl"), "--out", str(adapter), env=env)
     if rc != 0:
         sys.exit(f"pretraining the tiny model failed (exit {rc})")
     return adapter
@@ -94,6 +100,8 @@ def main() -> int:
                     help="only these SmolLM2 rows (repeatable): a reduced study")
     ap.add_argument("--only", action="append", choices=["smollm2", "tiny"])
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 steps, three rows")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (OMP_NUM_THREADS) [default: torch's own]")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,32 +116,50 @@ def main() -> int:
     notes.append(f"nf4 base ({NF4_SLOT}) left out: the quantized base has not landed")
     settings = [*COMMON, "--steps", str(steps), "--eval-every", str(max(1, steps // 10))]
     started, timings = time.time(), {}
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     load_start = loadavg()
 
-    if "smollm2" in parts:
+    def smollm2(wanted: list[str]) -> int:
         t0 = time.perf_counter()
-        specs = [str(STUDY / f"{r}.toml") for r in rows if r != "full"]
-        extra = ["--full", "--full-lr", "1e-4"] if "full" in rows else []
+        specs = [f"specs/study/{r}.toml" for r in wanted if r != "full"]
+        extra = ["--full", "--full-lr", "1e-4"] if "full" in wanted else []
         rc = peftspec("compare", *specs, *extra, "--model", "smollm2", *settings,
                       "--max-length", "128", "--probe", "data/study-probe.jsonl",
-                      "--out", str(out / "smollm2"))
-        timings["smollm2_s"] = time.perf_counter() - t0
+                      "--out", str(out / "smollm2"), env=threads)
+        timings["smollm2_s"] = timings.get("smollm2_s", 0.0) + time.perf_counter() - t0
+        return rc
+
+    # the headline rows first (a comparison reads finished runs back, so the second
+    # pass repeats none of them): an interrupted study has those at least
+    first = [r for r in PRIORITY if r in rows]
+    if "smollm2" in parts and first and len(first) < len(rows):
+        rc = smollm2(first)
         if rc not in (0, 1):
             return rc
     if "tiny" in parts:
         t0 = time.perf_counter()
-        adapter = pretrain_tiny(out, pretrain)
+        adapter = pretrain_tiny(out, pretrain, threads)
         timings["tiny_pretrain_s"] = time.perf_counter() - t0
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"),
                                                            os.environ.get("PYTHONPATH")])),
                "PEFTSPEC_STUDY_TINY": str(adapter)}
-        rc = peftspec("compare", *[str(STUDY / f"{r}.toml") for r in PROMPT_ROWS],
+        rc = peftspec("compare", *[f"specs/study/{r}.toml" for r in PROMPT_ROWS],
                       "--model", "py:study_models:pretrained_tiny", *settings,
-                      "--max-length", "192", "--out", str(out / "tiny"), env=env)
+                      "--max-length", "192", "--out", str(out / "tiny"), env={**env, **threads})
         timings["tiny_s"] = time.perf_counter() - t0
         if rc not in (0, 1):
             return rc
-    summary = {"steps": steps, "rows": rows, "notes": notes, "timings": timings,
+    if "smollm2" in parts:
+        rest = [r for r in THEN if r in rows and r not in first]
+        # the rest in THEN's order, then every row once more in the table's order
+        # (all read back): results.json and the figures hold the whole study
+        for wave in ([r for r in rows if r not in first and r not in rest] + rest, rows):
+            if not wave:
+                continue
+            rc = smollm2(wave)
+            if rc not in (0, 1):
+                return rc
+    summary = {"threads": args.threads, "steps": steps, "rows": rows, "notes": notes, "timings": timings,
                "wall_s": time.time() - started, "loadavg_start": load_start,
                "loadavg_end": loadavg(), "quick": args.quick}
     (out / "study.json").write_text(json.dumps(summary, indent=1))

@@ -161,6 +161,13 @@ def test_report_redraws_from_the_json(copy_of):
         assert (copy_of / fig).stat().st_size > 1000
     as_json = json.loads(_compare("--report", str(copy_of), "--json").output)
     assert as_json["runs"][0]["name"] == "lora-attention"
+    md = _compare("--report", str(copy_of), "--markdown").output
+    tables_md = [t for t in md.split("\n\n") if t.strip()]
+    assert len(tables_md) == 3  # cost, quality, memory: a header, a rule, a row per run
+    for t in tables_md:
+        assert len(t.strip().splitlines()) == 2 + len(as_json["runs"])
+    assert "| lora-attention | 32.8k | 3.81% |" in md
+    assert _compare("specs/lora.toml", *COMMON, "--markdown", "--out", "x").exit_code == 2
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -204,3 +211,66 @@ def test_every_setting_is_in_the_run_key(key, value):
     assert (run_key(entry, changed) == run_key(entry, _SETTINGS)) == (changed == _SETTINGS)
     assert run_key(Entry("x", "specs/lora.toml", entry.text + " "), _SETTINGS) != \
         run_key(entry, _SETTINGS)
+
+
+def test_the_study_specs_check_and_its_tiny_model_loads(tmp_path, monkeypatch):
+    """Every specs/study/ spec validates (ia3's needs the example plugin, which
+    bench/study.py leaves out when it is missing), and the study's py: source
+    gives the built-in model with the pretrained weights merged in."""
+    import sys
+
+    import torch
+
+    import peftspec
+
+    study = sorted(Path("specs/study").glob("*.toml"))
+    assert len(study) == 13
+    for path in study:
+        result = CliRunner().invoke(cli, ["check", str(path)])
+        if path.stem == "ia3" and result.exit_code:
+            assert "unknown method 'ia3'" in result.output
+            continue
+        assert result.exit_code == 0, (path, result.output)
+    monkeypatch.syspath_prepend("bench")
+    sys.modules.pop("study_models", None)
+    import study_models
+
+    monkeypatch.delenv("PEFTSPEC_STUDY_TINY", raising=False)
+    with pytest.raises(peftspec.PeftspecError, match="run bench/study.py"):
+        study_models.pretrained_tiny()
+    model = peftspec.load_model()
+    peftspec.apply(_full_spec(tmp_path), model)
+    with torch.no_grad():
+        for p in peftspec.trainable_parameters(model).values():
+            p.add_(0.5)
+    peftspec.save_adapter(model, tmp_path / "w.safetensors")
+    monkeypatch.setenv("PEFTSPEC_STUDY_TINY", str(tmp_path / "w.safetensors"))
+    tiny = study_models.pretrained_tiny()
+    assert not peftspec.is_patched(tiny)
+    merged = dict(peftspec.merge(model).named_parameters())
+    for name, p in tiny.named_parameters():
+        assert torch.equal(p, merged[name]), name
+
+
+def _full_spec(tmp_path: Path) -> Path:
+    from peftspec.compare.settings import FULL_SPEC
+
+    path = tmp_path / "full.toml"
+    path.write_text(FULL_SPEC)
+    return path
+
+
+@pytest.mark.slow
+def test_classification_data_reports_accuracy(tmp_path):
+    result = _compare("specs/train-classify.toml", "--data", "data/sentiment.jsonl",
+                      "--eval-split", "0.25", "--steps", "2", "--batch-size", "4",
+                      "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads((tmp_path / "o" / "results.json").read_text())["runs"]
+    assert r["task"] == "sequence-classification" and r["lr"] == 3e-3  # the spec's own lr
+    assert 0.0 <= r["quality"]["eval_accuracy"] <= 1.0
+    assert len(r["quality"]["eval_curve"][-1]) == 3  # step, loss, accuracy
+    # a classifier generates no text and has no reference loss: those are absent, not 0
+    assert r["latency"]["base_ms"] is None and r["forgetting"]["before"] is None
+    assert r["quality"]["eval_loss_before"] is None and r["answers"] is None
+    assert "%)" in quality_cells(r)[1]

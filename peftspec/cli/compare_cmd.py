@@ -45,15 +45,18 @@ def _command_line(ctx: click.Context) -> list[str]:
     return line
 
 
-def _report(folder: Path, as_json: bool) -> None:
+def _report(folder: Path, as_json: bool, as_markdown: bool) -> None:
     from ..compare import figures
     from ..compare.runner import read_results
-    from ..compare.table import tables
+    from ..compare.table import markdown, tables
 
     results = read_results(folder)
     written = figures.draw(results, folder)
     if as_json:
         out.print_json(json.dumps(results, default=str))
+        return
+    if as_markdown:
+        click.echo(markdown(results))
         return
     for t in tables(results):
         out.print(t)
@@ -100,10 +103,12 @@ def _report(folder: Path, as_json: bool) -> None:
               default=None, help="redraw the table and figures of DIR's results.json; "
                                  "trains nothing")
 @click.option("--json", "as_json", is_flag=True, help="print results.json's content")
+@click.option("--markdown", "as_markdown", is_flag=True,
+              help="with --report: print the tables as markdown (for a README)")
 def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, reference,
             no_reference, steps, batch_size, lr, full_lr, warmup, max_length, seed,
             eval_every, gen_tokens, precision, probe, probe_tokens, full, out_dir, report_dir,
-            as_json):
+            as_json, as_markdown):
     """Train every SPEC alike and measure the trade-offs side by side.
 
     \b
@@ -130,13 +135,15 @@ def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, 
         if specs or out_dir is not None:
             raise click.UsageError("--report DIR redraws an earlier comparison; give no SPEC "
                                    "and no --out with it")
-        _report(report_dir, as_json)
+        _report(report_dir, as_json, as_markdown)
         return
     from ..compare import figures
     from ..compare.runner import compare as run_compare
     from ..compare.settings import DEFAULT_REFERENCE, Settings, entries
     from ..compare.table import tables
 
+    if as_markdown:
+        raise click.UsageError("--markdown goes with --report DIR")
     if out_dir is None:
         raise click.UsageError("give --out DIR (or --report DIR to redraw one)")
     if data is None:

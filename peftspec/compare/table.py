@@ -70,3 +70,32 @@ def tables(results: dict) -> list[Table]:
     if results.get("failed"):
         made[-1].caption += "; failed: " + ", ".join(f["name"] for f in results["failed"])
     return made
+
+
+def markdown(results: dict) -> str:
+    """Both tables as GitHub markdown (for a README), the cost columns then the
+    quality ones, with the held-out loss before training beside the final one."""
+    lines = []
+    for cols, cells in ((COST, cost_cells), (QUALITY, quality_cells)):
+        if cells is quality_cells:
+            cols = [cols[0], "eval loss before → after", *cols[2:]]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in results["runs"]:
+            row = cells(r)
+            if cells is quality_cells:
+                before = r["quality"].get("eval_loss_before")
+                row[1] = f"{_f(before, '.3f')} → {row[1]}"
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        lines.append("")
+    cols = ["run", "weights", "gradients", "AdamW states", "activations (est.)",
+            "estimate", "RSS, model loaded", "peak RSS"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results["runs"]:
+        m = r["memory"]
+        est = m["estimate"]["columns"]["full" if r["full"] else "spec"]
+        parts = [human_bytes(est[k]) if est[k] is not None else "-"
+                 for k in ("weights", "gradients", "optimizer", "activations", "total")]
+        lines.append("| " + " | ".join([r["name"], *parts,
+                                         f"{_f(m.get('loaded_rss_mb'), ',.0f')} MiB",
+                                         f"{m['peak_rss_mb']:,.0f} MiB"]) + " |")
+    return "\n".join(lines) + "\n"
