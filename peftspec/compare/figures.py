@@ -1,7 +1,8 @@
 """The figures of a comparison, drawn from ``results.json`` alone (so
 ``peftspec compare --report DIR`` redraws them without training):
 
-* ``loss_curves.png``: train loss per step and eval loss, every run overlaid;
+* ``loss_curves.png``: train loss per step and eval loss (the base's at step 0),
+  every run overlaid;
 * ``quality_vs_params.png``: final eval loss against trainable parameters (log x);
 * ``memory.png``: per run, the measured peak resident set (split at the
   resident set once the model is loaded: the interpreter, torch and the
@@ -57,6 +58,8 @@ def draw(results: dict, out: Path) -> list[Path]:
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(12, 5))
     for r in runs:
         tc, ec = r["quality"]["train_curve"], r["quality"]["eval_curve"]
+        if r["quality"].get("eval_loss_before") is not None:  # the base, at step 0
+            ec = [[0, r["quality"]["eval_loss_before"]], *ec]
         line, = ax_t.plot([p[0] for p in tc], [p[1] for p in tc], linewidth=1, label=r["name"])
         ax_e.plot([p[0] for p in ec], [p[1] for p in ec], "o-", markersize=3,
                   color=line.get_color(), label=r["name"])
