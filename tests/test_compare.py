@@ -213,6 +213,15 @@ def test_every_setting_is_in_the_run_key(key, value):
         run_key(entry, _SETTINGS)
 
 
+def test_full_lr_keys_only_the_full_row():
+    entry = Entry("x", "specs/lora.toml", Path("specs/lora.toml").read_text())
+    full = Entry(FULL, None, "t")
+    with_full_lr = _SETTINGS.with_(full_lr=1e-4)
+    assert run_key(entry, with_full_lr) == run_key(entry, _SETTINGS)  # a spec row is shared
+    assert run_key(full, with_full_lr) != run_key(full, _SETTINGS)
+    assert run_key(full, _SETTINGS.with_(full_lr=_SETTINGS.lr)) == run_key(full, _SETTINGS)
+
+
 def test_the_study_specs_check_and_its_tiny_model_loads(tmp_path, monkeypatch):
     """Every specs/study/ spec validates (ia3's needs the example plugin, which
     bench/study.py leaves out when it is missing), and the study's py: source

@@ -137,6 +137,12 @@ def run_key(entry: Entry, settings: Settings) -> str:
     parts["probe"] = _digest(settings.probe)
     for key in ("data", "eval", "reference", "probe"):  # paths may move; contents decide
         parts["settings"][key] = None
+    # full_lr only concerns the full fine-tuning row: a comparison with and one
+    # without --full must share their other rows
+    if entry.is_full:
+        parts["settings"]["lr"] = settings.full_lr if settings.full_lr is not None \
+            else settings.lr
+    parts["settings"]["full_lr"] = None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
