@@ -2,7 +2,7 @@
 
 One module per command group (``spec_cmds``: check/plan/apply; ``train_cmds``:
 train/memory/report; ``interop``: export/import; ``merge_cmd``; ``plugins_cmd``:
-plugins/explain; ``schema_cmd``; ``generate_cmd``; ``combine_cmd``),
+plugins/explain; ``schema_cmd``; ``generate_cmd``; ``combine_cmd``; ``compare_cmd``),
 the helpers they share in :mod:`peftspec.cli.common`. This module builds the
 group and imports the commands; commands never import it.
 
@@ -17,8 +17,8 @@ import sys
 import click
 
 from .. import __version__
-from . import generate_cmd, interop, merge_cmd, plugins_cmd, schema_cmd, spec_cmds, train_cmds
-from . import combine_cmd
+from . import (combine_cmd, compare_cmd, generate_cmd, interop, merge_cmd, plugins_cmd,
+               schema_cmd, spec_cmds, train_cmds)
 from .common import Group, err
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +44,7 @@ def cli():
 for _command in (spec_cmds.check, spec_cmds.plan, spec_cmds.apply, train_cmds.train,
                  train_cmds.memory, train_cmds.report, merge_cmd.merge, plugins_cmd.plugins,
                  interop.export_cmd, interop.import_cmd, schema_cmd.schema,
-                 generate_cmd.generate):
+                 generate_cmd.generate, compare_cmd.compare):
     cli.add_command(_command)
 cli.add_command(plugins_cmd.plugins, name="explain")  # `peftspec explain lora`
 cli.add_command(combine_cmd.combine)
