@@ -35,6 +35,11 @@ class AdapterModule(Protocol):
 
     ``adapter_params()`` maps names relative to the module (as they appear in
     its ``state_dict``) to the parameters peftspec adds, trains and saves.
+
+    Optionally, ``param_roles()`` maps some of those names to a role the
+    optimizer reads: ``"B"`` (LoRA's second factor, trained at
+    ``lr × loraplus_lr_ratio`` under LoRA+) or ``"embedding"`` (LoRA on an
+    embedding: ``loraplus_lr_embedding``); see :mod:`peftspec.train.optim`.
     """
 
     def adapter_params(self) -> dict[str, nn.Parameter]: ...

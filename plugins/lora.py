@@ -106,6 +106,10 @@ class LoRALinear(nn.Module):
             out["lora_magnitude"] = p["lora_magnitude"]
         return out
 
+    def param_roles(self) -> dict[str, str]:
+        """LoRA+ trains ``B`` faster (``[train_config] loraplus_lr_ratio``)."""
+        return {"lora_B": "B"}
+
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t() if self.kind == "conv1d" else self.weight
 
@@ -241,6 +245,10 @@ class LoRAEmbedding(nn.Module):
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def param_roles(self) -> dict[str, str]:
+        """LoRA+ gives embedding LoRA its own learning rate (``loraplus_lr_embedding``)."""
+        return {"lora_A": "embedding", "lora_B": "embedding"}
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type,

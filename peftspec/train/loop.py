@@ -37,8 +37,8 @@ import torch
 
 from ..errors import PeftspecError
 from . import checkpoint as ckpt
-from . import checkpointing, data, distributed, tasks
-from .config import TrainConfig
+from . import checkpointing, data, distributed, optim, tasks
+from .config import OPTIONS, TrainConfig
 from .metrics import MetricsLog
 from .schedule import lr_at
 from .tokenizer import tokenizer_for
@@ -170,11 +170,9 @@ class Run:
         if not params:
             raise PeftspecError("the spec leaves nothing trainable")
         self.names = {id(p): n for n, p in params.items()}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [{"params": g, "weight_decay": wd}
-                  for g, wd in ((decay, self.cfg.weight_decay), (no_decay, 0.0)) if g]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        # weight decay on 2-D+ tensors; LoRA+'s learning rates (peftspec.train.optim)
+        self.optimizer = torch.optim.AdamW(optim.param_groups(self.model, params, self.cfg),
+                                           lr=self.cfg.lr)
         self.params = list(params.values())
 
     def schedule(self) -> dict:
@@ -191,7 +189,8 @@ class Run:
         folder = self.resume_folder
         state = ckpt.read_state(folder)
         saved = state.get("config", {})
-        changed = [k for k in TrainConfig.TRAJECTORY if saved.get(k) != getattr(self.cfg, k)]
+        changed = [k for k in TrainConfig.TRAJECTORY
+                   if saved.get(k, OPTIONS[k].default) != getattr(self.cfg, k)]
         if changed:
             raise ckpt.CheckpointError(
                 f"{folder}: resuming with other settings than the checkpoint's: " +
@@ -252,7 +251,7 @@ class Run:
         t0 = time.perf_counter()
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         device = self.params[0].device
         total, tokens = 0.0, 0
         world = self.world
