@@ -36,6 +36,10 @@ BUILTIN = {
     "prefix-tuning": '[prefix]\nmethod = "prefix-tuning"\ntokens = 2\nprojection = true',
     "mixed": '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\nr = 2\n'
              '[[augment]]\nmethod = "bottleneck"\nafter = ["**.mlp"]\nsize = 4',
+    "adalora": '[[reparameterize]]\nmethod = "adalora"\nmodules = ["**.q_proj", "**.o_proj"]\n'
+               'init_r = 4\ntarget_r = 2',
+    "trainable-tokens": '[[reparameterize]]\nmethod = "trainable-tokens"\nmodules = ["tok_emb"]\n'
+                        'token_indices = [1, 5, 200]',
 }
 
 # what each case must skip (everything else must pass)
@@ -47,6 +51,9 @@ SKIPS = {
     "p-tuning": {"unchanged_at_apply", "merge"},
     "prefix-tuning": {"unchanged_at_apply", "merge", "rows"},
     "mixed": {"merge", "hf_peft"},  # bottleneck: neither merges nor exports
+    "adalora": set(),
+    # the built-in model ties its head to the embedding: merge refuses, as it should
+    "trainable-tokens": {"merge"},
 }
 
 

@@ -64,6 +64,15 @@ METHODS = {
         modules = ["**.q_proj", "**.v_proj"]
         r = 8
         alpha = 16''', 1e-2, 60, 0),
+    "adalora": ('''
+        [[reparameterize]]
+        method = "adalora"
+        modules = ["**.q_proj", "**.v_proj"]
+        init_r = 12
+        target_r = 4
+        alpha = 32
+        tinit = 10
+        tfinal = 20''', 2e-2, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"
@@ -172,14 +181,18 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
 
     model.train()
     opt = torch.optim.AdamW(trainable.values(), lr=lr)
+    hooks = peftspec.training_hooks(model, steps)  # AdaLoRA's allocation, as train runs it
     gen = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         ids, labels = new_task_batch(gen, BATCH)
         loss = model(ids, labels=labels).loss
+        extra = sum(h.extra_loss() or 0 for h in hooks)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + extra).backward()
         opt.step()
+        for h in hooks:
+            h.after_step(step)
         losses.append(loss.item())
     model.eval()
     final_train = sum(losses[-LAST:]) / LAST
