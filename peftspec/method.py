@@ -168,6 +168,18 @@ class Method:
         """
         return options
 
+    def base_note(self, options: Any) -> str | None:
+        """A sentence ``peftspec plan`` shows when a rule with these options changes
+        the base weights at apply (PiSSA's residual), so that the frozen-base
+        promise holds for the changed weights; ``{n}`` and option names are
+        filled in. ``None`` (the default): the base stays as it is."""
+        return None
+
+    def unchanged_at_apply_with(self, options: Any) -> bool:
+        """:attr:`unchanged_at_apply` for a rule with these options (the
+        conformance kit asks this; PiSSA's residual rounds)."""
+        return self.unchanged_at_apply
+
     def check(self, module: nn.Module, step: "Step") -> str | None:
         """Return why ``module`` cannot take this step, or ``None`` if it can."""
         return None
