@@ -104,7 +104,7 @@ class SVDLinear(nn.Module):
         """The adapted output given the base output ``out`` (per-row batches share it)."""
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
         update = F.linear(F.linear(h, self.lora_A * self.lora_E), self.lora_B)
-        return out + update * self.scale
+        return out.add_(update, alpha=self.scale)  # ``out`` is ours to overwrite
 
     def delta(self) -> torch.Tensor:
         """``ΔW`` as an (out, in) matrix in float32."""

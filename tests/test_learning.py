@@ -73,6 +73,19 @@ METHODS = {
         alpha = 32
         tinit = 10
         tfinal = 20''', 2e-2, 60, 0),
+    "lora-pissa": ('''
+        [[reparameterize]]
+        method = "lora"
+        modules = ["**.q_proj", "**.v_proj"]
+        r = 8
+        alpha = 8
+        init = "pissa"''', 2e-3, 60, 0),
+    # the unseen marker's own embedding row (tied: the head's row too) learns what it means
+    "trainable-tokens": (f'''
+        [[reparameterize]]
+        method = "trainable-tokens"
+        modules = ["tok_emb"]
+        token_indices = [{st.NEW_MARKER}]''', 1e-1, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"
@@ -161,6 +174,10 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
     torch.manual_seed(0)
     peftspec.apply(peftspec.parse_spec(textwrap.dedent(body), file=f"{method}.toml"), model)
 
+    # the frozen base from here on: the base, or the residual a plan announces (PiSSA)
+    applied = {name: p.detach().clone() for name, p in base.items()}
+    if not model._peftspec.plan.notes:
+        assert all(torch.equal(applied[n], before[n]) for n in base), "apply changed the base"
     trainable = peftspec.trainable_parameters(model)
     assert trainable, "the method added nothing to train"
     assert set(trainable) == set(peftspec.adapter_params(model)), \
@@ -209,7 +226,7 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
     for name, p in base.items():
         assert model.get_parameter(name) is p, f"{name} was replaced"
         assert p.grad is None, f"{name} got a gradient"
-        assert torch.equal(p, before[name]), f"{name} changed"
+        assert torch.equal(p, applied[name]), f"{name} changed"
     for name, p in trainable.items():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"no gradient reached {name}"
         assert torch.isfinite(p).all(), name

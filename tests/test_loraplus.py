@@ -123,3 +123,23 @@ def test_a_ratio_below_one_is_refused_with_its_line():
         peftspec.parse_spec('[train_config]\nloraplus_lr_ratio = 0.5\n', file="s.toml")
     assert "s.toml" in str(exc.value) and "loraplus_lr_ratio" in str(exc.value)
     assert "at least 1" in str(exc.value)
+
+
+def test_the_cli_takes_the_ratio_and_logs_the_b_rate(tmp_path):
+    from click.testing import CliRunner
+
+    from peftspec.cli import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"sample {i}"}) for i in range(4)) + "\n")
+    (tmp_path / "s.toml").write_text('[[reparameterize]]\nmethod = "lora"\n'
+                                     'modules = ["**.q_proj"]\nr = 2\n')
+    res = CliRunner().invoke(cli, ["train", str(tmp_path / "s.toml"), "--data", str(data),
+                                   "--out", str(tmp_path / "a.safetensors"), "--steps", "2",
+                                   "--batch-size", "2", "--max-length", "16",
+                                   "--loraplus-lr-ratio", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["train", str(tmp_path / "s.toml"), "--data", str(data),
+                                   "--out", str(tmp_path / "a.safetensors"),
+                                   "--loraplus-lr-ratio", "0.5"])
+    assert res.exit_code == 2 and "loraplus_lr_ratio" in res.output
