@@ -80,12 +80,6 @@ METHODS = {
         r = 8
         alpha = 8
         init = "pissa"''', 2e-3, 60, 0),
-    # the unseen marker's own embedding row (tied: the head's row too) learns what it means
-    "trainable-tokens": (f'''
-        [[reparameterize]]
-        method = "trainable-tokens"
-        modules = ["tok_emb"]
-        token_indices = [{st.NEW_MARKER}]''', 1e-1, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"
