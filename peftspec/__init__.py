@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from .errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402
                      PeftspecError, PluginError, Problem, SpecError)
 from .hookspecs import hookimpl  # noqa: E402
-from .method import AdapterModule, Method, adapter_params  # noqa: E402
+from .method import AdapterModule, Method, TrainingHooks, adapter_params  # noqa: E402
 from .options import option, selectors  # noqa: E402
 from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
                        is_patched, merge, remove, use, using)
@@ -68,6 +68,15 @@ def load_model(source: str | None = None, registry=None, *,
     return (registry or get_registry()).load_model(source, num_labels=num_labels)
 
 
+def training_hooks(model: nn.Module, total_steps: int) -> list:
+    """The active adapter's :class:`peftspec.method.TrainingHooks` (AdaLoRA's rank
+    allocation and regularizer), for a hand-written loop: see
+    :mod:`peftspec.train.hooks`. ``peftspec train`` calls them itself."""
+    from .train.hooks import training_hooks as hooks
+
+    return hooks(model, total_steps)
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters left trainable (what to hand an optimizer)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -81,6 +90,6 @@ __all__ = [
     "compile_plan", "export_hf_peft", "get_registry", "hookimpl", "import_hf_peft",
     "export_gguf", "is_patched", "load_adapter", "load_model",
     "load_spec", "merge", "option", "parse_spec", "remove", "save_adapter", "selectors",
-    "trainable_parameters",
+    "trainable_parameters", "training_hooks", "TrainingHooks",
     "CombineError", "combine",
 ]

@@ -35,6 +35,11 @@ class AdapterModule(Protocol):
 
     ``adapter_params()`` maps names relative to the module (as they appear in
     its ``state_dict``) to the parameters peftspec adds, trains and saves.
+
+    Optionally, ``param_roles()`` maps some of those names to a role the
+    optimizer reads: ``"B"`` (LoRA's second factor, trained at
+    ``lr × loraplus_lr_ratio`` under LoRA+) or ``"embedding"`` (LoRA on an
+    embedding: ``loraplus_lr_embedding``); see :mod:`peftspec.train.optim`.
     """
 
     def adapter_params(self) -> dict[str, nn.Parameter]: ...
@@ -93,6 +98,35 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             params[key].copy_(value)
 
 
+class TrainingHooks:
+    """What a method adds to a training loop; returned by :meth:`Method.training`.
+
+    ``peftspec train`` (and any loop that calls :func:`peftspec.training_hooks`)
+    calls, on every hook object of the active adapter's methods:
+
+    * ``extra_loss()`` once per micro-batch, after the forward: a scalar tensor
+      added to the model's loss before backward (AdaLoRA's orthogonal
+      regularizer), or ``None``. The loop reports it apart from the task loss.
+    * ``after_step(step)`` after each optimizer step, before the gradients are
+      cleared (they are still readable); ``step`` counts the optimizer steps
+      done, 1 after the first (AdaLoRA's importance update and rank allocation).
+    * ``resume(step)`` when a run continues from a checkpoint taken after
+      ``step`` steps: raise :class:`peftspec.PeftspecError` saying what to do if
+      the method's state cannot be recovered from the adapter file.
+
+    The base class does nothing; override what the method needs.
+    """
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def resume(self, step: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """For methods without options."""
@@ -134,6 +168,18 @@ class Method:
         """
         return options
 
+    def base_note(self, options: Any) -> str | None:
+        """A sentence ``peftspec plan`` shows when a rule with these options changes
+        the base weights at apply (PiSSA's residual), so that the frozen-base
+        promise holds for the changed weights; ``{n}`` and option names are
+        filled in. ``None`` (the default): the base stays as it is."""
+        return None
+
+    def unchanged_at_apply_with(self, options: Any) -> bool:
+        """:attr:`unchanged_at_apply` for a rule with these options (the
+        conformance kit asks this; PiSSA's residual rounds)."""
+        return self.unchanged_at_apply
+
     def check(self, module: nn.Module, step: "Step") -> str | None:
         """Return why ``module`` cannot take this step, or ``None`` if it can."""
         return None
@@ -172,6 +218,18 @@ class Method:
     def release(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
         """The adapter is gone for good (removed or merged; already detached):
         drop anything kept for :meth:`attach`."""
+
+    def training(self, model: nn.Module, steps: list["Step"], total_steps: int
+                 ) -> TrainingHooks | None:
+        """What this method does during training beyond its forward: return a
+        :class:`TrainingHooks` (or ``None``, the default: nothing).
+
+        ``model`` carries the applied adapter; ``steps`` are this method's steps
+        of it (``model.get_submodule(step.target)`` is the installed module);
+        ``total_steps`` is the run's number of optimizer steps. Raise
+        ``ValueError`` with a readable reason when the options do not fit the
+        run (AdaLoRA's schedule longer than the run)."""
+        return None
 
     def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
         """For methods that patch the whole model in place (soft prompts): take

@@ -71,6 +71,8 @@ class Plan:
     trained_base: dict[str, tuple[int, int]] = field(default_factory=dict)
     # each rule's options as compiled (presets expanded), by rule.where
     options: dict[str, Any] = field(default_factory=dict)
+    # what a rule does to base weights, by rule.where (Method.base_note: PiSSA's residual)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def selectors_of(self, rule: str) -> dict[str, list[str]]:
         """The selector options a rule was compiled with (after preset expansion)."""
@@ -127,6 +129,7 @@ class Plan:
                        "params_added": r.params_added, "params_trained": r.params_trained,
                        "bytes": r.bytes} for r in self.rules()],
             "steps": [s.to_dict() for s in self.steps],
+            "base_notes": dict(self.notes),
         }
 
     def to_json(self) -> str:
@@ -250,8 +253,14 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     if problems:
         raise SpecError(problems)
     base_params = sum(p.numel() for p in params.values())
+    notes = {}
+    for rule in spec.rules:
+        n = sum(1 for s in steps if s.rule == rule.where)
+        note = registry.method(rule.method).base_note(resolved[rule.where])
+        if note:
+            notes[rule.where] = note.format(n=n, **vars(resolved[rule.where]))
     return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
-                base_params, trained_base, resolved), (params, buffers)
+                base_params, trained_base, resolved, notes), (params, buffers)
 
 
 def _itemsize(module: nn.Module) -> int:

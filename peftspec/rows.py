@@ -126,6 +126,12 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
                 f"adapter {n!r} trains base parameters ([[train]]: {', '.join(trained[:3])}"
                 f"{', ...' if len(trained) > 3 else ''}); a per-row batch cannot give each "
                 "row its own values of one shared base tensor")
+    for n in wanted:  # a module may say why it cannot share a batch (PiSSA's residual)
+        for rec in state.adapters[n].records:
+            why = getattr(rec.installed, "rows_refusal", None)
+            if why:
+                raise NotImplementedError(f"adapter {n!r} on '{rec.step.target}' "
+                                          f"({rec.step.method}): {why}")
     previous = state.active
     use(model, None)
     ctx = RowContext(names)

@@ -27,6 +27,8 @@ from torch import nn
 from peftspec import Method, hookimpl, option, selectors
 from peftspec._fastmodule import init_module
 
+from . import lora_init
+
 
 @dataclass(frozen=True)
 class LoRAOptions:
@@ -36,8 +38,12 @@ class LoRAOptions:
     dropout: float = option(0.0, doc="dropout on the adapter's input", min=0.0, max=0.999)
     rslora: bool = option(False, doc="rank-stabilised scaling alpha/sqrt(r)")
     dora: bool = option(False, doc="weight-decomposed LoRA: learn a per-row magnitude")
-    init: Literal["zeros", "gaussian"] = option(
-        "zeros", doc="B = 0 with A Kaiming-uniform ('zeros') or A ~ N(0, 1/r) ('gaussian')")
+    init: Literal["zeros", "gaussian", "pissa", "olora"] = option(
+        "zeros", doc="B = 0 with A Kaiming-uniform ('zeros') or A ~ N(0, 1/r) ('gaussian'); "
+                     "'pissa' / 'olora' start from the weight's SVD / QR and rewrite the base "
+                     "weight to the residual (plugins/lora_init.py)")
+    niter: int = option(0, doc="PiSSA: 0 for the exact SVD, N > 0 for torch.svd_lowrank with "
+                               "N subspace iterations (HF PEFT's pissa_niter_N)", min=0)
 
     @property
     def scale(self) -> float:
@@ -98,6 +104,9 @@ class LoRALinear(nn.Module):
         if opts.dora:
             self.lora_magnitude = nn.Parameter(
                 self._weight_norm(torch.zeros_like(self._weight_out_in())).detach())
+        # PiSSA / OLoRA: A, B from the weight, the weight rewritten to the residual
+        vars(self)["rewrite"] = lora_init.init_from_weight(self, opts.init, opts.niter) \
+            if opts.init in lora_init.INITS else None
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         p = self._parameters  # not self.lora_A: nn.Module.__getattr__ costs, thousands of times
@@ -105,6 +114,32 @@ class LoRALinear(nn.Module):
         if self.dora:
             out["lora_magnitude"] = p["lora_magnitude"]
         return out
+
+    def param_roles(self) -> dict[str, str]:
+        """LoRA+ trains ``B`` faster (``[train_config] loraplus_lr_ratio``)."""
+        return {"lora_B": "B"}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """With PiSSA / OLoRA, also the initial factors the residual base came from."""
+        out = self.adapter_params()
+        if self.rewrite is not None:
+            out.update(lora_A_init=self.rewrite.a0, lora_B_init=self.rewrite.b0)
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, p in self.adapter_params().items():
+            p.copy_(tensors[key])
+        if self.rewrite is not None:
+            self.rewrite.set_factors(tensors["lora_A_init"], tensors["lora_B_init"])
+
+    @property
+    def rows_refusal(self) -> str | None:
+        """Why per-row batches cannot run this module (its base weight is rewritten)."""
+        if self.rewrite is None:
+            return None
+        return ("its init rewrote the base weight to a residual (PiSSA / OLoRA), which "
+                "other rows of a per-row batch cannot share")
 
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t() if self.kind == "conv1d" else self.weight
@@ -242,6 +277,10 @@ class LoRAEmbedding(nn.Module):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def param_roles(self) -> dict[str, str]:
+        """LoRA+ gives embedding LoRA its own learning rate (``loraplus_lr_embedding``)."""
+        return {"lora_A": "embedding", "lora_B": "embedding"}
+
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
@@ -277,6 +316,9 @@ class LoRA(Method):
             return "LoRA adapts Linear, Conv1D and Embedding modules only"
         if kind == "embedding" and step.options.dora:
             return "DoRA is not supported on Embedding modules; use dora = false here"
+        if step.options.init in lora_init.INITS and (kind == "embedding" or step.options.dora):
+            return (f"init '{step.options.init}' works on Linear and Conv1D modules without "
+                    "DoRA; use init = 'zeros' here")
         n_in, n_out = _dims(module, kind)
         if step.options.r > min(n_in, n_out):  # B·A has rank <= min(in, out) anyway
             return (f"r = {step.options.r} exceeds min(in, out) = {min(n_in, n_out)} of "
@@ -294,6 +336,25 @@ class LoRA(Method):
         if kind == "embedding":
             return LoRAEmbedding(module, step.options)
         return LoRALinear(module, kind, step.options)
+
+    # PiSSA / OLoRA keep the original weight and put it back while the adapter is off
+    def detach(self, installed, original, step):
+        if getattr(installed, "rewrite", None) is not None:
+            installed.rewrite.write_original()
+
+    def attach(self, installed, original, step):
+        if getattr(installed, "rewrite", None) is not None:
+            installed.rewrite.write_residual()
+
+    def release(self, installed, original, step):
+        if getattr(installed, "rewrite", None) is not None:
+            vars(installed)["rewrite"] = None  # merged or removed: the copy goes
+
+    def base_note(self, options) -> str | None:
+        return lora_init.BASE_NOTE if options.init in lora_init.INITS else None
+
+    def unchanged_at_apply_with(self, options) -> bool:
+        return options.init not in lora_init.INITS  # the residual + s·B₀A₀ rounds
 
     def merge(self, installed, original):
         with torch.no_grad():
@@ -327,14 +388,24 @@ class LoRA(Method):
                     names.update(lora_A="lora_embedding_A", lora_B="lora_embedding_B")
                 for ours in ("lora_A", "lora_B") + (("lora_magnitude",) if first.dora else ()):
                     tensors[ctx.key(f"{target}.{names[ours]}")] = rule.tensor(f"{target}.{ours}")
+                if first.init in lora_init.INITS:  # back against the original base: rank 2r
+                    a_key, b_key = (ctx.key(f"{target}.{names[k]}") for k in ("lora_A", "lora_B"))
+                    tensors[a_key], tensors[b_key] = lora_init.hf_converted(
+                        tensors[a_key], tensors[b_key], rule.tensor(f"{target}.lora_A_init"),
+                        rule.tensor(f"{target}.lora_B_init"))
+                    ranks[target] = 2 * rule.options.r
+                    alphas[target] = rule.options.alpha * (math.sqrt(2) if first.rslora else 2)
         def num(a):  # HF PEFT writes integral alphas as integers
             return int(a) if float(a).is_integer() else a
 
-        config = {"r": first.r, "lora_alpha": num(first.alpha),
+        r0, alpha0 = first.r, first.alpha
+        if first.init in lora_init.INITS:
+            r0, alpha0 = 2 * r0, alpha0 * (math.sqrt(2) if first.rslora else 2)
+        config = {"r": r0, "lora_alpha": num(alpha0),
                   "target_modules": ctx.target_modules(ranks),
-                  "rank_pattern": ctx.pattern(ranks, first.r),
+                  "rank_pattern": ctx.pattern(ranks, r0),
                   "alpha_pattern": {k: num(v) for k, v in
-                                    ctx.pattern(alphas, first.alpha).items()},
+                                    ctx.pattern(alphas, alpha0).items()},
                   "lora_dropout": first.dropout, "use_rslora": first.rslora,
                   "use_dora": first.dora, "fan_in_fan_out": conv1d,
                   "init_lora_weights": "gaussian" if first.init == "gaussian" else True,

@@ -38,6 +38,12 @@ BUILTIN = {
              '[[augment]]\nmethod = "bottleneck"\nafter = ["**.mlp"]\nsize = 4',
     "ia3": '[[augment]]\nmethod = "ia3"\nmodules = ["**.k_proj", "**.up_proj"]\n'
            'feedforward = ["**.up_proj"]',
+    "adalora": '[[reparameterize]]\nmethod = "adalora"\nmodules = ["**.q_proj", "**.o_proj"]\n'
+               'init_r = 4\ntarget_r = 2',
+    "lora-pissa": '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.up_proj"]\n'
+                  'r = 2\ninit = "pissa"',
+    "trainable-tokens": '[[reparameterize]]\nmethod = "trainable-tokens"\nmodules = ["tok_emb"]\n'
+                        'token_indices = [1, 5, 200]',
 }
 
 # what each case must skip (everything else must pass)
@@ -50,6 +56,11 @@ SKIPS = {
     "prefix-tuning": {"unchanged_at_apply", "merge", "rows"},
     "mixed": {"merge", "hf_peft"},  # bottleneck: neither merges nor exports
     "ia3": set(),
+    "adalora": set(),
+    # the built-in model ties its head to the embedding: merge refuses, as it should
+    "trainable-tokens": {"merge"},
+    # the residual rounds; other rows of a batch cannot share a rewritten base weight
+    "lora-pissa": {"unchanged_at_apply", "rows"},
 }
 
 

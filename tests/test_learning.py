@@ -64,6 +64,22 @@ METHODS = {
         modules = ["**.q_proj", "**.v_proj"]
         r = 8
         alpha = 16''', 1e-2, 60, 0),
+    "adalora": ('''
+        [[reparameterize]]
+        method = "adalora"
+        modules = ["**.q_proj", "**.v_proj"]
+        init_r = 12
+        target_r = 4
+        alpha = 32
+        tinit = 10
+        tfinal = 20''', 2e-2, 60, 0),
+    "lora-pissa": ('''
+        [[reparameterize]]
+        method = "lora"
+        modules = ["**.q_proj", "**.v_proj"]
+        r = 8
+        alpha = 8
+        init = "pissa"''', 2e-3, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"
@@ -152,6 +168,10 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
     torch.manual_seed(0)
     peftspec.apply(peftspec.parse_spec(textwrap.dedent(body), file=f"{method}.toml"), model)
 
+    # the frozen base from here on: the base, or the residual a plan announces (PiSSA)
+    applied = {name: p.detach().clone() for name, p in base.items()}
+    if not model._peftspec.plan.notes:
+        assert all(torch.equal(applied[n], before[n]) for n in base), "apply changed the base"
     trainable = peftspec.trainable_parameters(model)
     assert trainable, "the method added nothing to train"
     assert set(trainable) == set(peftspec.adapter_params(model)), \
@@ -172,14 +192,18 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
 
     model.train()
     opt = torch.optim.AdamW(trainable.values(), lr=lr)
+    hooks = peftspec.training_hooks(model, steps)  # AdaLoRA's allocation, as train runs it
     gen = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         ids, labels = new_task_batch(gen, BATCH)
         loss = model(ids, labels=labels).loss
+        extra = sum(h.extra_loss() or 0 for h in hooks)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + extra).backward()
         opt.step()
+        for h in hooks:
+            h.after_step(step)
         losses.append(loss.item())
     model.eval()
     final_train = sum(losses[-LAST:]) / LAST
@@ -196,7 +220,7 @@ def test_method_learns_an_unseen_task_training_only_its_parameters(pretrained, m
     for name, p in base.items():
         assert model.get_parameter(name) is p, f"{name} was replaced"
         assert p.grad is None, f"{name} got a gradient"
-        assert torch.equal(p, before[name]), f"{name} changed"
+        assert torch.equal(p, applied[name]), f"{name} changed"
     for name, p in trainable.items():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"no gradient reached {name}"
         assert torch.isfinite(p).all(), name

@@ -50,6 +50,8 @@ def _print_plan(plan, verbose: bool) -> None:
         if preset:
             sels = "; ".join(f"{k} = {v}" for k, v in plan.selectors_of(rule.where).items() if v)
             out.print(f"{rule.where}: preset '{preset}' expands to {sels}")
+    for where, note in plan.notes.items():  # the promise, for rules that change the base
+        out.print(f"{where}: {escape(note)}")
     if verbose:
         for r in plan.rules():
             out.print(f"[bold]{r.rule}[/] ({r.method}):")

@@ -63,6 +63,7 @@ class ImportContext:
         self.modules = {n: m for n, m in model.named_modules() if n}
         self._types = {n: class_names(m) for n, m in self.modules.items()}
         self._hit_cache: dict[str, frozenset[str]] = {}
+        self.dropped: dict[str, str] = {}  # HF tensor -> the HF tensor it must equal
 
     refuse = staticmethod(_refuse)
     key = staticmethod(ExportContext.key)
@@ -74,6 +75,11 @@ class ImportContext:
     @staticmethod
     def imported(rules: list[ImportedRule], tensors: dict) -> HFPeftImport:
         return HFPeftImport(list(rules), dict(tensors))
+
+    def drop(self, name: str, equal_to: str) -> None:
+        """Leave out HF PEFT's tensor ``name``, a copy of ``equal_to`` (a tied
+        head's trainable tokens); the import refuses it if the two differ."""
+        self.dropped[name] = equal_to
 
     def require(self, defaults: dict[str, tuple]) -> None:
         """Refuse config fields set to a value outside the accepted ones."""

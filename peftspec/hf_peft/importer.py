@@ -81,6 +81,7 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
             rules.append(_train_rule(ctx, ctx.get("modules_to_save", "str|str-list"), mapping))
         wanted = {hf for hf, _ in mapping.values()}
         _drop_base_copies(hf_tensors, wanted, model)
+        _drop_copies(hf_tensors, ctx.dropped)
     text = spec_text(src, config, rules)
     try:
         spec = parse_spec(text, file=str(spec_out), registry=registry)
@@ -143,6 +144,18 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         if previous is not None:
             use(model, previous)
     return out, spec_out
+
+
+def _drop_copies(hf_tensors: dict, dropped: dict[str, str]) -> None:
+    """Drop the tensors a method named copies (``ImportContext.drop``), once checked."""
+    for name, original in dropped.items():
+        if name not in hf_tensors:
+            continue
+        a, b = hf_tensors[name], hf_tensors.get(original)
+        if b is None or a.shape != b.shape or not torch.equal(a, b):
+            _refuse(f"cannot import: tensor '{name}' should be a copy of '{original}' (a "
+                    "tied weight) but differs from it")
+        del hf_tensors[name]
 
 
 def _drop_base_copies(hf_tensors: dict, wanted: set, model: nn.Module) -> None:

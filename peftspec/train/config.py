@@ -53,6 +53,10 @@ OPTIONS: dict[str, Opt] = {
     "checkpoint_dir": Opt(str, None, "folder for checkpoints (default: OUT with "
                                      "'.checkpoints' for its suffix)"),
     "log": Opt(str, None, "write one JSON line per step and per evaluation here"),
+    "loraplus_lr_ratio": Opt(float, None, "LoRA+: train LoRA's B factors (and 1-D adapter "
+                                          "tensors) at lr * this (the paper suggests 16)", 1.0),
+    "loraplus_lr_embedding": Opt(float, 1e-6, "LoRA+: the learning rate of LoRA on "
+                                              "embeddings (only with loraplus_lr_ratio)", 0.0),
 }
 
 PATH_KEYS = ("data", "eval", "checkpoint_dir", "log")
@@ -108,10 +112,13 @@ class TrainConfig:
     save_every: int = 0
     checkpoint_dir: str | None = None
     log: str | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     # options that change the trajectory: a resumed run must keep them
     TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
-                  "clip", "seed", "max_length", "precision", "eval_split")
+                  "clip", "seed", "max_length", "precision", "eval_split",
+                  "loraplus_lr_ratio", "loraplus_lr_embedding")
 
     @classmethod
     def resolve(cls, spec_table: dict | None = None, spec_dir: Path | None = None,

@@ -37,9 +37,8 @@ import torch
 
 from ..errors import PeftspecError
 from . import checkpoint as ckpt
-from . import checkpointing, data, distributed, tasks
-from .config import TrainConfig
-from . import metrics
+from . import checkpointing, data, distributed, hooks, metrics, optim, tasks
+from .config import OPTIONS, TrainConfig
 from .metrics import MetricsLog
 from .schedule import lr_at
 from .tokenizer import tokenizer_for
@@ -140,8 +139,12 @@ class Run:
         per_step = -(-self.batches.per_epoch // cfg.grad_accum)
         self.total_steps = cfg.steps or cfg.epochs * per_step
         self.step, self.tokens = 0, 0
+        # what the methods do beyond their forward (AdaLoRA): peftspec.train.hooks
+        self.hooks = hooks.training_hooks(self.model, self.total_steps)
         if self.resume_folder is not None:
             self._restore()
+            for h in self.hooks:
+                h.resume(self.step)
         self.world.seed_dropout(cfg.seed, self.step)
 
     def _read_data(self) -> None:
@@ -171,11 +174,9 @@ class Run:
         if not params:
             raise PeftspecError("the spec leaves nothing trainable")
         self.names = {id(p): n for n, p in params.items()}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [{"params": g, "weight_decay": wd}
-                  for g, wd in ((decay, self.cfg.weight_decay), (no_decay, 0.0)) if g]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        # weight decay on 2-D+ tensors; LoRA+'s learning rates (peftspec.train.optim)
+        self.optimizer = torch.optim.AdamW(optim.param_groups(self.model, params, self.cfg),
+                                           lr=self.cfg.lr)
         self.params = list(params.values())
 
     def schedule(self) -> dict:
@@ -192,7 +193,8 @@ class Run:
         folder = self.resume_folder
         state = ckpt.read_state(folder)
         saved = state.get("config", {})
-        changed = [k for k in TrainConfig.TRAJECTORY if saved.get(k) != getattr(self.cfg, k)]
+        changed = [k for k in TrainConfig.TRAJECTORY
+                   if saved.get(k, OPTIONS[k].default) != getattr(self.cfg, k)]
         if changed:
             raise ckpt.CheckpointError(
                 f"{folder}: resuming with other settings than the checkpoint's: " +
@@ -253,9 +255,9 @@ class Run:
         t0 = time.perf_counter()
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         device = self.params[0].device
-        total, tokens = 0.0, 0
+        total, tokens, extra_total = 0.0, 0, 0.0
         world = self.world
         for i in range(self.cfg.grad_accum):
             full = self.batches.next()
@@ -268,11 +270,18 @@ class Run:
                 with self._autocast():
                     output = self.forward(**batch)
                     loss = _loss_of(output)
+                    extra = hooks.extra_loss(self.hooks)
                 share = world.share(batch, full, output, n)
-                (loss * (share * world.size) / self.cfg.grad_accum).backward()
+                objective = loss * (share * world.size)
+                if extra is not None:  # the same on every process: added once per batch
+                    objective = objective + extra
+                    extra_total += float(extra.detach())
+                (objective / self.cfg.grad_accum).backward()
             total += float(loss.detach()) * share
         norm = world.grad_norm(self.params, self.cfg.clip)
         self.optimizer.step()
+        for h in self.hooks:  # gradients are still there (AdaLoRA's importance)
+            h.after_step(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += tokens
@@ -282,9 +291,12 @@ class Run:
                                 "raise --clip")
         dt = time.perf_counter() - t0
         epoch = self.batches.epoch + self.batches.index / self.batches.per_epoch
-        return {"type": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss,
-                "lr": lr, "grad_norm": norm, "tokens": self.tokens,
-                "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+        record = {"type": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss,
+                  "lr": lr, "grad_norm": norm, "tokens": self.tokens,
+                  "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+        if extra_total:
+            record["extra_loss"] = extra_total / self.cfg.grad_accum
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:

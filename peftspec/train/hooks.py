@@ -1,0 +1,54 @@
+"""The training hooks of the active adapter's methods (:meth:`Method.training`).
+
+:func:`training_hooks` asks each method of the active adapter, once, with all
+of its steps, for a :class:`peftspec.method.TrainingHooks`; the loop then adds
+their ``extra_loss()`` to each micro-batch's loss and calls ``after_step``
+after each optimizer step. A hand-written loop does the same::
+
+    hooks = peftspec.training_hooks(model, total_steps)
+    for step in range(1, total_steps + 1):
+        loss = model(**batch).loss
+        loss = loss + sum(h.extra_loss() or 0 for h in hooks)
+        loss.backward()
+        optimizer.step()
+        for h in hooks:
+            h.after_step(step)
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PeftspecError
+from ..method import TrainingHooks
+from ..patching import state_of
+
+
+def training_hooks(model: nn.Module, total_steps: int) -> list[TrainingHooks]:
+    """The hook objects of the active adapter's methods, in plan order."""
+    by_method: dict[str, tuple] = {}
+    for rec in state_of(model).records:
+        by_method.setdefault(rec.step.method, (rec.method, []))[1].append(rec.step)
+    out = []
+    for name, (method, steps) in by_method.items():
+        try:
+            hooks = method.training(model, steps, total_steps)
+        except ValueError as exc:
+            rules = ", ".join(dict.fromkeys(str(s.rule) for s in steps))
+            raise PeftspecError(f"cannot train method '{name}' ({rules}): {exc}") from None
+        if hooks is not None:
+            out.append(hooks)
+    return out
+
+
+def extra_loss(hooks: list[TrainingHooks]) -> torch.Tensor | None:
+    """The sum of the hooks' extra loss terms (``None`` when none has one)."""
+    terms = [t for t in (h.extra_loss() for h in hooks) if t is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total

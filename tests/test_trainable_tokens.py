@@ -1,0 +1,139 @@
+"""Trainable tokens against HF PEFT (``TrainableTokensConfig``): counts, outputs with a
+tied head (GPT-2) and without (Llama), the format both ways, merge, beside LoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftspec
+from peftspec.errors import ConversionError, SpecError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TOKENS = [3, 7, 50]
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+
+
+def llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100)).eval()
+
+
+ARCHS = {"gpt2": (gpt2, "transformer.wte"), "llama": (llama, "model.embed_tokens")}
+
+
+def ids():
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    x[:, :3] = torch.tensor(TOKENS)  # the trained rows must be looked up
+    return x
+
+
+def spec(emb, extra=""):
+    return peftspec.parse_spec('[[reparameterize]]\nmethod = "trainable-tokens"\n'
+                               f'modules = ["{emb}"]\ntoken_indices = {TOKENS}\n' + extra)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=ids()).logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_counts_outputs_and_format_match_hf_peft(arch, tmp_path):
+    make, emb = ARCHS[arch]
+    base = make()
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.TrainableTokensConfig(
+        token_indices=TOKENS)).eval()
+    ours = copy.deepcopy(base)
+    peftspec.apply(spec(emb), ours)
+    assert torch.equal(logits(ours), logits(base))  # the rows start as they were
+    n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in peftspec.trainable_parameters(ours).values()) == n_hf == 96
+    with torch.no_grad():
+        (delta,) = [p for p in hf.parameters() if p.requires_grad]
+        delta.copy_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(2)))
+        peftspec.adapter_params(ours)[f"{emb}.trainable_tokens_delta"].copy_(delta)
+    expected = logits(hf)
+    assert not torch.allclose(expected, logits(base), atol=1e-2)
+    torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=0)
+
+    peftspec.save_adapter(ours, tmp_path / "a.safetensors")
+    stored = load_file(tmp_path / "a.safetensors")
+    assert {k: tuple(v.shape) for k, v in stored.items()} == \
+        {f"{emb}.trainable_tokens_delta": (3, 32)}  # those rows only
+    folder = peftspec.export_hf_peft(tmp_path / "a.safetensors", tmp_path / "hf",
+                                     model=copy.deepcopy(base))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TRAINABLE_TOKENS" and config["token_indices"] == TOKENS
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=0)
+
+    hf.save_pretrained(tmp_path / "hf-saved")  # GPT-2: with the tied head's copy
+    back, spec_path = peftspec.import_hf_peft(tmp_path / "hf-saved", tmp_path / "b.safetensors",
+                                              model=copy.deepcopy(base))
+    loaded = peftspec.load_adapter(copy.deepcopy(base), back)
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+    assert "trainable-tokens" in spec_path.read_text()
+
+
+def test_merge_equals_unmerged_on_an_untied_embedding():
+    base = llama()
+    model = copy.deepcopy(base)
+    peftspec.apply(spec("model.embed_tokens"), model)
+    with torch.no_grad():
+        for p in peftspec.adapter_params(model).values():
+            p.add_(1.0)
+    out = logits(model)
+    merged = peftspec.merge(model)
+    torch.testing.assert_close(logits(merged), out, atol=1e-6, rtol=0)
+    changed = (merged.model.embed_tokens.weight != base.model.embed_tokens.weight).any(dim=1)
+    assert changed.nonzero().view(-1).tolist() == TOKENS
+
+
+def test_beside_lora_trains_both_and_reloads_exactly(tmp_path):
+    base = llama()
+    model = copy.deepcopy(base)
+    lora = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\nr = 2\n'
+    peftspec.apply(spec("model.embed_tokens", lora), model)
+    params = peftspec.trainable_parameters(model)
+    assert set(params) >= {"model.embed_tokens.trainable_tokens_delta",
+                           "model.layers.0.self_attn.q_proj.lora_B"}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids(), labels=ids()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(p, before[n]) for n, p in params.items())
+    peftspec.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = peftspec.load_adapter(copy.deepcopy(base), tmp_path / "a.safetensors")
+    assert torch.equal(logits(fresh), logits(model))
+    peftspec.remove(fresh)
+    assert torch.equal(logits(fresh), logits(base))
+    with pytest.raises(ConversionError, match="one peft_type"):
+        peftspec.export_hf_peft(tmp_path / "a.safetensors", tmp_path / "hf", model=base)
+
+
+@pytest.mark.parametrize("indices, words", [
+    ("[]", "token_indices is empty"), ("[1, 1]", "lists a token twice"),
+    ("[3, 100]", "token index 100 is outside this embedding's 100 rows")])
+def test_bad_token_indices_are_refused(indices, words):
+    text = ('[[reparameterize]]\nmethod = "trainable-tokens"\nmodules = ["model.embed_tokens"]\n'
+            f'token_indices = {indices}\n')
+    with pytest.raises(SpecError, match=words):
+        peftspec.compile_plan(peftspec.parse_spec(text, file="t.toml"), llama())
