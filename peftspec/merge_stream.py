@@ -58,6 +58,8 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     # Built under a temporary name beside OUT and swapped in at once: a crash or a
     # full disk at any moment leaves the previous OUT as it was (peftspec.atomicio).
     folder = hf_folder(source)  # hf:PATH, or a gguf: file's cache folder
+    if folder is not None and _prepares(Path(adapter), registry):
+        folder = None  # a rule's modules share state (Method.prepare): merge in memory
     needed = _output_bytes(folder) if folder is not None else None
     with writing(out, needed):
         tmp = staging_dir(out)
@@ -75,6 +77,22 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return summary
+
+
+def _prepares(adapter: Path, registry) -> bool:
+    """Whether a method of the adapter's spec shares state across a rule's modules
+    (overrides ``Method.prepare``, as VeRA does): module-by-module streaming would
+    adapt each module without the others, so such adapters are merged in memory."""
+    from .adapter_file import read_metadata
+    from .method import Method
+    from .spec import parse_spec
+
+    try:
+        spec = parse_spec(read_metadata(adapter)["spec"], registry=registry)
+    except Exception:  # noqa: BLE001 - the streaming path reports a bad file itself
+        return False
+    return any(type(registry.method(r.method)).prepare is not Method.prepare
+               for r in spec.rules)
 
 
 def _output_bytes(path: Path) -> int | None:

@@ -36,6 +36,18 @@ BUILTIN = {
     "prefix-tuning": '[prefix]\nmethod = "prefix-tuning"\ntokens = 2\nprojection = true',
     "mixed": '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\nr = 2\n'
              '[[augment]]\nmethod = "bottleneck"\nafter = ["**.mlp"]\nsize = 4',
+    "loha": '[[reparameterize]]\nmethod = "loha"\nmodules = ["**.q_proj", "**.v_proj"]\n'
+            'r = 2\nalpha = 4',
+    "lokr": '[[reparameterize]]\nmethod = "lokr"\nmodules = ["**.q_proj", "**.up_proj"]\n'
+            'r = 2\ndecompose_both = true',
+    "vera": '[[reparameterize]]\nmethod = "vera"\nmodules = ["**.q_proj", "**.up_proj"]\n'
+            'r = 8',
+    "vera-nosave": '[[reparameterize]]\nmethod = "vera"\nmodules = ["**.v_proj"]\nr = 4\n'
+                   'save_projection = false',
+    "oft": '[[reparameterize]]\nmethod = "oft"\nmodules = ["**.q_proj", "**.down_proj"]\n'
+           'block_size = 8',
+    "oft-exact": '[[reparameterize]]\nmethod = "oft"\nmodules = ["**.v_proj"]\nblock_size = 0\n'
+                 'r = 4\ncayley_neumann = false\nblock_share = true',
 }
 
 # what each case must skip (everything else must pass)
@@ -47,6 +59,8 @@ SKIPS = {
     "p-tuning": {"unchanged_at_apply", "merge"},
     "prefix-tuning": {"unchanged_at_apply", "merge", "rows"},
     "mixed": {"merge", "hf_peft"},  # bottleneck: neither merges nor exports
+    "loha": set(), "lokr": set(), "vera": set(), "vera-nosave": set(), "oft": set(),
+    "oft-exact": set(),
 }
 
 
