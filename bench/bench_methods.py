@@ -218,9 +218,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small models, one round")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, help="forward rounds (default 5) and HF apply "
+                                               "repeats (default 2) on a busy machine")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else Settings()
+    if args.rounds:
+        s = Settings(s.llama_layers, args.rounds, s.apply_extra_peftspec,
+                     core.Settings(**{**vars(s.forward), "forward_rounds": args.rounds}))
     reg = registry()
     parts = args.only or ["apply", "forward"]
     res = {"env": core._env(args.threads), "quick": args.quick, "methods": {}}

@@ -48,7 +48,12 @@ class LoHaLinear(DeltaLinear):
         return {n: self._parameters[n] for n in NAMES}
 
     def delta(self) -> torch.Tensor:
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
+        """``((W1a·W1b) ⊙ (W2a·W2b))·s``, in HF PEFT's order of operations."""
+        p = self._parameters
+        h1, h2 = p["hada_w1_a"] @ p["hada_w1_b"], p["hada_w2_a"] @ p["hada_w2_b"]
+        if self.grad_wanted():
+            return h1 * h2 * self.scale
+        return h1.mul_(h2).mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"

@@ -16,6 +16,7 @@ and shapes are HF PEFT's. Mergeable (``W += ΔW``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -68,10 +69,15 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 def layout(out_f: int, in_f: int, opts) -> tuple[tuple[int, int, int, int], bool, bool]:
     """``((a, b, c, d), full_w1, full_w2)`` for a (out, in) weight, as HF PEFT decides."""
-    in_m, in_n = factorization(in_f, opts.decompose_factor)
-    out_l, out_k = factorization(out_f, opts.decompose_factor)
-    full_w1 = not (opts.decompose_both and opts.r < max(out_l, in_m) / 2)
-    full_w2 = not (opts.r < max(out_k, in_n) / 2)
+    return _layout(out_f, in_f, opts.r, opts.decompose_both, opts.decompose_factor)
+
+
+@lru_cache(maxsize=1024)  # a deep model asks for the same few shapes thousands of times
+def _layout(out_f: int, in_f: int, r: int, both: bool, factor: int):
+    in_m, in_n = factorization(in_f, factor)
+    out_l, out_k = factorization(out_f, factor)
+    full_w1 = not (both and r < max(out_l, in_m) / 2)
+    full_w2 = not (r < max(out_k, in_n) / 2)
     return (out_l, in_m, out_k, in_n), full_w1, full_w2
 
 
@@ -110,7 +116,8 @@ class LoKrLinear(DeltaLinear):
         p = self._parameters
         w1 = p["lokr_w1"] if self.full_w1 else p["lokr_w1_a"] @ p["lokr_w1_b"]
         w2 = p["lokr_w2"] if self.full_w2 else p["lokr_w2_a"] @ p["lokr_w2_b"]
-        return torch.kron(w1, w2) * self.scale
+        out = torch.kron(w1, w2)
+        return out * self.scale if self.grad_wanted() else out.mul_(self.scale)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "

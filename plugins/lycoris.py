@@ -59,10 +59,21 @@ class DeltaLinear(nn.Module):
         self.out_features, self.in_features = base.weight.shape
 
     def delta(self) -> torch.Tensor:  # pragma: no cover - subclasses define it
+        """``ΔW`` (out, in), a fresh tensor (in-place steps where no gradient is wanted)."""
         raise NotImplementedError
 
+    def grad_wanted(self) -> bool:
+        """Whether autograd must see the update (else it is built in place, in fewer
+        passes over out x in memory: inference, ``torch.no_grad``)."""
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.adapter_params().values())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight + self.delta().to(self.weight.dtype), self.bias)
+        d = self.delta().to(self.weight.dtype)
+        # W + ΔW; in place on the fresh ΔW where autograd does not need it (equal bit for
+        # bit: IEEE addition commutes)
+        w = self.weight + d if self.grad_wanted() else d.add_(self.weight)
+        return F.linear(x, w, self.bias)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output given the base output ``out`` (per-row batches)."""
@@ -118,8 +129,9 @@ def import_rules(config: dict, ctx, *, method: str, require: dict, names, table:
     ``names(target, module, r)``: the tensor names HF PEFT stores for a target;
     ``table``: the method's other rule keys, the same for every rule.
     """
+    # init_weights only decides the initial values; the file's tensors replace them
     ctx.require({"rank_dropout": (0, 0.0), "module_dropout": (0, 0.0),
-                 "init_weights": (True,), **require})
+                 "init_weights": (True, False, "lycoris"), **require})
     if config.get("target_modules") is None:
         ctx.refuse("cannot import: target_modules is null in adapter_config.json")
     r, alpha = ctx.get("r", "int", 8), ctx.get("alpha", "number", 8)
