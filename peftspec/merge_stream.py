@@ -58,6 +58,11 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     # Built under a temporary name beside OUT and swapped in at once: a crash or a
     # full disk at any moment leaves the previous OUT as it was (peftspec.atomicio).
     folder = hf_folder(source)  # hf:PATH, or a gguf: file's cache folder
+    in_memory_from = None
+    if folder is not None and _prepares(Path(adapter), registry):
+        # a rule's modules share state (Method.prepare): merge in memory, and take
+        # the folder's config and tokenizer files along as the streamed merge does
+        in_memory_from, folder = folder, None
     needed = _output_bytes(folder) if folder is not None else None
     with writing(out, needed):
         tmp = staging_dir(out)
@@ -70,11 +75,41 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
             else:
                 summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable,
                                            registry, allow_nonfinite, final=out)
+                if in_memory_from is not None:
+                    _copy_side_files(in_memory_from, tmp, source)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return summary
+
+
+def _copy_side_files(folder: Path, out: Path, source: str) -> None:
+    """The hf: folder's files other than its weights (config, tokenizer, generation
+    config) into ``out``, beside the merged weights written in memory."""
+    skip = () if source.startswith("hf:") else ("manifest.json",)
+    for name in os.listdir(folder):
+        src = folder / name
+        if src.is_file() and not name.endswith((".safetensors", ".bin", ".safetensors.index.json",
+                                               ".bin.index.json")) and name not in skip \
+                and not (out / name).exists():
+            shutil.copy2(src, out / name)
+
+
+def _prepares(adapter: Path, registry) -> bool:
+    """Whether a method of the adapter's spec shares state across a rule's modules
+    (overrides ``Method.prepare``, as VeRA does): module-by-module streaming would
+    adapt each module without the others, so such adapters are merged in memory."""
+    from .adapter_file import read_metadata
+    from .method import Method
+    from .spec import parse_spec
+
+    try:
+        spec = parse_spec(read_metadata(adapter)["spec"], registry=registry)
+    except Exception:  # noqa: BLE001 - the streaming path reports a bad file itself
+        return False
+    return any(type(registry.method(r.method)).prepare is not Method.prepare
+               for r in spec.rules)
 
 
 def _output_bytes(path: Path) -> int | None:

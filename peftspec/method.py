@@ -188,6 +188,20 @@ class Method:
         """How many parameters :meth:`apply` will add to ``module``."""
         return 0
 
+    def prepare(self, modules: dict[str, nn.Module], steps: list["Step"]) -> None:
+        """Called once per rule, just before the rule's first :meth:`apply`, with
+        all of the rule's ``steps`` and the ``modules`` now at their targets (by
+        path, plan order).
+
+        For state that the modules of one rule share and that depends on all of
+        them: VeRA's random projections, sized to the rule's largest module and
+        drawn once. Keep it on the method keyed by ``id(step)`` (the very objects
+        :meth:`apply` then receives) and take it from there in :meth:`apply`.
+        The default does nothing. A method that overrides this is merged with the
+        whole model in memory (``peftspec merge`` does not stream it module by
+        module, where a module would be adapted without its rule's others).
+        """
+
     def apply(self, module: nn.Module, step: "Step") -> nn.Module:
         """Patch ``module``; return the module to install at ``step.target``.
 

@@ -344,10 +344,16 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     adapter = Adapter(name, plan)
     try:
         parent_of = _parent_finder(model)
+        prepared: set[str] = set()
         for step in plan.steps:
             if step.family == "train":
                 continue
             method = registry.method(step.method)
+            if step.rule not in prepared and type(method).prepare is not Method.prepare:
+                prepared.add(step.rule)  # the rule's modules, before any of them is swapped
+                mine = [s for s in plan.steps if s.rule == step.rule]
+                method.prepare({s.target: _module_at(model, parent_of, s.target)
+                                for s in mine}, mine)
             path, _, child = step.target.rpartition(".")
             parent = parent_of(path)
             original = getattr(parent, child) if child else model  # "": the whole model
@@ -378,6 +384,11 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         _deactivate(model, state)
         _activate(model, state, previous)
     return model
+
+
+def _module_at(model: nn.Module, parent_of, target: str) -> nn.Module:
+    path, _, child = target.rpartition(".")
+    return getattr(parent_of(path), child) if child else model
 
 
 def _undo_records(model: nn.Module, records: list[Record]) -> None:

@@ -44,6 +44,18 @@ BUILTIN = {
                   'r = 2\ninit = "pissa"',
     "trainable-tokens": '[[reparameterize]]\nmethod = "trainable-tokens"\nmodules = ["tok_emb"]\n'
                         'token_indices = [1, 5, 200]',
+    "loha": '[[reparameterize]]\nmethod = "loha"\nmodules = ["**.q_proj", "**.v_proj"]\n'
+            'r = 2\nalpha = 4',
+    "lokr": '[[reparameterize]]\nmethod = "lokr"\nmodules = ["**.q_proj", "**.up_proj"]\n'
+            'r = 2\ndecompose_both = true',
+    "vera": '[[reparameterize]]\nmethod = "vera"\nmodules = ["**.q_proj", "**.up_proj"]\n'
+            'r = 8',
+    "vera-nosave": '[[reparameterize]]\nmethod = "vera"\nmodules = ["**.v_proj"]\nr = 4\n'
+                   'save_projection = false',
+    "oft": '[[reparameterize]]\nmethod = "oft"\nmodules = ["**.q_proj", "**.down_proj"]\n'
+           'block_size = 8',
+    "oft-exact": '[[reparameterize]]\nmethod = "oft"\nmodules = ["**.v_proj"]\nblock_size = 0\n'
+                 'r = 4\ncayley_neumann = false\nblock_share = true',
 }
 
 # what each case must skip (everything else must pass)
@@ -61,6 +73,8 @@ SKIPS = {
     "trainable-tokens": {"merge"},
     # the residual rounds; other rows of a batch cannot share a rewritten base weight
     "lora-pissa": {"unchanged_at_apply", "rows"},
+    "loha": set(), "lokr": set(), "vera": set(), "vera-nosave": set(), "oft": set(),
+    "oft-exact": set(),
 }
 
 

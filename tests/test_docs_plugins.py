@@ -28,7 +28,7 @@ def loha_module() -> types.ModuleType:
 
 def test_the_guides_loha_plugin_passes_the_conformance_kit():
     plugin = loha_module()
-    rule = '[[reparameterize]]\nmethod = "loha"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 2'
+    rule = '[[reparameterize]]\nmethod = "my-loha"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 2'
     report = check_method(plugin, rule)
     passed = {r.check for r in report.results if r.status == "passed"}
     assert {"count_params", "unchanged_at_apply", "frozen_base", "save_load", "switching",
@@ -37,8 +37,8 @@ def test_the_guides_loha_plugin_passes_the_conformance_kit():
     reg = peftspec.build_registry(autoload=False, plugins=[plugin])
     toml = re.search(r"a spec can say:\n\n```toml\n(.*?)```", DOC.read_text(), re.S).group(1)
     (rule,) = peftspec.parse_spec(textwrap.dedent(toml), registry=reg).rules
-    assert rule.method == "loha" and rule.options.r == 8
-    assert reg.methods["loha"].dist == "my-loha"
+    assert rule.method == "my-loha" and rule.options.r == 8
+    assert reg.methods["my-loha"].dist == "my-loha"
 
 
 def test_readme_links_the_guide():

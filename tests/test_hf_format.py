@@ -400,8 +400,8 @@ def _hostile(kind: str, hf: Path) -> str:
         cfg.unlink()
         return "no adapter_config.json"
     if kind == "unknown-peft-type":
-        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "peft_type": "VERA"}))
-        return "unknown peft_type 'VERA'"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "peft_type": "BOFT"}))
+        return "unknown peft_type 'BOFT'"  # (VERA, used before, is read now)
     if kind == "bin-only":
         weights.rename(hf / "adapter_model.bin")
         return "adapter_model.bin, a pickle"

@@ -80,6 +80,28 @@ METHODS = {
         r = 8
         alpha = 8
         init = "pissa"''', 2e-3, 60, 0),
+    "loha": ('''
+        [[reparameterize]]
+        method = "loha"
+        modules = ["**.q_proj", "**.v_proj"]
+        r = 4
+        alpha = 8''', 1e-2, 60, 0),
+    "lokr": ('''
+        [[reparameterize]]
+        method = "lokr"
+        modules = ["**.q_proj", "**.v_proj"]
+        r = 4
+        alpha = 8''', 1e-2, 60, 0),
+    "vera": ('''
+        [[reparameterize]]
+        method = "vera"
+        modules = ["**.q_proj", "**.v_proj"]
+        r = 64''', 1e-2, 60, 0),
+    "oft": ('''
+        [[reparameterize]]
+        method = "oft"
+        modules = ["**.q_proj", "**.v_proj"]
+        block_size = 8''', 1e-2, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"

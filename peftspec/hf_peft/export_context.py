@@ -44,6 +44,11 @@ class ExportRule:
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _used: set[str] = field(default_factory=set, repr=False)
 
+    def has_tensor(self, name: str) -> bool:
+        """Whether the adapter file holds tensor ``name`` (e.g. to tell which of a
+        method's optional tensors a target has when no ``--model`` is given)."""
+        return name in self._tensors
+
     def tensor(self, name: str) -> torch.Tensor:
         """The adapter file's tensor ``name`` (peftspec's name); marks it exported."""
         if name not in self._tensors:

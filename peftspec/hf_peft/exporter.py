@@ -188,8 +188,8 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         if part is None:
             where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)
             _refuse(f"cannot export: method '{name}' ({where}) has no HF PEFT counterpart; "
-                    "HF PEFT can express lora, ia3, prompt-tuning, p-tuning and "
-                    "prefix-tuning (and [[train]] rules of whole modules)")
+                    "HF PEFT can express lora, loha, lokr, vera, oft, ia3, prompt-tuning, "
+                    "p-tuning and prefix-tuning (and [[train]] rules of whole modules)")
         parts.append((name, mine, part))
     if not parts:
         _refuse("cannot export: HF PEFT needs a PEFT method (LoRA, IA3, a soft prompt); "

@@ -1,0 +1,249 @@
+"""OFT (Qiu et al., 2023; Liu et al., BOFT), in HF PEFT's current form (peft >= 0.18).
+
+The input of a frozen ``nn.Linear`` is rotated block by block before the
+layer: ``y = W·(R x) + b`` with ``R = diag(R_1 … R_k)``, ``k`` blocks of
+``block_size`` (``k·block_size = in``). Each block is orthogonal, the Cayley
+transform of a skew-symmetric ``Q`` whose upper triangle is learned: one row
+of ``oft_R`` (k, block_size·(block_size−1)/2) per block, or a single shared
+row with ``block_share``. ``oft_R = 0`` gives ``R = I``: outputs are
+unchanged at apply. Merged, the weight becomes ``W·Rᵀ`` (rows of ``x`` are
+rotated as ``x·R``, as HF PEFT does).
+
+The two Cayley paths of HF PEFT are not the same map, and this follows each
+exactly: the Neumann series (``cayley_neumann = true``, HF's default)
+computes ``I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1)``, a truncation of
+``(I + Q)(I − Q)⁻¹``, while the exact path solves ``R (I + Q) = I − Q``,
+i.e. ``R = (I − Q)(I + Q)⁻¹``, its transpose (inverse). An adapter trained
+with one path gives other outputs under the other; ``cayley_neumann`` is
+stored with it, in the spec and in HF PEFT's config.
+
+Block size or count, as HF PEFT: give one (``block_size``, default 32, or
+``r`` blocks); where it does not divide the module's input width it is moved
+to the nearest divisor (HF PEFT's ``adjust_oft_parameters``, whose warning
+this mirrors in ``peftspec plan``'s parameter counts). Not supported: COFT
+(``coft``), module dropout, Conv2d and Embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftspec import Method, hookimpl, option, selectors
+
+
+@dataclass(frozen=True)
+class OFTOptions:
+    modules: tuple[str, ...] = selectors(doc="nn.Linear modules whose input is rotated")
+    block_size: int = option(32, doc="size of each orthogonal block (0: give r instead)", min=0)
+    r: int = option(0, doc="number of blocks (0: give block_size instead)", min=0)
+    block_share: bool = option(False, doc="one rotation shared by all blocks of a module")
+    cayley_neumann: bool = option(True, doc="Cayley transform by a truncated Neumann series "
+                                            "(HF PEFT's default) instead of a linear solve")
+    neumann_terms: int = option(5, doc="terms of the Neumann series", min=1)
+
+    def __post_init__(self):
+        if (self.r == 0) == (self.block_size == 0):
+            raise ValueError(f"give exactly one of r ({self.r}) and block_size "
+                             f"({self.block_size}), the other 0 (r x block_size = in_features; "
+                             "block_size defaults to 32: with r, set block_size = 0)")
+
+
+def _adjust(in_features: int, value: int) -> int:
+    """HF PEFT's ``adjust_oft_parameters``: the divisor of ``in_features`` nearest ``value``."""
+    if value < in_features:
+        higher = value
+        while higher <= in_features and in_features % higher != 0:
+            higher += 1
+    else:
+        return in_features
+    lower = value
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if (value - lower) <= (higher - value) else higher
+
+
+def blocks(in_features: int, opts: OFTOptions) -> tuple[int, int]:
+    """``(blocks, block_size)`` for a module of this input width, as HF PEFT settles it."""
+    if opts.r == 0:
+        bs = opts.block_size
+        if in_features % bs != 0 or bs > in_features:
+            bs = _adjust(in_features, bs)
+        return in_features // bs, bs
+    r = opts.r
+    if in_features % r != 0 or r > in_features:
+        r = _adjust(in_features, r)
+    return r, in_features // r
+
+
+@lru_cache(maxsize=64)
+def _triu(block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    return rows, cols
+
+
+def rotations(vec: torch.Tensor, block_size: int, neumann: bool, terms: int) -> torch.Tensor:
+    """The (n, block_size, block_size) orthogonal blocks for ``oft_R`` rows ``vec``,
+    computed exactly as HF PEFT's ``OFTRotationModule._cayley_batch``."""
+    n = vec.shape[0]
+    rows, cols = _triu(block_size, str(vec.device))
+    m = vec.new_zeros((n, block_size, block_size))
+    m[:, rows, cols] = vec
+    q = m - m.transpose(-2, -1)
+    if neumann:
+        r = torch.eye(block_size, device=vec.device, dtype=vec.dtype).repeat(n, 1, 1)
+        if terms > 1:
+            r.add_(q, alpha=2.0)
+            if terms > 2:
+                q2 = torch.bmm(q, q)
+                r.add_(q2, alpha=2.0)
+                power = q2
+                for _ in range(3, terms - 1):
+                    power = torch.bmm(power, q)
+                    r.add_(power, alpha=2.0)
+                power = torch.bmm(power, q)
+                r.add_(power)
+        return r
+    eye = torch.eye(block_size, device=vec.device, dtype=vec.dtype).expand(n, -1, -1)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+class OFTLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose input is rotated by learned orthogonal blocks."""
+
+    def __init__(self, base: nn.Linear, opts: OFTOptions):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.out_features, self.in_features = base.weight.shape
+        self.blocks, self.block_size = blocks(self.in_features, opts)
+        self.block_share = opts.block_share
+        self.neumann, self.terms = opts.cayley_neumann, opts.neumann_terms
+        w = base.weight
+        n = self.block_size * (self.block_size - 1) // 2
+        self.oft_R = nn.Parameter(torch.zeros(1 if opts.block_share else self.blocks, n,
+                                              dtype=w.dtype, device=w.device))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"oft_R": self._parameters["oft_R"]}
+
+    def rotation(self) -> torch.Tensor:
+        """The (blocks, block_size, block_size) rotation, one block per input slice."""
+        r = rotations(self.oft_R, self.block_size, self.neumann, self.terms)
+        return r.expand(self.blocks, -1, -1) if self.block_share else r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rotation()
+        h = x.to(r.dtype).reshape(*x.shape[:-1], self.blocks, self.block_size)
+        h = torch.einsum("...rk,rkc->...rc", h, r).reshape(x.shape).to(x.dtype)
+        return F.linear(h, self.weight, self.bias)
+
+    @torch.no_grad()
+    def merge_into(self, original: nn.Linear) -> None:
+        """``W ← W·Rᵀ`` in float32 (float64 stays float64), block by block."""
+        w = original.weight
+        dt = torch.promote_types(w.dtype, torch.float32)
+        r = rotations(self.oft_R.to(dt), self.block_size, self.neumann, self.terms)
+        r = r.expand(self.blocks, -1, -1) if self.block_share else r
+        wb = w.to(dt).reshape(self.out_features, self.blocks, self.block_size)
+        w.copy_(torch.einsum("ork,rck->orc", wb, r).reshape(w.shape).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, blocks={self.blocks}x"
+                f"{self.block_size}, block_share={self.block_share}, "
+                f"cayley={'neumann(' + str(self.terms) + ')' if self.neumann else 'exact'}")
+
+
+class OFT(Method):
+    name = "oft"
+    family = "reparameterize"
+    Options = OFTOptions
+    summary = "orthogonal fine-tuning: learned block-diagonal rotations of the input; Linear"
+    mergeable = True
+    unchanged_at_apply = True  # oft_R = 0: R = I exactly
+    example = ('[[reparameterize]]\nmethod = "oft"\nmodules = ["**.q_proj", "**.v_proj"]\n'
+               'block_size = 16\n')
+
+    def check(self, module, step):
+        if isinstance(module, nn.Linear):
+            return None
+        if type(module).__name__ == "Conv1D":
+            return ("OFT adapts nn.Linear only; GPT-2's Conv1D is not supported (HF PEFT's OFT "
+                    "does not adapt it either)")
+        return "OFT adapts nn.Linear modules only"
+
+    def count_params(self, module, step):
+        n, bs = blocks(module.weight.shape[1], step.options)
+        return (1 if step.options.block_share else n) * bs * (bs - 1) // 2
+
+    def apply(self, module, step):
+        return OFTLinear(module, step.options)
+
+    def merge(self, installed, original):
+        installed.merge_into(original)
+        return original
+
+    # --- HF PEFT's format: OFTConfig (one for all modules); oft_R is HF's `oft_R.weight`
+    hf_peft_types = ("OFT",)
+    _FIELDS = {"block_size": "oft_block_size", "r": "r", "block_share": "block_share",
+               "cayley_neumann": "use_cayley_neumann", "neumann_terms": "num_cayley_neumann_terms"}
+
+    def to_hf_peft(self, rules, ctx):
+        for key, hf in self._FIELDS.items():
+            seen = {r.rule.where: getattr(r.options, key) for r in rules}
+            if len(set(seen.values())) > 1:
+                ctx.refuse(f"cannot export: oft rules differ in '{key}' (" + ", ".join(
+                    f"{w}: {v}" for w, v in seen.items()) + f"); HF PEFT's OFTConfig has one "
+                    f"{hf} for all modules")
+        o = rules[0].options
+        targets, tensors = [], {}
+        for rule in rules:
+            for t in rule.targets:
+                targets.append(t)
+                tensors[ctx.key(f"{t}.oft_R.weight")] = rule.tensor(f"{t}.oft_R")
+        config = {"target_modules": ctx.target_modules(targets), "exclude_modules": None,
+                  "layers_to_transform": None, "layers_pattern": None,
+                  **{hf: getattr(o, key) for key, hf in self._FIELDS.items()},
+                  "module_dropout": 0.0, "coft": False, "eps": 6e-5, "fan_in_fan_out": False,
+                  "bias": "none", "init_weights": True,
+                  # HF PEFT warns about Cayley-Neumann adapters of peft < 0.18, whose
+                  # series differed; this is the >= 0.18 form
+                  "peft_version": "0.18.0"}
+        return ctx.part("OFT", config, tensors)
+
+    def from_hf_peft(self, config, ctx):
+        ctx.require({"coft": (False,), "bias": ("none",), "module_dropout": (0, 0.0),
+                     "init_weights": (True, False)})
+        if "oft_block_size" not in config:
+            ctx.refuse("cannot import: adapter_config.json has no oft_block_size: an OFT "
+                       "adapter of peft < 0.14, whose format HF PEFT itself no longer reads")
+        table = {"block_size": ctx.get("oft_block_size", "int", 32), "r": ctx.get("r", "int", 0),
+                 "block_share": ctx.get("block_share", "bool", False),
+                 "cayley_neumann": ctx.get("use_cayley_neumann", "bool", True),
+                 "neumann_terms": ctx.get("num_cayley_neumann_terms", "int", 5)}
+        if (table["r"] == 0) == (table["block_size"] == 0):
+            ctx.refuse(f"cannot import: r = {table['r']} and oft_block_size = "
+                       f"{table['block_size']}; HF PEFT needs exactly one of them non-zero")
+        targets = ctx.targets()
+        if not targets:
+            ctx.refuse(f"cannot import: target_modules {config.get('target_modules')!r} "
+                       "matches no module of this model")
+        for t in targets:
+            if not isinstance(ctx.modules[t], nn.Linear):
+                ctx.refuse(f"cannot import: '{t}' is a {type(ctx.modules[t]).__name__}; "
+                           "peftspec's OFT adapts nn.Linear only")
+        modules, exclude = ctx.selectors(targets, ctx.base_candidates())
+        rule = {"method": self.name, "modules": modules}
+        if exclude:
+            rule["exclude"] = exclude
+        rule.update(table)
+        tensors = {f"{t}.oft_R": (ctx.key(f"{t}.oft_R.weight"), None) for t in targets}
+        return ctx.imported([ctx.rule("reparameterize", rule)], tensors)
+
+
+@hookimpl
+def register_methods(register):
+    register(OFT())

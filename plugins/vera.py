@@ -1,0 +1,261 @@
+"""VeRA (Kopiczko et al., 2024): shared frozen random projections, trained scaling vectors.
+
+Every module of a rule adds ``ΔW = Λ_b · B · Λ_d · A``: ``A`` (r, in) and
+``B`` (out, r) are slices of two random matrices that **all modules of the
+rule share** and nobody trains, ``vera_A`` (r, max in) and ``vera_B``
+(max out, r), sized to the rule's largest module and drawn once from
+``seed`` exactly as HF PEFT draws them (``torch.Generator`` on the CPU,
+Kaiming-uniform with gain √2, ``vera_A`` first); only the vectors
+``vera_lambda_d`` (r) and ``vera_lambda_b`` (out) of each module are
+trained, ``out + r`` parameters a module. ``Λ_b = 0`` at apply (``Λ_d =
+d_initial``), so outputs are unchanged. Linear and GPT-2's Conv1D, as HF
+PEFT; mergeable (``W += ΔW``).
+
+The projections live in one plain object that every VeRA module of the rule
+holds (:class:`VeRAProjections`): not parameters, not buffers, not in the
+state dict; they follow the input to its device. The rule
+sees all its modules before any is built through ``Method.prepare``. With
+``save_projection = true`` (HF PEFT's default) the adapter file stores them
+once, under the rule's first module (``<first>.vera_A`` / ``.vera_B``), and
+loading takes them from the file; with ``false`` they are drawn again from
+the seed at load (smaller files; HF PEFT warns that this may not reproduce
+across platforms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftspec import Method, hookimpl, option, selectors
+
+
+@dataclass(frozen=True)
+class VeRAOptions:
+    modules: tuple[str, ...] = selectors(doc="modules to adapt: Linear or GPT-2 Conv1D")
+    r: int = option(256, doc="rank of the shared random projections", min=1)
+    seed: int = option(0, doc="seed of the projections (HF PEFT's projection_prng_key)", min=0)
+    save_projection: bool = option(True, doc="store the projections in the adapter file "
+                                             "(else they are drawn again from the seed)")
+    dropout: float = option(0.0, doc="dropout on the adapter's input", min=0.0, max=0.999)
+    d_initial: float = option(0.1, doc="initial value of every entry of vera_lambda_d")
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    # transformers' Conv1D (GPT-2), recognised by shape: no transformers import needed
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2 and hasattr(module, "nf"):
+        return "conv1d"
+    return None
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of the module's linear map (Conv1D stores its weight (in, out))."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if _kind(module) == "linear" else (w.shape[0], w.shape[1])
+
+
+def draw_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``vera_A`` (r, max_in) and ``vera_B`` (max_out, r), float32, as HF PEFT's
+    ``VeraModel._init_vera_A_vera_B`` draws them, value for value."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for shape in ((r, max_in), (max_out, r)):
+        bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+        out.append(torch.empty(shape).uniform_(-bound, bound, generator=gen))
+    return tuple(out)
+
+
+class VeRAProjections:
+    """The frozen ``vera_A`` and ``vera_B`` one rule's modules share.
+
+    A plain object, not a module: the projections are not the base's tensors
+    nor trained ones, so they stay out of the state dict, the base fingerprint
+    and ``named_buffers``. They follow the input's device at the first forward
+    there (:meth:`on`), once for all modules that share them."""
+
+    def __init__(self, vera_a: torch.Tensor, vera_b: torch.Tensor):
+        self.vera_A, self.vera_B = vera_a, vera_b
+
+    def on(self, device: torch.device) -> "VeRAProjections":
+        if self.vera_A.device != device:
+            self.vera_A, self.vera_B = self.vera_A.to(device), self.vera_B.to(device)
+        return self
+
+
+class VeRALinear(nn.Module):
+    """``W + Λ_b·B·Λ_d·A`` beside a frozen ``nn.Linear`` or ``Conv1D``."""
+
+    def __init__(self, base: nn.Module, opts: VeRAOptions, projections: VeRAProjections,
+                 owner: bool):
+        super().__init__()
+        self.kind = _kind(base)
+        self.in_features, self.out_features = _dims(base)
+        if self.kind == "conv1d":
+            self.nf = base.nf
+        self.weight, self.bias = base.weight, base.bias
+        self.dropout = opts.dropout
+        # shared: the same object in every VeRA module of the rule (deepcopy keeps that)
+        self.__dict__["projections"] = projections
+        self.stores_projections = owner and opts.save_projection
+        w = base.weight
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype,
+                                                      device=w.device))
+        self.vera_lambda_d = nn.Parameter(torch.full((opts.r,), float(opts.d_initial),
+                                                     dtype=w.dtype, device=w.device))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The vectors, and (first module of the rule, ``save_projection``) the projections."""
+        out = dict(self.adapter_params())
+        if self.stores_projections:
+            out.update(vera_A=self.projections.vera_A, vera_B=self.projections.vera_B)
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, p in self.adapter_params().items():
+            p.copy_(tensors[name])
+        if self.stores_projections:  # written into the shared buffers: every module sees them
+            self.projections.vera_A.copy_(tensors["vera_A"])
+            self.projections.vera_B.copy_(tensors["vera_B"])
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapt(x, self._base(x))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adapted output given the base output ``out`` (per-row batches)."""
+        proj = self.projections.on(x.device)
+        a = proj.vera_A[:, :self.in_features].to(self.vera_lambda_d.dtype)
+        b = proj.vera_B[:self.out_features, :].to(self.vera_lambda_d.dtype)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return out + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, a), b)
+
+    def delta(self, dtype: torch.dtype) -> torch.Tensor:
+        """``ΔW`` as an (out, in) matrix in ``dtype``."""
+        proj = self.projections.on(self.weight.device)
+        a = proj.vera_A[:, :self.in_features].to(dtype)
+        b = proj.vera_B[:self.out_features, :].to(dtype)
+        return (self.vera_lambda_b.to(dtype).unsqueeze(-1) * b) @ \
+            (self.vera_lambda_d.to(dtype).unsqueeze(-1) * a)
+
+    @torch.no_grad()
+    def merge_into(self, original: nn.Module) -> None:
+        w = original.weight
+        dt = torch.promote_types(w.dtype, torch.float32)
+        d = self.delta(dt)
+        w.copy_((w.to(dt) + (d.t() if self.kind == "conv1d" else d)).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, in={self.in_features}, out={self.out_features}, "
+                f"r={self.vera_lambda_d.shape[0]}")
+
+
+class VeRA(Method):
+    name = "vera"
+    family = "reparameterize"
+    Options = VeRAOptions
+    summary = "shared frozen random projections, trained scaling vectors (VeRA); Linear, Conv1D"
+    mergeable = True
+    unchanged_at_apply = True  # vera_lambda_b = 0
+
+    def __init__(self):
+        self._pending: dict[int, tuple[VeRAProjections, bool]] = {}
+
+    def check(self, module, step):
+        return None if _kind(module) else "VeRA adapts Linear and GPT-2 Conv1D modules only"
+
+    def count_params(self, module, step):
+        return _dims(module)[1] + step.options.r
+
+    def prepare(self, modules, steps):
+        """Draw the rule's projections, sized to its largest module, once for all."""
+        self._pending.clear()  # left by an apply that failed half-way: stale
+        dims = [_dims(modules[s.target]) for s in steps]
+        opts = steps[0].options
+        a, b = draw_projections(opts.r, max(i for i, _ in dims), max(o for _, o in dims),
+                                opts.seed)
+        w = modules[steps[0].target].weight
+        shared = VeRAProjections(a.to(device=w.device, dtype=w.dtype),
+                                 b.to(device=w.device, dtype=w.dtype))
+        for i, s in enumerate(steps):
+            self._pending[id(s)] = (shared, i == 0)
+
+    def apply(self, module, step):
+        shared, owner = self._pending.pop(id(step))
+        return VeRALinear(module, step.options, shared, owner)
+
+    def merge(self, installed, original):
+        installed.merge_into(original)
+        return original
+
+    # --- HF PEFT's format: VeraConfig; one rule (HF PEFT has one pair of projections
+    # per adapter), the projections as base_model.vera_A / vera_B
+    hf_peft_types = ("VERA",)
+
+    def to_hf_peft(self, rules, ctx):
+        if len(rules) > 1:
+            ctx.refuse("cannot export: " + ", ".join(r.rule.where for r in rules) + " are "
+                       "several vera rules; HF PEFT's VeRA has one pair of projections for all "
+                       "modules: write one rule")
+        (rule,) = rules
+        o = rule.options
+        tensors, conv1d = {}, False
+        targets = list(rule.targets)
+        for t, cls in rule.targets.items():
+            conv1d |= cls == "Conv1D"
+            for n in ("vera_lambda_b", "vera_lambda_d"):
+                tensors[ctx.key(f"{t}.{n}")] = rule.tensor(f"{t}.{n}")
+        if o.save_projection:
+            for n in ("vera_A", "vera_B"):
+                tensors[f"base_model.{n}"] = rule.tensor(f"{targets[0]}.{n}")
+        config = {"r": o.r, "target_modules": ctx.target_modules(targets),
+                  "projection_prng_key": o.seed, "save_projection": o.save_projection,
+                  "vera_dropout": o.dropout, "d_initial": o.d_initial, "fan_in_fan_out": conv1d,
+                  "bias": "none", "init_weights": True, "layers_to_transform": None,
+                  "layers_pattern": None}
+        return ctx.part("VERA", config, tensors)
+
+    def from_hf_peft(self, config, ctx):
+        ctx.require({"bias": ("none",), "init_weights": (True, False)})
+        targets = ctx.targets()
+        if not targets:
+            ctx.refuse(f"cannot import: target_modules {config.get('target_modules')!r} "
+                       "matches no module of this model")
+        for t in targets:
+            if _kind(ctx.modules[t]) is None:
+                ctx.refuse(f"cannot import: '{t}' is a {type(ctx.modules[t]).__name__}; VeRA "
+                           "adapts Linear and Conv1D modules only")
+        save = ctx.get("save_projection", "bool", True)
+        modules, exclude = ctx.selectors(targets, ctx.base_candidates())
+        rule = {"method": self.name, "modules": modules}
+        if exclude:
+            rule["exclude"] = exclude
+        rule.update(r=ctx.get("r", "int", 256), seed=ctx.get("projection_prng_key", "int", 0),
+                    save_projection=save, dropout=ctx.get("vera_dropout", "number", 0.0),
+                    d_initial=ctx.get("d_initial", "number", 0.1))
+        tensors = {f"{t}.{n}": (ctx.key(f"{t}.{n}"), None) for t in targets
+                   for n in ("vera_lambda_b", "vera_lambda_d")}
+        if save:
+            for n in ("vera_A", "vera_B"):
+                tensors[f"{targets[0]}.{n}"] = (f"base_model.{n}", None)
+        return ctx.imported([ctx.rule("reparameterize", rule)], tensors)
+
+
+@hookimpl
+def register_methods(register):
+    register(VeRA())
