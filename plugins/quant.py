@@ -109,24 +109,28 @@ def _nf4_dequantize(stored, meta, out):
 NF4_CODEC = Codec("nf4", _nf4_dequantize)
 
 
-def _nf4_codes(w: torch.Tensor, block_size: int) -> torch.Tensor:
+def _nf4_codes(w: torch.Tensor, block_size: int, chunk: int = 1 << 24) -> torch.Tensor:
     """The nearest NF4 index of each weight, as torchao's ``quantize_tensor_nearest``
-    picks it (lowest index on a tie), packed two per byte; by a binary search
-    on the code book instead of torchao's 16-way distance table (~10x faster)."""
+    picks it (lowest index on a tie: the same |x - v| compared), packed two per
+    byte; by a binary search on the code book instead of torchao's 16-way
+    distance table (several times faster), 16M weights at a time."""
     flat = w.flatten()
     n_blocks = flat.numel() // block_size
     blocks = flat.view(n_blocks, block_size)
-    scales = blocks.abs().max(dim=1).values.unsqueeze(-1).expand(n_blocks, block_size)
-    scaled = (blocks / scales).flatten()
+    scales = blocks.abs().max(dim=1, keepdim=True).values
     lut = torch.tensor(NF4_VALUES, dtype=w.dtype, device=w.device)
-    hi = torch.bucketize(scaled, lut).clamp_(max=15)
-    lo = (hi - 1).clamp_(min=0)
-    d_hi = (scaled - lut[hi]).abs()
-    d_lo = (scaled - lut[lo]).abs()
-    idx = torch.where(d_hi < d_lo, hi, lo)
-    idx.masked_fill_(scaled.isnan(), 0)  # an all-zero block (0/0): torchao's argmin says 0
-    idx = idx.to(torch.uint8)
-    return idx[::2] << 4 | idx[1::2]
+    out = torch.empty(flat.numel(), dtype=torch.uint8, device=w.device)
+    rows = max(1, chunk // block_size)
+    for start in range(0, n_blocks, rows):
+        scaled = (blocks[start:start + rows] / scales[start:start + rows]).flatten()
+        hi = torch.bucketize(scaled, lut, out_int32=True).clamp_(max=15)
+        lo = (hi - 1).clamp_(min=0)
+        closer_hi = (scaled - lut.index_select(0, hi)).abs_() < \
+            (scaled - lut.index_select(0, lo)).abs_()
+        idx = torch.where(closer_hi, hi, lo)
+        idx.masked_fill_(scaled.isnan(), 0)  # an all-zero block (0/0): torchao's argmin is 0
+        out[start * block_size:(start + rows) * block_size] = idx
+    return out[::2] << 4 | out[1::2]
 
 
 class NF4(FreezeMethod):
