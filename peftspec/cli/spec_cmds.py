@@ -63,7 +63,8 @@ def _print_plan(plan, verbose: bool) -> None:
         ratio = plan.base_bytes_after / max(plan.base_bytes_before, 1)
         out.print(f"frozen base: {human_bytes(plan.base_bytes_before)} in float storage, "
                   f"{human_bytes(plan.base_bytes_after)} stored ({ratio:.3f}x; "
-                  f"{len(plan.frozen)} module(s) frozen by [[freeze]])")
+                  f"{len(plan.frozen)} module(s) frozen by {escape('[[freeze]]')})",
+                  soft_wrap=True)
     from ..sizeguard import AdapterTooLarge, check_fits
 
     try:
