@@ -147,9 +147,11 @@ class NF4(FreezeMethod):
         if n % (2 * o.block_size):
             return (f"its {n} weights are not divisible by block_size = {o.block_size} "
                     "(times 2: two codes a byte)")
-        if (n // o.block_size) % o.scaler_block_size:
-            return (f"its {n // o.block_size} blocks are not divisible by scaler_block_size = "
-                    f"{o.scaler_block_size}")
+        blocks = n // o.block_size
+        if blocks % o.scaler_block_size:
+            fits = next(s for s in range(o.scaler_block_size, 0, -1) if blocks % s == 0)
+            return (f"its {blocks} blocks are not divisible by scaler_block_size = "
+                    f"{o.scaler_block_size} (scaler_block_size = {fits} divides them)")
         return None
 
     def stored_bytes(self, module, step):
