@@ -49,6 +49,12 @@ class Codec:
 
     name: str
     dequantize: Callable[[dict[str, torch.Tensor], dict[str, Any], torch.Tensor], torch.Tensor]
+    #: optional ``dequantize_rows(stored, meta, r0, r1, out)``: rows ``r0:r1`` only, so a
+    #: large weight is multiplied a slice at a time (a small, cache-warm buffer instead
+    #: of one the size of the weight); ``row_align(shape, meta)`` says which row counts
+    #: a slice may start at (multiples of it).
+    dequantize_rows: Callable | None = None
+    row_align: Callable | None = None
 
 
 class PackedWeight(torch.Tensor):
@@ -180,6 +186,37 @@ def dequantized(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 _scratch = threading.local()
 
 
+#: weights above this many elements are multiplied a slice of rows at a time
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    key = (dtype, device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _row_chunk(w: PackedWeight) -> int | None:
+    """Rows per slice for ``w``, or None to dequantize it whole."""
+    codec = w.codec
+    if codec.dequantize_rows is None or w.numel() <= CHUNK_ELEMENTS:
+        return None
+    n_out, n_in = w.shape
+    align = codec.row_align(tuple(w.shape), w.meta) if codec.row_align else 1
+    rows = max(align, (CHUNK_ELEMENTS // n_in) // align * align)
+    return rows if rows < n_out else None
+
+
+def _rows_dense(w: PackedWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    out = _buffer((r1 - r0) * w.shape[1], dtype, w.device).view(r1 - r0, w.shape[1])
+    return w.codec.dequantize_rows(w.stored, w.meta, r0, r1, out)
+
+
 def _scratch_dense(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """``w`` dequantized into this thread's reusable buffer for ``dtype``.
 
@@ -188,15 +225,7 @@ def _scratch_dense(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     which return memory to the system for large blocks. The buffer holds no
     state between calls (each call overwrites it) and is freed with
     :func:`release_scratch`."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    key = (dtype, w.device)
-    numel = w.numel()
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=w.device)
-    out = buf[:numel].view(w.shape)
+    out = _buffer(w.numel(), dtype, w.device).view(w.shape)
     return w.codec.dequantize(w.stored, w.meta, out)
 
 
@@ -217,13 +246,32 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.weight = weight  # the packed tensor: no float copy is saved
-        return F.linear(x, _scratch_dense(weight, x.dtype))
+        rows = _row_chunk(weight)
+        if rows is None:
+            return F.linear(x, _scratch_dense(weight, x.dtype))
+        n_out, n_in = weight.shape
+        x2 = x.reshape(-1, n_in)
+        out = x2.new_empty((x2.shape[0], n_out))
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            out[:, r0:r1] = x2 @ _rows_dense(weight, r0, r1, x.dtype).t()
+        return out.view(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ _scratch_dense(ctx.weight, grad.dtype), None
+        weight = ctx.weight
+        rows = _row_chunk(weight)
+        if rows is None:
+            return grad @ _scratch_dense(weight, grad.dtype), None
+        n_out, n_in = weight.shape
+        g2 = grad.reshape(-1, n_out)
+        gx = g2.new_zeros((g2.shape[0], n_in))
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            gx.addmm_(g2[:, r0:r1], _rows_dense(weight, r0, r1, grad.dtype))
+        return gx.view(*grad.shape[:-1], n_in), None
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):

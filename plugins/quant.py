@@ -20,6 +20,7 @@ Each stores the weight as a :class:`peftspec.frozen.PackedWeight`; its
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,24 @@ def _nf4_dequantize(stored, meta, out):
     return out.copy_(dense.view(out.shape))
 
 
-NF4_CODEC = Codec("nf4", _nf4_dequantize)
+def _nf4_row_align(shape, meta) -> int:
+    """Rows a slice starts at: whole scaler blocks (block_size * scaler_block_size weights)."""
+    span = meta["block_size"] * meta["scaler_block_size"]
+    return span // math.gcd(span, shape[1])
+
+
+def _nf4_dequantize_rows(stored, meta, r0, r1, out):
+    """Rows ``r0:r1`` (aligned by _nf4_row_align), exactly as the whole weight gives them."""
+    n_in = out.shape[1]
+    bs, sbs = meta["block_size"], meta["scaler_block_size"]
+    b0, b1 = r0 * n_in // bs, r1 * n_in // bs
+    part = {"codes": stored["codes"][r0 * n_in // 2:r1 * n_in // 2],
+            "scalers": stored["scalers"][b0:b1],
+            "factor": stored["factor"][b0 // sbs:b1 // sbs], "mean": stored["mean"]}
+    return _nf4_dequantize(part, meta, out)
+
+
+NF4_CODEC = Codec("nf4", _nf4_dequantize, _nf4_dequantize_rows, _nf4_row_align)
 
 
 def _nf4_codes(w: torch.Tensor, block_size: int, chunk: int = 1 << 24) -> torch.Tensor:
@@ -186,7 +204,11 @@ def _int8_dequantize(stored, meta, out):
     return torch.mul(stored["q"], stored["scale"].unsqueeze(-1), out=out)
 
 
-INT8_CODEC = Codec("int8", _int8_dequantize)
+def _int8_dequantize_rows(stored, meta, r0, r1, out):
+    return torch.mul(stored["q"][r0:r1], stored["scale"][r0:r1].unsqueeze(-1), out=out)
+
+
+INT8_CODEC = Codec("int8", _int8_dequantize, _int8_dequantize_rows)
 
 
 class Int8(FreezeMethod):
@@ -220,7 +242,8 @@ def _bf16_dequantize(stored, meta, out):
     return out.copy_(stored["values"])
 
 
-BF16_CODEC = Codec("bf16", _bf16_dequantize)
+BF16_CODEC = Codec("bf16", _bf16_dequantize,
+                   lambda stored, meta, r0, r1, out: out.copy_(stored["values"][r0:r1]))
 
 
 class BF16(FreezeMethod):

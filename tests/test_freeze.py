@@ -321,3 +321,33 @@ def test_torchao_import_noise_is_filtered():
                          check=True)
     assert out.stdout.strip() == "ok"
     assert "Failed to load" not in out.stderr and "Enum subclass" not in out.stderr, out.stderr
+
+
+def test_large_weights_multiply_a_slice_of_rows_at_a_time(method, monkeypatch):
+    """Above CHUNK_ELEMENTS a weight is dequantized rows r0:r1 at a time (a small,
+    reused buffer): the slices are the whole dequantization bit for bit, and the
+    products and input gradients equal the whole-weight path's."""
+    import peftspec.frozen as frozen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=True))
+    extra = "block_size = 16\nscaler_block_size = 2" if method == "nf4" else ""
+    peftspec.apply_plan(peftspec.compile_plan(spec(method, extra, modules='["0"]'), model),
+                        model)
+    w = model[0].weight
+    x = torch.randn(5, 64, requires_grad=True)
+    whole = model(x)
+    whole.square().sum().backward()
+    g_whole = x.grad.clone()
+    monkeypatch.setattr(frozen, "CHUNK_ELEMENTS", 64 * 8)
+    rows = frozen._row_chunk(w)
+    assert rows is not None and rows < 96
+    parts = [frozen._rows_dense(w, r, min(96, r + rows), torch.float32).clone()
+             for r in range(0, 96, rows)]
+    assert torch.equal(torch.cat(parts), w.dequantize())
+    x.grad = None
+    sliced = model(x)
+    sliced.square().sum().backward()
+    assert torch.allclose(sliced, whole, atol=1e-5)
+    assert torch.allclose(x.grad, g_whole, atol=1e-4)
+    assert frozen.scratch_bytes() <= 4 * rows * 64 + 4 * 64 * 96  # at most one slice more
