@@ -141,7 +141,8 @@ class PackedWeight(torch.Tensor):
         if func in (aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
                     aten.new_full.default):  # a new dense tensor of the weight's dtype/device
             w, rest = args[0], args[1:]
-            kwargs = {"dtype": w.dtype, "device": w.device, **kwargs}
+            kwargs = {"dtype": w.dtype, "device": w.device,
+                      **{k: v for k, v in kwargs.items() if v is not None}}
             make = {aten.new_empty.default: torch.empty, aten.new_zeros.default: torch.zeros,
                     aten.new_ones.default: torch.ones}.get(func)
             if make is None:
@@ -150,9 +151,10 @@ class PackedWeight(torch.Tensor):
         if func in (aten.is_pinned.default,):
             return False
         name = getattr(func, "__name__", str(func))
+        codec = next((a.codec.name for a in args if isinstance(a, PackedWeight)), "packed")
         raise PeftspecError(
-            f"operation {name} is not supported on a {args[0].codec.name if args and isinstance(args[0], PackedWeight) else 'frozen'}"
-            "-frozen weight: call peftspec.frozen.dequantized(weight) for a dense copy")
+            f"operation {name} is not supported on a {codec}-frozen weight ([[freeze]]): "
+            "call peftspec.frozen.dequantized(weight) for a dense copy")
 
 
 def is_packed(t: Any) -> bool:

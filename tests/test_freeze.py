@@ -303,24 +303,22 @@ def test_failed_load_leaves_the_base_unquantized(tmp_path):
     assert not frozen_modules(fresh) and not peftspec.is_patched(fresh)
 
 
-def test_import_peftspec_does_not_import_torchao():
+def test_import_peftspec_does_not_import_torchao_and_its_noise_stays_off_the_terminal():
+    """One interpreter: peftspec, its plugins and registry import no torchao; then
+    transformers (which imports torchao on its own whenever it is installed) prints
+    none of torchao's kernel-loading lines."""
     code = ("import sys, peftspec, peftspec.frozen, peftspec_plugins.quant; "
             "reg = peftspec.build_registry(); assert 'nf4' in reg.methods; "
-            "print('torchao' in sys.modules)")
+            "print('torchao' in sys.modules); "
+            "import transformers; from transformers import LlamaForCausalLM; "
+            "import importlib.util as u; print(u.find_spec('torchao') is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
-
-
-def test_torchao_import_noise_is_filtered():
-    pytest.importorskip("torchao")
-    # transformers imports torchao on its own whenever it is installed
-    code = "import peftspec, transformers; from transformers import LlamaForCausalLM; " \
-           "import torchao; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "ok"
-    assert "Failed to load" not in out.stderr and "Enum subclass" not in out.stderr, out.stderr
+    imported, installed = out.stdout.split()
+    assert imported == "False"
+    if installed == "True":
+        assert "Failed to load" not in out.stderr and "Enum subclass" not in out.stderr, \
+            out.stderr
 
 
 def test_large_weights_multiply_a_slice_of_rows_at_a_time(method, monkeypatch):
