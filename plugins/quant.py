@@ -74,6 +74,14 @@ def _torchao_nf4_tensor():
     return NF4Tensor
 
 
+@functools.lru_cache(maxsize=1)
+def _has_torchao() -> bool:
+    """Whether torchao is installed, without importing it (a compile-time check)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
 @functools.lru_cache(maxsize=16)
 def _pair_table(dtype: torch.dtype, device: str) -> torch.Tensor:
     """(256, 2): the two NF4 values each code byte holds (high nibble first)."""
@@ -160,6 +168,8 @@ class NF4(FreezeMethod):
         why = _linear_only(module, "nf4")
         if why:
             return why
+        if not _has_torchao():
+            return "nf4 needs torchao, which is not installed: pip install 'peftspec[quant]'"
         o = step.options
         n = module.weight.numel()
         if n % (2 * o.block_size):

@@ -349,3 +349,11 @@ def test_large_weights_multiply_a_slice_of_rows_at_a_time(method, monkeypatch):
     assert torch.allclose(sliced, whole, atol=1e-5)
     assert torch.allclose(x.grad, g_whole, atol=1e-4)
     assert frozen.scratch_bytes() <= 4 * rows * 64 + 4 * 64 * 96  # at most one slice more
+
+
+def test_nf4_without_torchao_is_a_compile_error_saying_what_to_install(monkeypatch):
+    import peftspec_plugins.quant as quant
+
+    monkeypatch.setattr(quant, "_has_torchao", lambda: False)
+    with pytest.raises(SpecError, match=r"pip install 'peftspec\[quant\]'"):
+        peftspec.compile_plan(spec("nf4"), toy())
