@@ -21,6 +21,10 @@ __version__ = "0.1.0"
 
 from pathlib import Path  # noqa: E402
 
+from . import quiet as _quiet  # noqa: E402
+
+_quiet.install()  # torchao's kernel-loading warnings never reach the terminal
+
 from torch import nn  # noqa: E402
 
 from .errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402

@@ -27,6 +27,7 @@ leaves the model exactly as it was. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ from torch import nn
 from . import __version__
 from .atomicio import atomic_write_bytes
 from .errors import AdapterFileError, PeftspecError, SpecError
+from .frozen import storage_options
 from .fingerprint import decode, describe_difference, digest, encode, fingerprint
 from .method import adapter_params, adapter_state, load_adapter_state
 from .patching import (DEFAULT_NAME, active_adapter, apply_plan, base_view, remove, state_of,
@@ -137,7 +139,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
                  activate: bool | None = None, registry=None,
-                 allow_nonfinite: bool = False, force: bool = False) -> nn.Module:
+                 allow_nonfinite: bool = False, force: bool = False,
+                 freeze: bool = True) -> nn.Module:
     """Re-create the adapter saved at ``path`` on ``model`` as adapter ``name``.
 
     The first adapter on a model becomes active; a further one is loaded beside
@@ -148,33 +151,72 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
             tensors, wrong shapes, non-finite values. The model is unchanged.
         AdapterTooLarge: its embedded spec would allocate more than the base or
             the memory available (unless ``force``); nothing is allocated.
+
+    ``freeze``: apply the spec's ``[[freeze]]`` rules (the default: the base is
+    stored as the adapter was trained against, e.g. nf4). ``False`` skips them
+    and serves the adapter on the full-precision base. Which one happened is
+    logged on the ``peftspec`` logger and readable afterwards with
+    :func:`peftspec.frozen.frozen_modules`.
     """
     name = name or DEFAULT_NAME
     previous = active_adapter(model)
     with base_view(model):
-        plan = _checked_plan(model, path, registry)
+        plan = _checked_plan(model, path, registry, freeze=freeze)
+    holder: list = []
     with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
-        apply_plan(plan, model, name=name, activate=True, registry=registry, force=force)
+        apply_plan(plan, model, name=name, activate=True, registry=registry, force=force,
+                   _freeze_holder=holder)
     try:
         _copy_tensors(model, Path(path), allow_nonfinite)
     except BaseException:
         remove(model, name)
+        for frozen in holder:  # a failed load leaves the base's storage as it was too
+            frozen.undo(model)
         if previous is not None:
             use(model, previous)
         raise
+    for frozen in holder:
+        frozen.commit()
+    _log_freeze(path, plan, freeze)
     if previous is not None and not activate:
         use(model, previous)
     return model
 
 
-def _checked_plan(model: nn.Module, path, registry):
-    """Read ``path``'s header and spec, check the base, compile: touches nothing."""
+def freeze_rules(path: str | os.PathLike, registry=None) -> list[str]:
+    """The ``[[freeze]]`` rules of the adapter file's spec, one line each."""
+    meta = read_metadata(path)
+    spec = parse_spec(meta["spec"], file=f"{path} (embedded spec)", registry=registry)
+    return [f"{r.where} {r.method} ({storage_options(r.options) or 'defaults'})"
+            for r in spec.rules_of("freeze")]
+
+
+def _log_freeze(path, plan, applied: bool) -> None:
+    import logging
+
+    rules = plan.spec.rules_of("freeze")
+    if not rules and applied:
+        return
+    log = logging.getLogger("peftspec")
+    if applied:
+        log.info("%s: applied its [[freeze]] rules (%s) to %d module(s)", path,
+                 ", ".join(r.method for r in rules), len(plan.frozen))
+    else:
+        log.info("%s: skipped its [[freeze]] rules; the base stays in full precision", path)
+
+
+def _checked_plan(model: nn.Module, path, registry, freeze: bool = True):
+    """Read ``path``'s header and spec, check the base, compile: touches nothing.
+    ``freeze=False`` drops the spec's ``[[freeze]]`` rules from the plan."""
     path = Path(path)
     meta = read_metadata(path)
     try:
         spec = parse_spec(meta["spec"], file=f"{path} (embedded spec)", registry=registry)
     except SpecError as exc:
         raise AdapterFileError(f"{path}: its embedded spec does not load here:\n{exc}") from None
+    if not freeze:
+        spec = dataclasses.replace(spec, rules=tuple(r for r in spec.rules
+                                                     if r.family != "freeze"))
 
     actual = fingerprint(model)
     if digest(actual) != meta["base_digest"]:

@@ -99,6 +99,8 @@ def _refuse(adapter: Path, what: list[str]) -> None:
 
 def _rule_problem(rule, options) -> str | None:
     where = f"{rule.where} (line {rule.line})" if rule.line else rule.where
+    if rule.family == "freeze":  # the base's storage, not the adapter: a plain LoRA pair
+        return None
     if rule.family == "train":
         return (f"{where} trains the base's own parameters ([[train]]: BitFit biases, whole "
                 "modules); a llama.cpp adapter holds only LoRA pairs. Merge instead "

@@ -31,6 +31,11 @@ def register_methods(register):
     methods still register. A plugin that registers nothing at all (typically
     this function without ``@hookimpl``) is listed by ``peftspec plugins`` with
     a warning. The contract of a method, hook by hook: ``docs/plugins.md``.
+
+    A freeze method (``[[freeze]]``: how the frozen base is stored, e.g. HQQ or
+    GPTQ) is a :class:`peftspec.method.FreezeMethod` registered the same way:
+    its ``pack(weight, step)`` returns a :class:`peftspec.frozen.PackedWeight`
+    whose codec dequantizes on each matmul.
     """
 
 

@@ -43,13 +43,28 @@ INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
+ONTO = ("original", "dequantized")
+
+
 def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.PathLike, *,
                  skip_unmergeable: bool = False, allow_nonfinite: bool = False, registry=None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None,
+                 onto: str = "original") -> dict:
     """Merge ``adapter`` into the model ``source`` names; write it to folder ``out``.
 
-    Returns a summary: tensors written, merged modules, shards.
+    For an adapter whose spec has ``[[freeze]]`` rules (trained on an nf4 /
+    int8 / bf16 base), ``onto`` says which base weights it folds into:
+    ``"original"`` (the checkpoint's own, full precision) or ``"dequantized"``
+    (the checkpoint's weights quantized by the rules and dequantized again:
+    the base the adapter was trained against; every frozen module is written
+    so, adapted or not). Either way the output holds dense tensors of the
+    checkpoint's dtypes: nothing is requantized.
+
+    Returns a summary: tensors written, merged modules, shards, ``onto`` and
+    the number of frozen modules the rules name.
     """
+    if onto not in ONTO:
+        raise ValueError(f"onto must be one of {ONTO}, got {onto!r}")
     if registry is None:
         from .plugins import get_registry
 
@@ -71,10 +86,11 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
                 # a cache folder's manifest describes that folder, not the merged one
                 skip = () if source.startswith("hf:") else ("manifest.json",)
                 summary = _merge_hf(folder, Path(adapter), tmp, skip_unmergeable,
-                                    registry, progress, allow_nonfinite, skip_files=skip)
+                                    registry, progress, allow_nonfinite, skip_files=skip,
+                                    onto=onto)
             else:
                 summary = _merge_in_memory(source, Path(adapter), tmp, skip_unmergeable,
-                                           registry, allow_nonfinite, final=out)
+                                           registry, allow_nonfinite, final=out, onto=onto)
                 if in_memory_from is not None:
                     _copy_side_files(in_memory_from, tmp, source)
             replace_dir(tmp, out)
@@ -124,12 +140,14 @@ def _output_bytes(path: Path) -> int | None:
 
 def _mergeable_records(plan, registry, skip_unmergeable: bool):
     blocked = sorted({f"{s.method} ({s.rule})" for s in plan.steps
-                      if s.family != "train" and not registry.method(s.method).mergeable})
+                      if s.family not in ("train", "freeze") and
+                      not registry.method(s.method).mergeable})
     if blocked and not skip_unmergeable:
         raise NotMergeableError("cannot merge: " + ", ".join(blocked) + " add computation that "
                                 "does not fold into base weights (pass --skip-unmergeable to "
                                 "drop them)")
-    return [s for s in plan.steps if s.family != "train" and registry.method(s.method).mergeable]
+    return [s for s in plan.steps if s.family not in ("train", "freeze") and
+            registry.method(s.method).mergeable]
 
 
 def _meta_model(path: Path) -> nn.Module:
@@ -153,7 +171,8 @@ def _shards(path: Path) -> tuple[list[str], dict | None]:
 
 
 def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, registry,
-              progress, allow_nonfinite: bool = False, skip_files=()) -> dict:
+              progress, allow_nonfinite: bool = False, skip_files=(),
+              onto: str = "original") -> dict:
     shard_names, _ = _shards(path)
     for shard in shard_names:  # every shard must be sound before anything is written
         ShardReader(path / shard).close()
@@ -181,6 +200,9 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
         for local, _ in modules[target].named_parameters():
             owner[f"{target}.{local}"] = target
     trained = {s.target for s in plan.steps if s.family == "train"}
+    freeze = {s.target: s for s in plan.steps if s.family == "freeze"}
+    requant = {f"{t}.weight": s for t, s in freeze.items()
+               if onto == "dequantized" and t not in by_path}  # frozen, not adapted
     missing = sorted(k for k in list(owner) + list(trained) if k not in where)
     if missing:
         raise AdapterFileError(f"{path}: the checkpoint has no tensor named {missing[0]!r} "
@@ -209,8 +231,9 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                     if key in owner:
                         target = owner[key]
                         if target not in pending:
-                            pending[target] = _merge_module(modules[target], by_path[target],
-                                                            fetch, adapter_tensors, registry)
+                            pending[target] = _merge_module(
+                                modules[target], by_path[target], fetch, adapter_tensors,
+                                registry, freeze.get(target) if onto == "dequantized" else None)
                             merged_modules += 1
                         t = pending[target].pop(key[len(target) + 1:])
                         if not pending[target]:
@@ -218,6 +241,9 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                         w.write(_raw(t.to(base_dtype)))
                     elif key in trained:
                         w.write(_raw(adapter_tensors[key].to(base_dtype)))
+                    elif key in requant:  # the base the adapter saw: quantized, dequantized
+                        w.write(_raw(_roundtrip(fetch(key), requant[key], modules,
+                                                registry).to(base_dtype)))
                     else:
                         reader.copy_to(key, w)  # bytes through, never decoded
                     done += 1
@@ -233,7 +259,18 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
         if src.is_file() and name not in shard_names and not name.endswith(".bin") and \
                 name not in skip_files:
             shutil.copy2(src, out / name)
-    return {"tensors": total, "merged_modules": merged_modules, "shards": len(shard_names)}
+    return {"tensors": total, "merged_modules": merged_modules, "shards": len(shard_names),
+            "onto": onto, "frozen_modules": len(freeze)}
+
+
+def _roundtrip(t: torch.Tensor, step, modules, registry) -> torch.Tensor:
+    """``t`` (a frozen module's weight) packed by its freeze step, dequantized again,
+    in the dtype the model holds it in (as training quantized it)."""
+    from .frozen import dequantized
+
+    dtype = modules[step.target].weight.dtype  # the meta model's: what a loaded model has
+    packed = registry.method(step.method).pack(t.to(dtype), step)
+    return dequantized(packed)
 
 
 class ShardReader:
@@ -282,8 +319,11 @@ class ShardReader:
         os.close(self.fd)
 
 
-def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry):
-    """Materialise one module from the shards, adapt, load, merge; its tensors."""
+def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry,
+                  freeze=None):
+    """Materialise one module from the shards, adapt, load, merge; its tensors.
+    ``freeze``: the module's ``[[freeze]]`` step, to merge onto its weight as the
+    adapter saw it (packed, then dequantized by the merge: never requantized)."""
     fresh = copy.deepcopy(meta_module).to_empty(device="cpu")
     with torch.no_grad():
         for local, p in fresh.named_parameters():
@@ -294,6 +334,9 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
                 b.copy_(fetch(key))
             except KeyError:
                 pass  # a non-persistent buffer: set by the module's own init
+        if freeze is not None:
+            packed = registry.method(freeze.method).pack(fresh.weight.detach(), freeze)
+            fresh._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
     method = registry.method(step.method)
     installed = method.apply(fresh, step)
     prefix = step.target + "."
@@ -304,13 +347,17 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
 
 
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
-                     registry, allow_nonfinite: bool = False, final: Path | None = None) -> dict:
+                     registry, allow_nonfinite: bool = False, final: Path | None = None,
+                     onto: str = "original") -> dict:
     from .adapter_file import load_adapter
+    from .frozen import thaw
     from .patching import merge
 
     model = registry.load_model(source)
-    load_adapter(model, adapter, registry=registry, allow_nonfinite=allow_nonfinite)
+    load_adapter(model, adapter, registry=registry, allow_nonfinite=allow_nonfinite,
+                 freeze=onto == "dequantized")
     merged = merge(model, skip_unmergeable=skip_unmergeable)
+    frozen = len(thaw(merged))  # dense tensors of the original dtype, for the file
     seen: set[int] = set()
     tensors = {}
     for name, t in merged.state_dict(keep_vars=True).items():
@@ -325,4 +372,5 @@ def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
         write_chunks(w, head, chunks)
         w.flush()
         os.fsync(w.fileno())
-    return {"tensors": len(tensors), "merged_modules": None, "shards": 1}
+    return {"tensors": len(tensors), "merged_modules": None, "shards": 1, "onto": onto,
+            "frozen_modules": frozen}

@@ -26,7 +26,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import Step
 
-FAMILIES = ("train", "reparameterize", "augment", "prefix")
+FAMILIES = ("freeze", "train", "reparameterize", "augment", "prefix")
 
 
 @runtime_checkable
@@ -281,3 +281,36 @@ class Method:
         ``context.imported(rules, tensors)`` (see
         :class:`peftspec.hf_peft.ImportContext`)."""
         raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
+
+
+class FreezeMethod(Method):
+    """Base class of a freeze method (``[[freeze]]``): how a frozen weight is stored.
+
+    A freeze method adds no parameters. For each target module that
+    :meth:`check` accepts, :meth:`pack` turns its float ``weight`` into a
+    :class:`peftspec.frozen.PackedWeight` (stored tensors plus a
+    :class:`~peftspec.frozen.Codec` that dequantizes them), which replaces the
+    parameter; ``F.linear`` then computes through the codec, dequantizing into
+    a reused buffer on each call. :meth:`stored_bytes` says what the packed
+    weight will occupy, for ``peftspec plan`` (before anything is quantized).
+    A freeze is not undone by removing an adapter: no float copy is kept.
+
+    The compiler refuses, naming them, targets whose weight is tied to another
+    module or trained by ``[[train]]``; :meth:`check` adds the method's own
+    limits (block sizes, module types).
+    """
+
+    family = "freeze"
+    mergeable = False
+    unchanged_at_apply = False
+
+    def stored_bytes(self, module: nn.Module, step: "Step") -> int:
+        """Bytes of the packed weight :meth:`pack` will make for ``module``."""
+        raise NotImplementedError
+
+    def pack(self, weight: torch.Tensor, step: "Step") -> torch.Tensor:
+        """Return ``weight`` (a detached float tensor) in this method's storage."""
+        raise NotImplementedError
+
+    def apply(self, module, step):  # the compiler and apply_plan call pack() instead
+        raise NotImplementedError("freeze methods are applied through peftspec.freeze")

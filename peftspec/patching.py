@@ -31,6 +31,7 @@ from .fingerprint import digest, fingerprint, named_tensors
 from .method import Method, is_adapter_module
 from .sizeguard import check_fits
 from .plan import Plan, Step
+from .freezing import freeze_steps
 from .promise import BaseSnapshot, verify
 
 DEFAULT_NAME = "default"
@@ -302,7 +303,7 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
 
 def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                name: str = DEFAULT_NAME, activate: bool | None = None,
-               force: bool = False, _tensors=None) -> nn.Module:
+               force: bool = False, _tensors=None, _freeze_holder=None) -> nn.Module:
     """Execute ``plan`` on ``model`` in place, as adapter ``name``; return the model.
 
     The first adapter on a model becomes active. A further one is loaded beside
@@ -337,6 +338,17 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             _activate(model, state, previous)
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
                             "shapes differ); compile it against this model")
+    try:  # [[freeze]] first: the adapters are built over the packed base weights
+        frozen = freeze_steps(model, plan, registry)
+    except BaseException:
+        if state is not None and previous is not None:
+            _activate(model, state, previous)
+        raise
+    if frozen.changed:
+        params, buffers = named_tensors(model)
+        if state is not None:  # the originals must not stay referenced (memory)
+            swap = frozen.replaced()
+            state.requires_grad = [(swap.get(id(p), p), flag) for p, flag in state.requires_grad]
     snapshot = BaseSnapshot(params, buffers)  # checked after apply: the promise
     fresh = state is None
     if fresh:
@@ -346,7 +358,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         parent_of = _parent_finder(model)
         prepared: set[str] = set()
         for step in plan.steps:
-            if step.family == "train":
+            if step.family in ("train", "freeze"):
                 continue
             method = registry.method(step.method)
             if step.rule not in prepared and type(method).prepare is not Method.prepare:
@@ -378,8 +390,14 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         snapshot.restore()
         for rec in adapter.records:
             rec.method.release(rec.installed, rec.original, rec.step)
+        model.__dict__["_peftspec"] = state
+        frozen.undo(model)
         _finish(model, state, previous)
         raise
+    if _freeze_holder is not None:  # the caller commits, or undoes if its next step fails
+        _freeze_holder.append(frozen)
+    else:
+        frozen.commit()
     if previous is not None and not activate:
         _deactivate(model, state)
         _activate(model, state, previous)

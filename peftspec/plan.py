@@ -16,11 +16,12 @@ from torch import nn
 
 from .errors import PeftspecError, Problem, SpecError, did_you_mean
 from .fingerprint import digest, fingerprint, named_tensors
+from .frozen import PackedWeight, frozen_modules, is_packed, storage_options, stored_bytes
 from .options import selector_fields
 from .matching import class_names, parse_selector
 from .spec import Rule, Spec
 
-APPLY_ORDER = ("reparameterize", "augment", "prefix", "train")
+APPLY_ORDER = ("freeze", "reparameterize", "augment", "prefix", "train")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     # what a rule does to base weights, by rule.where (Method.base_note: PiSSA's residual)
     notes: dict[str, str] = field(default_factory=dict)
+    # [[freeze]] targets: module path -> (bytes of its weight in float storage,
+    # bytes once frozen)
+    frozen: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # bytes of the base's parameters in float storage, and once this plan is
+    # applied (weights frozen earlier, by another adapter's rules, count as stored)
+    base_bytes_before: int = 0
+    base_bytes_after: int = 0
 
     def selectors_of(self, rule: str) -> dict[str, list[str]]:
         """The selector options a rule was compiled with (after preset expansion)."""
@@ -123,6 +131,8 @@ class Plan:
             "total_params": self.total_params,
             "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
             "adapter_bytes": self.adapter_bytes,
+            "base_bytes": {"before": self.base_bytes_before, "after": self.base_bytes_after,
+                           "frozen_modules": len(self.frozen)},
             "rules": [{"rule": r.rule, "method": r.method, "line": r.line,
                        "selectors": self.selectors_of(r.rule),
                        "matched": len(r.targets), "targets": list(r.targets),
@@ -177,6 +187,9 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     steps: list[Step] = []
     trained_base: dict[str, tuple[int, int]] = {}
     reparam_owner: dict[str, Rule] = {}
+    freeze_owner: dict[str, Rule] = {}
+    frozen: dict[str, tuple[int, int]] = {}
+    weight_owners: dict[int, list[str]] | None = None  # built when a freeze rule needs it
     augment_owner: dict[tuple[str, str], Rule] = {}
 
     rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
@@ -215,6 +228,28 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                 steps.append(step)
                 continue
             module = modules[target]
+            if rule.family == "freeze":
+                if weight_owners is None:
+                    weight_owners = _weight_owners(modules)
+                reason = _freeze_problem(model, target, module, method, step, weight_owners)
+                if reason and rule.optional:  # optional: freeze what can be, skip the rest
+                    continue
+                if reason:
+                    problem(rule, f"method '{rule.method}' cannot freeze '{target}' "
+                                  f"({type(module).__name__}): {reason}")
+                    continue
+                if target in freeze_owner:
+                    other = freeze_owner[target]
+                    problem(rule, f"module '{target}' is already frozen by {other.where} "
+                                  f"(line {other.line}); a weight has one storage",
+                            hint="narrow one rule with 'exclude'")
+                    continue
+                freeze_owner[target] = rule
+                w = module._parameters["weight"]
+                frozen[target] = (w.numel() * w.element_size(),
+                                  _stored_after(w, method, module, step))
+                steps.append(step)
+                continue
             reason = method.check(module, step)
             if reason:
                 problem(rule, f"method '{rule.method}' cannot apply to '{target}' "
@@ -244,8 +279,16 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
             object.__setattr__(step, "bytes_added", n_added * _itemsize(module))
             steps.append(step)
 
+    for name in trained_base:  # a frozen weight is stored compactly; it cannot train
+        owner = name.rpartition(".")[0]
+        if name.rpartition(".")[2] == "weight" and owner in freeze_owner:
+            rule = next(r for r in spec.rules if r.family == "train" and
+                        any(s.target == name and s.rule == r.where for s in steps))
+            problem(rule, f"parameter '{name}' is frozen by {freeze_owner[owner].where} "
+                          f"({freeze_owner[owner].method}); a frozen weight cannot be trained",
+                    hint="exclude it from one of the two rules")
     if not problems:
-        draft = Plan(spec, tuple(steps), "", 0, trained_base, resolved)
+        draft = Plan(spec, tuple(steps), "", 0, trained_base, resolved, frozen=frozen)
         for result in registry.pm.hook.check_plan(plan=draft):
             for item in result or ():
                 problems.append(item if isinstance(item, Problem)
@@ -259,8 +302,62 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         note = registry.method(rule.method).base_note(resolved[rule.where])
         if note:
             notes[rule.where] = note.format(n=n, **vars(resolved[rule.where]))
+    before, after = _base_bytes(params, frozen)
     return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
-                base_params, trained_base, resolved, notes), (params, buffers)
+                base_params, trained_base, resolved, notes, frozen, before, after), \
+        (params, buffers)
+
+
+def _weight_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
+    """id of each ``weight`` parameter -> the module paths holding it (ties)."""
+    owners: dict[int, list[str]] = {}
+    for path, m in modules.items():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(path)
+    return owners
+
+
+def _freeze_problem(model, target, module, method, step, weight_owners) -> str | None:
+    """Why ``module`` cannot be frozen by ``step``, or None. A module frozen
+    already (by an adapter loaded earlier) passes when the storage is the same."""
+    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    if w is None:
+        return "it has no 'weight' parameter"
+    others = [p for p in weight_owners.get(id(w), []) if p != target]
+    if others:
+        return (f"its weight is tied to '{others[0]}'; freezing it would change that module "
+                "too (untie the weights, or exclude one of them)")
+    if is_packed(w):
+        entry = frozen_modules(model).get(target)
+        wanted = (step.method, storage_options(step.options))
+        if entry is not None and (entry.method, entry.options) == wanted:
+            return None
+        have = f"{entry.method} {entry.options}" if entry else w.codec.name
+        return (f"it is stored as {have} already (frozen by an adapter loaded earlier); a "
+                "base has one storage: load this adapter onto a fresh copy of the base")
+    return method.check(module, step)
+
+
+def _stored_after(w, method, module, step) -> int:
+    return stored_bytes(w) if is_packed(w) else int(method.stored_bytes(module, step))
+
+
+def _base_bytes(params, frozen) -> tuple[int, int]:
+    """Bytes of the base parameters in float storage, and after the plan's freeze."""
+    before = after = 0
+    for name, p in params.items():
+        dense = p.numel() * p.element_size()  # a packed weight reports the original dtype
+        before += dense
+        owner = name[:-len(".weight")] if name.endswith(".weight") else \
+            ("" if name == "weight" else None)
+        if owner is not None and owner in frozen:
+            after += frozen[owner][1]
+        elif isinstance(p, PackedWeight):
+            after += stored_bytes(p)
+        else:
+            after += dense
+    return before, after
 
 
 def _itemsize(module: nn.Module) -> int:

@@ -1,7 +1,9 @@
 """Loading a TOML spec into a typed :class:`Spec`.
 
-The spec's sections are the four PEFT families:
+The spec's sections are how the frozen base is stored, then the four PEFT
+families:
 
+* ``[[freeze]]``: storage of frozen weights (nf4, int8, bf16; float when absent);
 * ``[[train]]``: selective training, original parameters made trainable;
 * ``[[reparameterize]]``: LoRA and kin;
 * ``[[augment]]``: new modules (adapters, IA3 vectors);
@@ -35,8 +37,8 @@ from .untrusted import BadText, toml_loads
 from .tomlpos import LineMap, format_path
 from .train.config import OPTIONS as TRAIN_OPTIONS, check_value as check_train_value
 
-SECTIONS = {"train": "train", "reparameterize": "reparameterize", "augment": "augment",
-            "prefix": "prefix"}
+SECTIONS = {"freeze": "freeze", "train": "train", "reparameterize": "reparameterize",
+            "augment": "augment", "prefix": "prefix"}
 TOP_LEVEL = ("spec", *SECTIONS, "train_config")
 RULE_KEYS = frozenset({"method", "exclude", "optional"})
 SPEC_KEYS = ("name", "description")

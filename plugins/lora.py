@@ -26,6 +26,7 @@ from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
 from peftspec._fastmodule import init_module
+from peftspec.frozen import dequantized, install_weight
 
 from . import lora_init
 
@@ -142,7 +143,10 @@ class LoRALinear(nn.Module):
                 "other rows of a per-row batch cannot share")
 
     def _weight_out_in(self) -> torch.Tensor:
-        return self.weight.t() if self.kind == "conv1d" else self.weight
+        # A [[freeze]]-packed weight (nf4, int8...) comes back as a temporary dense
+        # copy, never stored (peftspec.frozen); a plain weight is itself.
+        w = dequantized(self.weight)
+        return w.t() if self.kind == "conv1d" else w
 
     def delta(self) -> torch.Tensor:
         """``s·B·A`` as an (out, in) matrix, computed in float32."""
@@ -357,8 +361,8 @@ class LoRA(Method):
         return options.init not in lora_init.INITS  # the residual + s·B₀A₀ rounds
 
     def merge(self, installed, original):
-        with torch.no_grad():
-            original.weight.copy_(installed.merged_weight())
+        with torch.no_grad():  # a packed weight becomes a dense one: never requantized
+            install_weight(original, installed.merged_weight())
         return original
 
     # --- HF PEFT's format: LoraConfig; rules of other r/alpha become rank/alpha_pattern ---

@@ -19,7 +19,7 @@ import click
 from .. import __version__
 from . import (combine_cmd, compare_cmd, generate_cmd, interop, merge_cmd, plugins_cmd,
                schema_cmd, spec_cmds, train_cmds)
-from .common import Group, err
+from .common import Group, err, show_notes
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="peftspec")
@@ -52,6 +52,7 @@ cli.add_command(combine_cmd.combine)
 
 def main(argv=None):
     """Console-script entry point."""
+    show_notes()
     _add_plugin_commands()
     cli.main(args=argv, prog_name="peftspec")
 

@@ -85,3 +85,19 @@ def memory_options(fn):
     ]):
         fn = opt(fn)
     return fn
+
+
+def show_notes() -> None:
+    """Print the library's INFO notes (the ``peftspec`` logger, e.g. whether an
+    adapter's ``[[freeze]]`` rules were applied on load) on stderr as ``note:``."""
+    import logging
+
+    class _Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print(f"note: {escape(record.getMessage())}", soft_wrap=True)
+
+    log = logging.getLogger("peftspec")
+    if not any(isinstance(h, _Note) for h in log.handlers):
+        log.addHandler(_Note(logging.INFO))
+        log.setLevel(logging.INFO)
+        log.propagate = False

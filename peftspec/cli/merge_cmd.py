@@ -22,9 +22,14 @@ from .common import MODEL_HELP, err, out, registry
 @click.option("--skip-unmergeable", is_flag=True,
               help="drop methods that cannot fold into weights (adapters, soft prompts)")
 @click.option("--allow-nonfinite", is_flag=True, help="merge an adapter holding NaN/Inf")
+@click.option("--onto", type=click.Choice(["original", "dequantized"]), default="original",
+              show_default=True,
+              help="for an adapter trained on a [[freeze]]-quantized base: fold it into the "
+                   "checkpoint's own weights, or into them quantized and dequantized (what "
+                   "it was trained against)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: bool,
-          allow_nonfinite: bool, as_json: bool):
+          allow_nonfinite: bool, onto: str, as_json: bool):
     """Fold an adapter into its base model's weights and write a plain model.
 
     \b
@@ -42,7 +47,7 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("merging", total=None)
         summary = merge_to_dir(model, adapter, out_dir, skip_unmergeable=skip_unmergeable,
-                               allow_nonfinite=allow_nonfinite, registry=reg,
+                               allow_nonfinite=allow_nonfinite, registry=reg, onto=onto,
                                progress=lambda done, total: bar.update(task, completed=done,
                                                                        total=total))
     from ..train.loop import peak_rss_mb
@@ -55,3 +60,7 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
     else:
         out.print(f"wrote {out_dir}: {summary['tensors']} tensors in {summary['shards']} "
                   f"shard(s) in {summary['seconds']:.1f} s; peak memory {peak_mb:.0f} MB")
+        if summary.get("frozen_modules"):
+            out.print(f"the adapter's \\[[freeze]] rules name {summary['frozen_modules']} "
+                      f"module(s): merged onto the {onto} weights, written densely in the "
+                      "checkpoint's dtypes (nothing requantized)", soft_wrap=True)

@@ -61,6 +61,12 @@ def _print_plan(plan, verbose: bool) -> None:
     out.print(f"trainable: {plan.trainable_params:,} of {plan.total_params:,} parameters "
               f"({pct:.4f}%); adapter size: {human_bytes(plan.adapter_bytes)} "
               f"({plan.adapter_bytes:,} bytes of tensors)")
+    if plan.frozen or plan.base_bytes_after != plan.base_bytes_before:
+        ratio = plan.base_bytes_after / max(plan.base_bytes_before, 1)
+        out.print(f"frozen base: {human_bytes(plan.base_bytes_before)} in float storage, "
+                  f"{human_bytes(plan.base_bytes_after)} stored ({ratio:.3f}x; "
+                  f"{len(plan.frozen)} module(s) frozen by {escape('[[freeze]]')})",
+                  soft_wrap=True)
     from ..sizeguard import AdapterTooLarge, check_fits
 
     try:

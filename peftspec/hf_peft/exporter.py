@@ -184,6 +184,8 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         if method.family == "train":
             trained += mine
             continue
+        if method.family == "freeze":  # how the base is stored is no part of the adapter:
+            continue                   # a QLoRA spec exports as the plain LoRA it trained
         part = method.to_hf_peft(mine, ctx)
         if part is None:
             where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)

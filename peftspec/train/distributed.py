@@ -129,9 +129,24 @@ class World:
         """
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
             return model
+        from ..frozen import packed_parameters
+
+        packed = list(packed_parameters(model))
+        if self.fsdp and packed:
+            from ..errors import PeftspecError
+
+            raise PeftspecError(
+                f"--fsdp with a [[freeze]]-packed base ({len(packed)} weights, e.g. "
+                f"{packed[0]}) is not supported: peftspec's packed weights (nf4, int8, bf16) "
+                "do not implement FSDP2's all-gather extension, so they cannot be sharded. "
+                "Train with DDP (torchrun without --fsdp): a packed base is small enough to "
+                "replicate on every rank")
         if self.fsdp:
             return self._shard(model)
         from torch.nn.parallel import DistributedDataParallel
+
+        if packed:  # frozen and quantized identically on every rank: nothing to broadcast
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, packed)
 
         if self.device is not None:
             model.to(self.device)
