@@ -282,11 +282,13 @@ def smollm2():
 
 @pytest.mark.slow
 def test_smollm2_all_methods(smollm2):
-    """Every variant on two projections of the real model: logits equal HF PEFT's."""
+    """Every variant but OFT on two projections of the real model: logits equal HF
+    PEFT's. (OFT is left out here: HF PEFT's OFT forward on SmolLM2 ran for
+    minutes on CPU; the tiny Llama and GPT-2 cases above compare it.)"""
     x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     base_logits = logits(smollm2, x)
     modules = ("q_proj", "down_proj")
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if not v.id.startswith("oft")]:
         hf = peft.get_peft_model(smollm2, variant.hf_config(modules)).eval()
         try:
             randomize_hf(hf, seed=11, scale=0.05)
