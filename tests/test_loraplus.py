@@ -67,7 +67,20 @@ def test_learning_rates_match_hf_peft_create_loraplus_optimizer():
         suffix = next(s for s in rename if name.endswith(s))
         expected[name[: -len(suffix)] + rename[suffix]] = lr
     got = {n: mine[id(p)] for n, p in params.items()}
+    if _peft_version(peft) < (0, 21):
+        # peft 0.18 (the oldest admitted) left LoRA's embedding factors at the base lr
+        # (its embedding group missed them); peftspec follows 0.21's grouping, checked
+        # in full where that version runs
+        emb = {n for n in expected if ".wte." in n}
+        assert {n: lr for n, lr in expected.items() if n in emb} == \
+            pytest.approx({n: 1e-3 for n in emb})
+        got = {n: v for n, v in got.items() if n not in emb}
+        expected = {n: v for n, v in expected.items() if n not in emb}
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def _peft_version(peft) -> tuple[int, int]:
+    return tuple(int(x) for x in peft.__version__.split(".")[:2])
     assert {round(v, 9) for v in got.values()} == {1e-3, 16e-3, 1e-5}
 
 
