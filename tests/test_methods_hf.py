@@ -39,6 +39,7 @@ peft = pytest.importorskip("peft")
 
 import peftspec  # noqa: E402
 from peftspec.testing import check_method  # noqa: E402
+from hf_tiny import gpt2, llama  # noqa: E402
 
 ATOL = 1e-5
 PREFIX = "base_model.model."
@@ -74,19 +75,6 @@ VARIANTS = [
             dict(oft_block_size=4, block_share=True, num_cayley_neumann_terms=3)),
 ]
 IDS = [v.id for v in VARIANTS]
-
-
-def gpt2():
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100)).eval()
 
 
 ARCHS = {"gpt2": gpt2, "llama": llama}
