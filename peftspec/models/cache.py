@@ -116,12 +116,13 @@ class Entry:
 
 def problem(folder: Path) -> str | None:
     """Why the entry in ``folder`` cannot be used, or None when it is whole."""
-    why, files = _quick_problem(folder)
-    return why if why is not None else _hash_problem(folder, files)
+    why, manifest = _quick_problem(folder)
+    return why if why is not None else _hash_problem(folder, manifest["files"])
 
 
 def _quick_problem(folder: Path) -> tuple[str | None, dict]:
-    """The manifest's problems and the files' sizes (no hashing): ``(why, files)``."""
+    """The manifest's problems and the files' sizes (no hashing): ``(why, manifest)``,
+    the manifest empty when it is unreadable."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -134,16 +135,16 @@ def _quick_problem(folder: Path) -> tuple[str | None, dict]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or \
             not all(isinstance(info, dict) for info in files.values()):
-        return f"{MANIFEST} lists no files", {}
+        return f"{MANIFEST} lists no files", manifest
     for name, info in sorted(files.items()):
         path = folder / name
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return f"{name} is missing", files
+            return f"{name} is missing", manifest
         if size != info.get("size"):
-            return f"{name} has {size} bytes, the manifest says {info.get('size')}", files
-    return None, files
+            return f"{name} has {size} bytes, the manifest says {info.get('size')}", manifest
+    return None, manifest
 
 
 def _hash_problem(folder: Path, files: dict) -> str | None:
@@ -166,13 +167,13 @@ def read(folder: Path, defer_over: int | None = None) -> Entry | None:
     """
     if not folder.is_dir():
         return None
-    why, files = _quick_problem(folder)
+    why, manifest = _quick_problem(folder)
     if why is not None:
         return None
+    files = manifest["files"]
     big = {n: i for n, i in files.items() if defer_over is not None and i["size"] > defer_over}
     if _hash_problem(folder, {n: i for n, i in files.items() if n not in big}) is not None:
         return None
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     return Entry(folder, manifest, _Hashing(folder, big) if big else None)
 
 
