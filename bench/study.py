@@ -9,10 +9,9 @@ command again after an interruption and the finished runs are read back):
    plus full fine-tuning: LoRA r 4/8/16/32/64, DoRA, prompt tuning
    initialised randomly / from the vocabulary / from text, prefix tuning,
    BitFit (SmolLM2 has no biases: its RMSNorm scales instead), Houlsby
-   adapters, and (IA)^3 when the example plugin is installed
-   (``pip install ./examples/peftspec-ia3``; else the row is left out and
-   the summary says so). The nf4 base is not in yet: its slot is
-   :data:`NF4_SLOT`.
+   adapters, (IA)^3, and LoRA r=16 on an nf4-quantized frozen base (QLoRA)
+   when torchao is installed (``pip install 'peftspec[quant]'``; else that
+   row is left out and the summary says so).
 2. **Prompt tuning against model size**: the three prompt-tuning specs on
    the built-in tiny model (a 0.86M-parameter byte-level nanoGPT) after the
    study pretrains it briefly on ``data/reference.txt`` (every parameter, a
@@ -29,7 +28,7 @@ study); ``--quick`` is a smoke test (2 steps, three rows), not the study.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,17 +43,15 @@ from benchenv import loadavg  # noqa: E402
 STUDY = ROOT / "specs" / "study"
 SMOLLM2_ROWS = ["lora-r4", "lora-r8", "lora-r16", "lora-r32", "lora-r64", "dora-r16",
                 "prompt-random", "prompt-vocab", "prompt-text", "prefix-tuning",
-                "bitfit-norms", "houlsby", "ia3", "full"]
+                "bitfit-norms", "houlsby", "ia3", "lora-r16-nf4", "full"]
 PROMPT_ROWS = ["prompt-random", "prompt-vocab", "prompt-text"]
 # the order runs are made in, so that an interrupted study has the rows the claims
 # hinge on first, then one of each kind before the rest of the rank sweep; the
 # table lists them in SMOLLM2_ROWS order
 PRIORITY = ["lora-r16", "prompt-text", "full"]
 THEN = ["lora-r4", "bitfit-norms", "lora-r64", "houlsby", "prompt-random", "dora-r16",
-        "prefix-tuning", "prompt-vocab", "lora-r8", "lora-r32", "ia3"]
-# the nf4-quantized frozen base (another issue): when it lands, a spec with a
-# [[freeze]] nf4 rule beside LoRA r=16 goes here and into SMOLLM2_ROWS
-NF4_SLOT = "lora-r16-nf4"
+        "prefix-tuning", "prompt-vocab", "lora-r8", "lora-r32", "ia3", "lora-r16-nf4"]
+NF4_ROW = "lora-r16-nf4"  # needs torchao (peftspec[quant])
 COMMON = ["--data", "data/brindlecombe-train.jsonl", "--eval", "data/brindlecombe-heldout.jsonl",
           "--batch-size", "8", "--warmup", "5", "--seed", "0"]
 FULL_SPEC = '[spec]\nname = "pretrain"\n\n[[train]]\nparams = ["**"]\n'
@@ -66,12 +63,8 @@ def peftspec(*args: str, env: dict | None = None) -> int:
     return subprocess.call(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def ia3_installed() -> bool:
-    try:
-        eps = importlib.metadata.entry_points(group="peftspec")
-    except TypeError:  # pragma: no cover - Python < 3.10
-        eps = importlib.metadata.entry_points().get("peftspec", [])
-    return any(ep.name == "ia3" for ep in eps)
+def torchao_installed() -> bool:
+    return importlib.util.find_spec("torchao") is not None
 
 
 def pretrain_tiny(out: Path, steps: int, env: dict) -> Path:
@@ -109,11 +102,10 @@ def main() -> int:
     rows = args.rows or (["lora-r4", "prompt-text", "full"] if args.quick else SMOLLM2_ROWS)
     parts = args.only or ["smollm2", "tiny"]
     notes = []
-    if "ia3" in rows and not ia3_installed():
-        rows = [r for r in rows if r != "ia3"]
-        notes.append("(IA)^3 left out: the example plugin is not installed "
-                     "(pip install ./examples/peftspec-ia3)")
-    notes.append(f"nf4 base ({NF4_SLOT}) left out: the quantized base has not landed")
+    if NF4_ROW in rows and not torchao_installed():
+        rows = [r for r in rows if r != NF4_ROW]
+        notes.append(f"{NF4_ROW} left out: torchao is not installed "
+                     "(pip install 'peftspec[quant]')")
     settings = [*COMMON, "--steps", str(steps), "--eval-every", str(max(1, steps // 10))]
     started, timings = time.time(), {}
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}

@@ -17,6 +17,8 @@ from the start.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -30,6 +32,33 @@ from .settings import CompareError, Entry, Settings, check_inputs, run_key
 from .worker import PREFIX
 
 RESULTS = "results.json"
+LOCK = ".compare.lock"
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold ``OUT/.compare.lock`` for the whole comparison.
+
+    Two comparisons writing the same folder would each redo and overwrite the
+    other's runs (a run's directory is emptied when it starts); the second
+    one is refused instead, naming the process that holds the folder. The
+    lock is an ``flock``: the kernel drops it when its process dies, so an
+    interrupted comparison never leaves the folder locked."""
+    path = Path(out) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CompareError(f"{out}: another `peftspec compare` (pid {holder}) is writing "
+                               "to this folder; wait for it to finish, or give another --out"
+                               ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cached_record(run_dir: Path, key: str) -> dict | None:
@@ -105,6 +134,11 @@ def compare(entries: list[Entry], settings: Settings, out: Path, *, command: lis
     check_inputs(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        return _compare(entries, settings, out, command, on_event)
+
+
+def _compare(entries, settings, out: Path, command, on_event) -> dict:
     records, failed = [], []
     for entry in entries:
         run_dir = out / "runs" / entry.slug
