@@ -9,7 +9,8 @@ its own:
 
 * ``fp32``: the float32 base, no ``[[freeze]]`` (the reference);
 * ``bf16``, ``nf4``, ``int8``: ``[[freeze]]`` of every projection and
-  ``lm_head`` (the embedding stays float32: it is looked up, not multiplied);
+  ``lm_head``, and for bf16 and int8 the embedding table too (nf4 stores
+  Linear weights only, as QLoRA does: the table stays float32);
 * ``hf``: HF PEFT's quantized path that runs on this CPU: transformers'
   ``BitsAndBytesConfig`` 4-bit NF4 (compute float32) with HF PEFT's LoRA when
   ``bitsandbytes`` imports, otherwise transformers' ``TorchAoConfig`` int8
@@ -23,6 +24,14 @@ freed memory returned with ``malloc_trim``, so it is the step's peak, not the
 float32 build's); median tokens/s of the steps after the first (warm-up).
 Ratios are against ``fp32`` of the same run. Goals (issue 11): nf4 bytes
 <= 0.135, peak nf4 <= 0.40x and bf16 <= 0.60x, tokens/s nf4 >= 0.6x.
+
+``--malloc``: glibc's allocator as it comes (``default``: its mmap threshold
+grows to the largest block freed, up to 32 MiB, so activation-sized blocks
+then come from the heap, and the freed ones fragment it: at 22 layers the
+step's peak grows by up to 1 GB) or with the threshold fixed at 1 MiB
+(``fixed``, ``MALLOC_MMAP_THRESHOLD_=1048576``, what ``peftspec train`` sets
+when a spec has ``[[freeze]]`` rules: every block over 1 MiB is mapped and
+returned on free). Every variant of a run uses the same setting.
 
 Run ``python bench/bench_quant.py`` (22 layers: several GiB and minutes per
 variant on 2 cores), ``--layers 4`` on a busy machine, ``--steps``,
@@ -65,9 +74,12 @@ def llama(layers: int):
 def spec_text(method: str | None) -> str:
     lines = []
     if method:
+        # int8 and bf16 store the embedding table too (a lookup reads its rows); nf4
+        # stores Linear weights only, and the table stays float32
+        table = ', "model.embed_tokens"' if method in ("int8", "bf16") else ""
         lines += ["[[freeze]]", f'method = "{method}"',
                   'modules = ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj", '
-                  '"lm_head"]']
+                  f'"lm_head"{table}]']
     lines += ["[[reparameterize]]", 'method = "lora"',
               "modules = [" + ", ".join(f'"**.{p}"' for p in PROJ) + "]", "r = 16",
               "alpha = 32"]
@@ -203,6 +215,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
+                    help="glibc's mmap threshold: fixed at 1 MiB (as peftspec train sets it "
+                         "for a quantized base) or glibc's dynamic default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -214,8 +229,11 @@ def main(argv=None) -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--worker", variant, "--layers", str(args.layers),
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        if args.malloc == "fixed":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(f"{variant}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}",
@@ -226,7 +244,7 @@ def main(argv=None) -> None:
     ref = next((r for r in rows if r["variant"] == "fp32"), None)
     print(f"bench_quant: TinyLlama-1.1B shape, {args.layers} of 22 layers, LoRA r=16 on all "
           f"projections, batch {args.batch}x{args.seq}, gradient checkpointing, AdamW, "
-          f"{args.steps} steps (first dropped)")
+          f"{args.steps} steps (first dropped), malloc {args.malloc}")
     print(f"load average before: {load_before}, after: {loadavg()}")
     head = f"{'variant':8} {'bytes/fp32':>10} {'peak MiB':>9} {'x fp32':>7} {'tok/s':>8} " \
            f"{'x fp32':>7} {'setup s':>8}  what ran"

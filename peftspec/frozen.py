@@ -55,6 +55,11 @@ class Codec:
     #: a slice may start at (multiples of it).
     dequantize_rows: Callable | None = None
     row_align: Callable | None = None
+    #: optional ``lookup(stored, meta, index, dtype)``: the dense rows ``index`` (a
+    #: tensor of row numbers, any shape) in ``dtype``, equal to the same rows of
+    #: ``dequantize``; a codec that has it can store an ``nn.Embedding``'s weight
+    #: (``F.embedding`` on it reads only the rows looked up)
+    lookup: Callable | None = None
 
 
 class PackedWeight(torch.Tensor):
@@ -108,6 +113,8 @@ class PackedWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func is F.linear:
             return frozen_linear(*args, **kwargs)
+        if func is F.embedding:
+            return frozen_embedding(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -288,6 +295,29 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         out = out + bias
     return out
+
+
+def frozen_embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx=None,
+                     max_norm=None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                     sparse: bool = False) -> torch.Tensor:
+    """``F.embedding`` on a packed weight: the looked-up rows, dequantized (the
+    original dtype), and nothing else. The weight never requires grad, so
+    ``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` (gradient options)
+    change nothing; ``max_norm`` would renormalize rows in place and is refused."""
+    if not isinstance(weight, PackedWeight):
+        return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                           sparse)
+    codec = weight.codec
+    if codec.lookup is None:
+        raise PeftspecError(f"a {codec.name}-frozen weight cannot be looked up as an "
+                            "embedding: its storage format has no row lookup")
+    if max_norm is not None:
+        raise PeftspecError(f"an Embedding with max_norm rewrites its rows on lookup; its "
+                            f"{codec.name}-frozen weight cannot be written")
+    if weight.requires_grad:
+        raise PeftspecError(f"a {codec.name}-frozen weight cannot be trained; "
+                            "train an adapter beside it")
+    return codec.lookup(weight.stored, weight.meta, input, weight.dtype)
 
 
 # --- the model-level state: which modules are frozen how ------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option
@@ -488,13 +489,13 @@ class PromptTuning(_SoftPromptMethod):
         n, weight = options.tokens, emb.weight
         if options.init == "vocab":
             idx = torch.randint(0, weight.shape[0], (n,), device=weight.device)
-            table = weight.detach()[idx].clone()
+            table = F.embedding(idx, weight.detach()).clone()  # also on a [[freeze]] bf16/int8 table
         elif isinstance(options.init, dict):
             ids = list(options.token_ids) or _tokenizer(model)(options.init["text"])
             if not ids:
                 raise ValueError("the init text has no tokens")
             ids = (ids * math.ceil(n / len(ids)))[:n]
-            table = weight.detach()[torch.tensor(ids, device=weight.device)].clone()
+            table = F.embedding(torch.tensor(ids, device=weight.device), weight.detach()).clone()
         else:
             table = torch.randn(n, weight.shape[1], **_like(emb))
         return SoftPrompt(table)

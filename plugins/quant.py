@@ -13,6 +13,11 @@
 * ``bf16``: frozen weights cast to bfloat16; everything trainable keeps its
   dtype and the matmul runs in the activations' dtype.
 
+int8 and bf16 also store an ``nn.Embedding``'s weight (a lookup dequantizes
+only the rows it reads: one scale per row is one per token); nf4 stores
+Linear weights only, as QLoRA does (its blocks run across a row's values,
+and bitsandbytes and torchao keep embeddings in the compute dtype).
+
 Each stores the weight as a :class:`peftspec.frozen.PackedWeight`; its
 ``dequantize`` is the one fast path every forward goes through.
 """
@@ -46,6 +51,15 @@ def _linear_only(module: nn.Module, method: str) -> str | None:
     if module.weight.dim() != 2:
         return f"{method} needs a 2-D weight"
     return None
+
+
+def _linear_or_embedding(module: nn.Module, method: str) -> str | None:
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return ("an Embedding with max_norm rewrites its rows on every lookup; "
+                    f"{method} storage is never written (exclude it)")
+        return None
+    return _linear_only(module, method)
 
 
 # --- nf4 ---------------------------------------------------------------------------------
@@ -207,7 +221,8 @@ class NF4(FreezeMethod):
 
 @dataclass(frozen=True)
 class Int8Options:
-    modules: tuple[str, ...] = selectors(doc="nn.Linear modules whose weight is stored in int8")
+    modules: tuple[str, ...] = selectors(doc="nn.Linear or nn.Embedding modules whose weight "
+                                                 "is stored in int8")
 
 
 def _int8_dequantize(stored, meta, out):
@@ -218,7 +233,12 @@ def _int8_dequantize_rows(stored, meta, r0, r1, out):
     return torch.mul(stored["q"][r0:r1], stored["scale"][r0:r1].unsqueeze(-1), out=out)
 
 
-INT8_CODEC = Codec("int8", _int8_dequantize, _int8_dequantize_rows)
+def _int8_lookup(stored, meta, index, dtype):
+    rows = torch.mul(stored["q"][index], stored["scale"][index].unsqueeze(-1))
+    return rows if rows.dtype == dtype else rows.to(dtype)
+
+
+INT8_CODEC = Codec("int8", _int8_dequantize, _int8_dequantize_rows, lookup=_int8_lookup)
 
 
 class Int8(FreezeMethod):
@@ -227,7 +247,7 @@ class Int8(FreezeMethod):
     summary = "weight-only int8, one scale per output row (absmax / 127)"
 
     def check(self, module, step):
-        return _linear_only(module, "int8")
+        return _linear_or_embedding(module, "int8")
 
     def stored_bytes(self, module, step):
         return module.weight.numel() + module.weight.shape[0] * 4
@@ -245,7 +265,8 @@ class Int8(FreezeMethod):
 
 @dataclass(frozen=True)
 class BF16Options:
-    modules: tuple[str, ...] = selectors(doc="nn.Linear modules whose weight is kept in bfloat16")
+    modules: tuple[str, ...] = selectors(doc="nn.Linear or nn.Embedding modules whose weight "
+                                                 "is kept in bfloat16")
 
 
 def _bf16_dequantize(stored, meta, out):
@@ -253,7 +274,8 @@ def _bf16_dequantize(stored, meta, out):
 
 
 BF16_CODEC = Codec("bf16", _bf16_dequantize,
-                   lambda stored, meta, r0, r1, out: out.copy_(stored["values"][r0:r1]))
+                   lambda stored, meta, r0, r1, out: out.copy_(stored["values"][r0:r1]),
+                   lookup=lambda stored, meta, index, dtype: stored["values"][index].to(dtype))
 
 
 class BF16(FreezeMethod):
@@ -262,7 +284,7 @@ class BF16(FreezeMethod):
     summary = "frozen weights in bfloat16; trainable tensors keep their dtype"
 
     def check(self, module, step):
-        why = _linear_only(module, "bf16")
+        why = _linear_or_embedding(module, "bf16")
         if why is None and module.weight.dtype == torch.bfloat16:
             return "its weight is bfloat16 already"
         return why

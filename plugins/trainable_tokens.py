@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
+from peftspec import Method, Problem, hookimpl, option, selectors
+from peftspec.frozen import is_packed
 from peftspec.matching import parse_selector
 
 
@@ -32,6 +33,10 @@ class TrainableTokensOptions:
     token_indices: tuple[int, ...] = option((), doc="the rows (token ids) to train")
     tied_heads: tuple[str, ...] = selectors(
         required=False, doc="Linear heads sharing the embedding's weight (found by itself)")
+
+
+FROZEN_TABLE = ("its weight is {codec}-frozen ([[freeze]]); trainable tokens write rows of "
+                "the table: exclude this embedding from the freeze rule")
 
 
 class TokenRows(nn.Module):
@@ -116,6 +121,8 @@ class TrainableTokens(Method):
             return None if isinstance(module, nn.Linear) else "a tied head must be a Linear"
         if not isinstance(module, nn.Embedding):
             return "trainable tokens adapt nn.Embedding modules only"
+        if is_packed(module.weight):
+            return FROZEN_TABLE.format(codec=module.weight.codec.name)
         bad = [i for i in step.options.token_indices if not 0 <= i < module.num_embeddings]
         if bad:
             return (f"token index {bad[0]} is outside this embedding's "
@@ -203,3 +210,17 @@ class TrainableTokens(Method):
 @hookimpl
 def register_methods(register):
     register(TrainableTokens())
+
+
+@hookimpl
+def check_plan(plan):
+    """An embedding frozen by the same spec's ``[[freeze]]`` rule (int8 or bf16
+    store tables) cannot take trainable tokens, which write its rows."""
+    return [Problem(f"method 'trainable-tokens' cannot apply to '{s.target}': "
+                    + FROZEN_TABLE.format(codec=next(f.method for f in plan.steps
+                                                     if f.family == "freeze" and
+                                                     f.target == s.target)),
+                    file=plan.spec.file, line=s.line, key=s.rule)
+            for s in plan.steps
+            if s.method == TrainableTokens.name and "tied_heads" not in s.roles
+            and s.target in plan.frozen]

@@ -147,6 +147,46 @@ def test_linear_through_packed_weight_is_the_dense_matmul(method):
     assert q.weight.grad is None
 
 
+@pytest.mark.parametrize("method", ["int8", "bf16"])
+def test_an_embedding_table_in_int8_or_bf16_looks_up_only_its_rows(method):
+    """int8 and bf16 store an Embedding's weight too (one int8 scale per row is
+    one per token); a lookup is the dense lookup of the dequantized table, a
+    soft prompt initialised from the vocabulary reads it, LoRA trains beside it
+    and its bytes stay; trainable tokens (which write rows) refuse it."""
+    model = toy()
+    emb = model.emb
+    n = emb.weight.numel()
+    plan = peftspec.compile_plan(spec(method, modules='["emb"]', more=LORA), model)
+    assert plan.frozen["emb"] == (n * 4, n + emb.num_embeddings * 4 if method == "int8"
+                                  else n * 2)
+    peftspec.apply_plan(plan, model)
+    assert is_packed(emb.weight)
+    ids = torch.randint(0, emb.num_embeddings, (3, 5))
+    dense = dequantized(emb.weight)
+    assert torch.equal(emb(ids), F.embedding(ids, dense))
+    assert emb(ids).dtype == torch.float32
+    before = {k: v.clone() for k, v in stored_tensors(emb.weight).items()}
+    opt = torch.optim.AdamW(peftspec.trainable_parameters(model).values(), lr=0.1)
+    model(input_ids=ids).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in stored_tensors(emb.weight).items())
+
+    prompted = toy()
+    peftspec.apply(spec(method, modules='["emb"]', more='[prefix]\nmethod = "prompt-tuning"\n'
+                        'tokens = 3\ninit = "vocab"\n'), prompted)
+    table = next(iter(peftspec.trainable_parameters(prompted).values()))
+    rows = dequantized(prompted.emb.weight)
+    assert all(any(torch.equal(r, v) for v in rows) for r in table.detach())
+    with pytest.raises(SpecError, match="trainable tokens write rows"):
+        peftspec.apply(spec(method, modules='["emb"]', more='[[reparameterize]]\nmethod = '
+                            '"trainable-tokens"\nmodules = ["emb"]\ntoken_indices = [1, 2]\n'),
+                       toy())
+    with pytest.raises(SpecError, match="max_norm"):
+        capped = toy()
+        capped.emb.max_norm = 1.0
+        peftspec.compile_plan(spec(method, modules='["emb"]'), capped)
+
+
 def test_packed_weight_refuses_silent_writes(method):
     model = toy()
     peftspec.apply_plan(peftspec.compile_plan(spec(method), model), model)

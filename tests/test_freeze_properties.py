@@ -24,7 +24,8 @@ from peftspec.frozen import packed_parameters, stored_tensors
 from test_properties import specs
 from toymodels import ToyConfig, ToyNet
 
-LINEAR_SELECTORS = ["**.attn.q", "**.attn.o", "**.mlp.0", "**.mlp.2", "head", "type:Linear"]
+# "emb": int8 and bf16 store an Embedding too (nf4 skips it: optional = true)
+LINEAR_SELECTORS = ["**.attn.q", "**.attn.o", "**.mlp.0", "**.mlp.2", "head", "type:Linear", "emb"]
 
 
 def _has_torchao() -> bool:

@@ -370,6 +370,10 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     emit = on_event if (on_event and rank0) else (lambda record: None)
     if rank0:
         metrics.check_path(cfg.log)  # a bad --log is refused before the model loads
+    if spec.rules_of("freeze"):  # a quantized base: keep glibc from fragmenting the heap
+        from .allocator import fix_mmap_threshold
+
+        fix_mmap_threshold()
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
               resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
     if out is not None and rank0:  # a full disk or read-only --out: say so before training
