@@ -260,11 +260,15 @@ class _FrozenLinear(torch.autograd.Function):
             return F.linear(x, _scratch_dense(weight, x.dtype))
         n_out, n_in = weight.shape
         x2 = x.reshape(-1, n_in)
-        out = x2.new_empty((x2.shape[0], n_out))
+        # the output is allocated in its final shape and returned as is: a view
+        # returned from a custom Function cannot be written in place (LoRA adds
+        # its update to the base output with addmm_)
+        out = x.new_empty((*x.shape[:-1], n_out))
+        out2 = out.view(-1, n_out)
         for r0 in range(0, n_out, rows):
             r1 = min(n_out, r0 + rows)
-            out[:, r0:r1] = x2 @ _rows_dense(weight, r0, r1, x.dtype).t()
-        return out.view(*x.shape[:-1], n_out)
+            out2[:, r0:r1] = x2 @ _rows_dense(weight, r0, r1, x.dtype).t()
+        return out
 
     @staticmethod
     def backward(ctx, grad):

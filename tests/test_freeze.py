@@ -390,6 +390,23 @@ def test_large_weights_multiply_a_slice_of_rows_at_a_time(method, monkeypatch):
     assert torch.allclose(x.grad, g_whole, atol=1e-4)
     assert frozen.scratch_bytes() <= 4 * rows * 64 + 4 * 64 * 96  # at most one slice more
 
+    # LoRA adds its update to the sliced base output in place, on 2-D and 3-D inputs
+    lora = nn.Sequential(nn.Linear(64, 96, bias=False))
+    peftspec.apply(spec(method, extra, modules='["0"]', more=LORA.replace(
+        '["**.attn.q", "**.mlp.2"]', '["0"]')), lora)
+    for shape in ((5, 64), (2, 3, 64)):
+        xs = torch.randn(*shape, requires_grad=True)
+        out = lora(xs)
+        out.square().sum().backward()
+        monkeypatch.setattr(frozen, "CHUNK_ELEMENTS", 1 << 30)
+        x_whole = xs.detach().clone().requires_grad_(True)
+        ref = lora(x_whole)
+        ref.square().sum().backward()
+        monkeypatch.setattr(frozen, "CHUNK_ELEMENTS", 64 * 8)
+        assert out.shape == (*shape[:-1], 96)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(xs.grad, x_whole.grad, atol=1e-4)
+
 
 def test_nf4_without_torchao_is_a_compile_error_saying_what_to_install(monkeypatch):
     import peftspec_plugins.quant as quant
