@@ -245,6 +245,20 @@ class Method:
         run (AdaLoRA's schedule longer than the run)."""
         return None
 
+    def init_from_data(self, model: nn.Module, steps: list["Step"], batches: list,
+                       report: Any) -> None:
+        """Initialise this method's parameters from data before training (LoRA's
+        EVA); the default does nothing.
+
+        Called by :func:`peftspec.init_from_data` (``peftspec train`` calls it
+        before the first step) with this method's steps of the active adapter,
+        ``batches`` (dicts of ``input_ids``, ``attention_mask``, ``labels``, or
+        ``input_ids`` tensors) and ``report(message)`` for progress lines. It
+        must not write base weights; it may re-apply the adapter (as EVA does
+        when it changes ranks). Raise ``ValueError`` with a readable reason when
+        the data cannot serve."""
+        return None
+
     def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
         """For methods that patch the whole model in place (soft prompts): take
         part in a per-row forward where row ``i`` uses adapter ``names[i]``

@@ -132,7 +132,7 @@ class TrainableTokens(Method):
     def apply(self, module, step):
         if "tied_heads" in step.roles:
             rows = self._rows.get(id(module.weight))
-            if rows is None:
+            if rows is None or rows.weight is not module.weight:  # (an id reused: stale)
                 raise ValueError(f"the tied head '{step.target}' comes before its embedding")
             return TiedHead(module, rows)
         rows = TokenRows(module, step.options.token_indices)
