@@ -443,7 +443,7 @@ class LoRA(Method):
                      "layer_replication": (None,), "target_parameters": (None, []),
                      "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
                      "use_bdlora": (None, False), "megatron_config": (None,),
-                     "init_lora_weights": (True, False, "gaussian")})
+                     "init_lora_weights": (True, False, "gaussian", "eva")})
         if config.get("target_modules") is None:
             ctx.refuse("cannot import: target_modules is null in adapter_config.json")
         r, alpha = ctx.get("r", "int", 8), ctx.get("lora_alpha", "number", 8)
@@ -498,6 +498,8 @@ class LoRA(Method):
                          rslora=bool(config.get("use_rslora")), dora=bool(config.get("use_dora")))
             if config.get("init_lora_weights") == "gaussian":
                 table["init"] = "gaussian"
+            elif config.get("init_lora_weights") == "eva":  # ranks as EVA left them
+                table.update(init="eva", eva_rho=1.0)
             note = None if group == default else "from rank_pattern / alpha_pattern: " + \
                 ", ".join(repr(k) for k in keys.get(group, ()))
             rules.append(ctx.rule("reparameterize", table, note))

@@ -129,6 +129,21 @@ def test_export_is_a_plain_hf_lora_with_its_rank_pattern(both, tmp_path):
     if len(set(want.values())) > 1:
         assert config["rank_pattern"], config
 
+    # and HF PEFT's own EVA adapter reads back (init_lora_weights = "eva", its ranks)
+    with torch.no_grad():  # (B only: the ranks test reads HF's A)
+        for n, p in hf.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    hf.save_pretrained(tmp_path / "hf-eva")
+    back, spec_path = peftspec.import_hf_peft(tmp_path / "hf-eva", tmp_path / "b.safetensors",
+                                              model=copy.deepcopy(base))
+    assert 'init = "eva"' in spec_path.read_text()
+    mine = peftspec.load_adapter(copy.deepcopy(base), back)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+        assert not torch.allclose(theirs, base(input_ids=ids).logits, atol=1e-3)
+        torch.testing.assert_close(mine(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
+
 
 def _saved(model, tmp_path):
     peftspec.save_adapter(model, tmp_path / "fixture.safetensors")
@@ -148,6 +163,9 @@ modules = ["**.q_proj", "**.k_proj", "**.v_proj", "**.o_proj"]
 r = 4
 alpha = 8
 init = "eva"
+
+[[train]]
+params = ["ln_f.bias"]
 """
 
 
@@ -168,13 +186,16 @@ def test_train_starts_from_eva_and_keeps_the_base(tmp_path, corpus, capsys):
     train(peftspec.parse_spec(EVA_SPEC, file="eva.toml"), cfg, model=model,
           out=tmp_path / "a.safetensors")
     assert "EVA: converged" in capsys.readouterr().err
+    text = model._peftspec.plan.spec.text  # EVA's ranks (if they moved), the rest kept
+    assert text.startswith("# EVA redistributed") and '[[train]]\nparams = ["ln_f.bias"]' in text
     adapters = peftspec.adapter_params(model)
     a = {n: p.detach() for n, p in adapters.items() if n.endswith(".lora_A")}
     assert a and all(torch.allclose(x @ x.t(), torch.eye(x.shape[0]), atol=1e-4)
                      for x in a.values()), "A is not EVA's orthonormal rows"
     after = model.state_dict()
     for name, tensor in before.items():
-        assert torch.equal(after[name], tensor), name  # frozen: bitwise unchanged
+        if name != "ln_f.bias":
+            assert torch.equal(after[name], tensor), name  # frozen: bitwise unchanged
     fresh = peftspec.load_adapter(tiny(), tmp_path / "a.safetensors")
     for name, p in peftspec.adapter_params(fresh).items():
         assert torch.equal(p, adapters[name]), name

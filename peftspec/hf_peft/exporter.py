@@ -4,7 +4,9 @@
 resolves which rule adapted which module (against the base model when given,
 else from the targets and fingerprint the file records), hands each method's
 rules to its ``to_hf_peft``, turns ``[[train]]`` rules into
-``modules_to_save``, settles the task type, and writes ``adapter_config.json``
+``modules_to_save``, folds a method that rides along another's config into
+it (trainable tokens as LoRA's ``trainable_token_indices``:
+``Method.to_hf_peft_beside``), settles the task type, and writes ``adapter_config.json``
 and ``adapter_model.safetensors`` atomically. It refuses (a
 :class:`ConversionError`) what HF PEFT cannot express: methods without a
 counterpart, mixed ``peft_type`` values, per-parameter training, tensors no
