@@ -81,6 +81,17 @@ def training_hooks(model: nn.Module, total_steps: int) -> list:
     return hooks(model, total_steps)
 
 
+def init_from_data(model: nn.Module, batches, report=None) -> None:
+    """Initialise the active adapter's data-driven parts from ``batches`` before
+    training: LoRA's ``init = "eva"`` (``batches``: dicts with ``input_ids`` and
+    optionally ``attention_mask`` / ``labels``; ``report``: a callable given
+    progress lines). ``peftspec train`` calls it itself. EVA may change ranks
+    and so rebuild the adapter: build the optimizer after this call."""
+    from .train.hooks import init_from_data as init
+
+    init(model, batches, report)
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters left trainable (what to hand an optimizer)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -94,6 +105,6 @@ __all__ = [
     "compile_plan", "export_hf_peft", "get_registry", "hookimpl", "import_hf_peft",
     "export_gguf", "is_patched", "load_adapter", "load_model",
     "load_spec", "merge", "option", "parse_spec", "remove", "save_adapter", "selectors",
-    "trainable_parameters", "training_hooks", "TrainingHooks",
+    "trainable_parameters", "training_hooks", "TrainingHooks", "init_from_data",
     "CombineError", "combine",
 ]

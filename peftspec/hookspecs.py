@@ -31,6 +31,12 @@ def register_methods(register):
     methods still register. A plugin that registers nothing at all (typically
     this function without ``@hookimpl``) is listed by ``peftspec plugins`` with
     a warning. The contract of a method, hook by hook: ``docs/plugins.md``.
+    Among its optional parts: HF PEFT's format (``hf_peft_types``,
+    ``to_hf_peft`` / ``from_hf_peft``, and for a method HF PEFT stores inside
+    another method's config, ``hf_peft_beside_types`` / ``hf_peft_beside_keys``
+    with ``to_hf_peft_beside`` / ``from_hf_peft_beside``), and
+    ``init_from_data(model, steps, batches, report)``, which ``peftspec train``
+    calls before the first step (LoRA's EVA).
 
     A freeze method (``[[freeze]]``: how the frozen base is stored, e.g. HQQ or
     GPTQ) is a :class:`peftspec.method.FreezeMethod` registered the same way:

@@ -245,6 +245,20 @@ class Method:
         run (AdaLoRA's schedule longer than the run)."""
         return None
 
+    def init_from_data(self, model: nn.Module, steps: list["Step"], batches: list,
+                       report: Any) -> None:
+        """Initialise this method's parameters from data before training (LoRA's
+        EVA); the default does nothing.
+
+        Called by :func:`peftspec.init_from_data` (``peftspec train`` calls it
+        before the first step) with this method's steps of the active adapter,
+        ``batches`` (dicts of ``input_ids``, ``attention_mask``, ``labels``, or
+        ``input_ids`` tensors) and ``report(message)`` for progress lines. It
+        must not write base weights; it may re-apply the adapter (as EVA does
+        when it changes ranks). Raise ``ValueError`` with a readable reason when
+        the data cannot serve."""
+        return None
+
     def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
         """For methods that patch the whole model in place (soft prompts): take
         part in a per-row forward where row ``i`` uses adapter ``names[i]``
@@ -280,6 +294,34 @@ class Method:
         :attr:`hf_peft_types`) into spec rules and a tensor mapping: return
         ``context.imported(rules, tensors)`` (see
         :class:`peftspec.hf_peft.ImportContext`)."""
+        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
+
+    # A method that HF PEFT expresses as fields of *another* method's config
+    # (trainable tokens beside LoRA: ``LoraConfig(trainable_token_indices=...)``)
+    # rides along that config, so one adapter holds both.
+
+    #: ``peft_type`` values of other methods' configs that can carry this
+    #: method's rules (:meth:`to_hf_peft_beside`), e.g. ``("LORA",)``.
+    hf_peft_beside_types: ClassVar[tuple[str, ...]] = ()
+    #: the config keys that carry it (:meth:`from_hf_peft_beside` reads a
+    #: config where one of them is set; the main method sees them as ``None``).
+    hf_peft_beside_keys: ClassVar[tuple[str, ...]] = ()
+
+    def to_hf_peft_beside(self, rules: list, context: Any, main: Any) -> Any:
+        """Add this method's rules to another method's HF PEFT config.
+
+        Called when a spec mixes this method with one other exported method
+        whose part ``main`` (an :class:`peftspec.hf_peft.HFPeftPart`) has a
+        ``peft_type`` listed in :attr:`hf_peft_beside_types`; return
+        ``context.part(main.peft_type, config_fields, tensors)`` with the
+        fields and tensors to add (a field ``main`` sets already is refused),
+        or ``None`` when this config cannot carry them."""
+        return None
+
+    def from_hf_peft_beside(self, config: dict, context: Any) -> Any:
+        """Read this method's rules out of another method's config (one of
+        :attr:`hf_peft_beside_keys` is set): return ``context.imported(rules,
+        tensors)`` as :meth:`from_hf_peft` does."""
         raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
 
 

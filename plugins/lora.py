@@ -28,7 +28,7 @@ from peftspec import Method, hookimpl, option, selectors
 from peftspec._fastmodule import init_module
 from peftspec.frozen import dequantized, install_weight
 
-from . import lora_init
+from . import lora_eva, lora_eva_apply, lora_init
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,23 @@ class LoRAOptions:
     dropout: float = option(0.0, doc="dropout on the adapter's input", min=0.0, max=0.999)
     rslora: bool = option(False, doc="rank-stabilised scaling alpha/sqrt(r)")
     dora: bool = option(False, doc="weight-decomposed LoRA: learn a per-row magnitude")
-    init: Literal["zeros", "gaussian", "pissa", "olora"] = option(
+    init: Literal["zeros", "gaussian", "pissa", "olora", "eva"] = option(
         "zeros", doc="B = 0 with A Kaiming-uniform ('zeros') or A ~ N(0, 1/r) ('gaussian'); "
                      "'pissa' / 'olora' start from the weight's SVD / QR and rewrite the base "
-                     "weight to the residual (plugins/lora_init.py)")
+                     "weight to the residual (plugins/lora_init.py); 'eva': A from the SVD of "
+                     "each layer's inputs over the training data, computed before the first "
+                     "step (plugins/lora_eva.py)")
     niter: int = option(0, doc="PiSSA: 0 for the exact SVD, N > 0 for torch.svd_lowrank with "
                                "N subspace iterations (HF PEFT's pissa_niter_N)", min=0)
+    eva_rho: float = option(2.0, doc="EVA: a layer may get up to round(r*rho) of the rules' "
+                                     "rank budget (1.0: every layer keeps r)", min=1.0)
+    eva_tau: float = option(0.99, doc="EVA: the cosine similarity of a layer's components "
+                                      "between passes at which it has converged",
+                            min=0.0, max=1.0)
+    eva_whiten: bool = option(False, doc="EVA: divide A's rows by sqrt of their singular value")
+    eva_adjust_scaling: bool = option(True, doc="EVA: scale alpha by new_r/r where the rank "
+                                                "moved (HF PEFT's adjust_scaling_factors)")
+    eva_label_mask: bool = option(True, doc="EVA: skip positions whose label is -100")
 
     @property
     def scale(self) -> float:
@@ -320,9 +331,15 @@ class LoRA(Method):
             return "LoRA adapts Linear, Conv1D and Embedding modules only"
         if kind == "embedding" and step.options.dora:
             return "DoRA is not supported on Embedding modules; use dora = false here"
-        if step.options.init in lora_init.INITS and (kind == "embedding" or step.options.dora):
+        if step.options.init in lora_init.INITS + ("eva",) and \
+                (kind == "embedding" or step.options.dora):
             return (f"init '{step.options.init}' works on Linear and Conv1D modules without "
                     "DoRA; use init = 'zeros' here")
+        if step.options.init != "eva":
+            moved = [k for k, v in lora_eva.OPTION_DEFAULTS.items()
+                     if getattr(step.options, k) != v]
+            if moved:
+                return f"{moved[0]} is an EVA option: set init = 'eva' or leave it out"
         n_in, n_out = _dims(module, kind)
         if step.options.r > min(n_in, n_out):  # B·A has rank <= min(in, out) anyway
             return (f"r = {step.options.r} exceeds min(in, out) = {min(n_in, n_out)} of "
@@ -359,6 +376,10 @@ class LoRA(Method):
 
     def unchanged_at_apply_with(self, options) -> bool:
         return options.init not in lora_init.INITS  # the residual + s·B₀A₀ rounds
+
+    def init_from_data(self, model, steps, batches, report):
+        """EVA (``init = "eva"``): A from the layers' inputs over ``batches``."""
+        lora_eva_apply.init_from_data(model, steps, batches, report)
 
     def merge(self, installed, original):
         with torch.no_grad():  # a packed weight becomes a dense one: never requantized
@@ -422,7 +443,7 @@ class LoRA(Method):
                      "layer_replication": (None,), "target_parameters": (None, []),
                      "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
                      "use_bdlora": (None, False), "megatron_config": (None,),
-                     "init_lora_weights": (True, False, "gaussian")})
+                     "init_lora_weights": (True, False, "gaussian", "eva")})
         if config.get("target_modules") is None:
             ctx.refuse("cannot import: target_modules is null in adapter_config.json")
         r, alpha = ctx.get("r", "int", 8), ctx.get("lora_alpha", "number", 8)
@@ -477,6 +498,8 @@ class LoRA(Method):
                          rslora=bool(config.get("use_rslora")), dora=bool(config.get("use_dora")))
             if config.get("init_lora_weights") == "gaussian":
                 table["init"] = "gaussian"
+            elif config.get("init_lora_weights") == "eva":  # ranks as EVA left them
+                table.update(init="eva", eva_rho=1.0)
             note = None if group == default else "from rank_pattern / alpha_pattern: " + \
                 ", ".join(repr(k) for k in keys.get(group, ()))
             rules.append(ctx.rule("reparameterize", table, note))

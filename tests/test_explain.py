@@ -99,7 +99,7 @@ def test_lora_options_carry_type_default_bounds_and_doc(reg):
     assert (r["type"], r["default"], r["min"], r["max"]) == ("an integer", 8, 1, None)
     assert r["doc"] == "rank of the update"
     assert opts["dropout"]["max"] == 0.999
-    assert opts["init"]["schema"] == {"enum": ["zeros", "gaussian", "pissa", "olora"],
+    assert opts["init"]["schema"] == {"enum": ["zeros", "gaussian", "pissa", "olora", "eva"],
                                       "default": "zeros",
                                       "description": opts["init"]["doc"]}
     tokens = {o["name"]: o for o in describe_options(reg.method("prompt-tuning"))}["tokens"]
@@ -133,7 +133,7 @@ def test_cli_plugins_method_prints_every_option_and_an_example():
         assert "  r: an integer, >= 1, default 8\n      rank of the update" in out
         assert "  dropout: a number, >= 0, <= 0.999, default 0.0" in out
         assert "  modules: a list of module selectors, required" in out
-        assert "  init: 'zeros' or 'gaussian' or 'pissa' or 'olora', default \"zeros\"" in out
+        assert "  init: 'zeros' or 'gaussian' or 'pissa' or 'olora' or 'eva', default \"zeros\"" in out
         assert "  exclude: a list of selectors" in out
         example = out.split("example:\n", 1)[1]
         spec = peftspec.parse_spec(textwrap.dedent(example))

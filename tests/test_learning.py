@@ -102,6 +102,12 @@ METHODS = {
         method = "oft"
         modules = ["**.q_proj", "**.v_proj"]
         block_size = 8''', 1e-2, 60, 0),
+    # the unseen marker's own embedding row (tied: the head's row too) learns what it means
+    "trainable-tokens": (f'''
+        [[reparameterize]]
+        method = "trainable-tokens"
+        modules = ["tok_emb"]
+        token_indices = [{st.NEW_MARKER}]''', 1e-1, 60, 0),
     "prompt-tuning-vocab": (f'''
         [prefix]
         method = "prompt-tuning"

@@ -114,7 +114,94 @@ def test_beside_lora_trains_both_and_reloads_exactly(tmp_path):
     assert torch.equal(logits(fresh), logits(model))
     peftspec.remove(fresh)
     assert torch.equal(logits(fresh), logits(base))
-    with pytest.raises(ConversionError, match="one peft_type"):
+
+
+LORA_TARGETS = {"gpt2": ("c_attn", "**.c_attn"), "llama": ("q_proj", "**.q_proj")}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_beside_lora_is_one_hf_peft_lora_adapter_both_ways(arch, tmp_path):
+    """HF PEFT's ``LoraConfig(trainable_token_indices=...)`` <-> a LoRA rule and a
+    trainable-tokens rule: counts, tensor names and logits equal, GPT-2's tied head too."""
+    make, emb = ARCHS[arch]
+    hf_target, selector = LORA_TARGETS[arch]
+    base = make()
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=[hf_target], trainable_token_indices=TOKENS,
+        init_lora_weights=False)).eval()
+    with torch.no_grad():
+        delta = hf.get_parameter(
+            f"base_model.model.{emb}.token_adapter.trainable_tokens_delta.default")
+        delta.add_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(3)))
+    expected = logits(hf)
+    hf.save_pretrained(tmp_path / "hf-saved")
+    saved = load_file(tmp_path / "hf-saved" / "adapter_model.safetensors")
+
+    back, spec_path = peftspec.import_hf_peft(tmp_path / "hf-saved", tmp_path / "b.safetensors",
+                                              model=copy.deepcopy(base))
+    text = spec_path.read_text()
+    assert 'method = "lora"' in text and 'method = "trainable-tokens"' in text
+    loaded = peftspec.load_adapter(copy.deepcopy(base), back)
+    n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in peftspec.adapter_params(loaded).values()) == n_hf
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+
+    folder = peftspec.export_hf_peft(back, tmp_path / "hf-again", model=copy.deepcopy(base))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["trainable_token_indices"] == TOKENS
+    exported = load_file(folder / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in saved.items()}
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=0)
+
+
+def test_beside_lora_exports_by_name_without_a_model_and_reads_hf_peft_dict_form(tmp_path):
+    base = llama()
+    model = copy.deepcopy(base)
+    lora = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.v_proj"]\nr = 2\n'
+    peftspec.apply(spec("model.embed_tokens", lora), model)
+    with torch.no_grad():
+        for p in peftspec.adapter_params(model).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    expected = logits(model)
+    peftspec.save_adapter(model, tmp_path / "a.safetensors")
+    folder = peftspec.export_hf_peft(tmp_path / "a.safetensors", tmp_path / "hf")  # no model
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"model.embed_tokens": TOKENS}
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=0)
+    config["trainable_token_indices"] = {"embed_tokens": TOKENS}  # HF's suffix rule
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    back, _ = peftspec.import_hf_peft(folder, tmp_path / "b.safetensors", model=base)
+    torch.testing.assert_close(logits(peftspec.load_adapter(copy.deepcopy(base), back)),
+                               expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value, words", [
+    ([], "empty"), ({"no_such_table": [1]}, "names no module"),
+    ({"embed_tokens": ["a"]}, "expected int list or int list dict")])
+def test_bad_trainable_token_indices_in_an_hf_lora_config_are_refused(value, words, tmp_path):
+    base = llama()
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS))
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = tmp_path / "hf" / "adapter_config.json"
+    config = json.loads(cfg.read_text())
+    config["trainable_token_indices"] = value
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=words):
+        peftspec.import_hf_peft(tmp_path / "hf", tmp_path / "b.safetensors", model=base)
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_beside_a_method_whose_config_cannot_carry_them_is_refused(tmp_path):
+    base = llama()
+    model = copy.deepcopy(base)
+    ia3 = '[[augment]]\nmethod = "ia3"\nmodules = ["**.k_proj"]\n'
+    peftspec.apply(spec("model.embed_tokens", ia3), model)
+    peftspec.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ConversionError, match="only beside LORA.*exports as IA3"):
         peftspec.export_hf_peft(tmp_path / "a.safetensors", tmp_path / "hf", model=base)
 
 

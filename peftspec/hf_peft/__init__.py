@@ -17,6 +17,14 @@ method's business, so a third-party method can take part:
   ``Method.from_hf_peft(config, context)`` returns ``context.imported(rules,
   tensors)``: TOML tables for the spec, and where each of its tensors comes
   from in HF PEFT's file.
+* beside another method: a method HF PEFT expresses as fields of another
+  method's config (trainable tokens: LoRA's ``trainable_token_indices``)
+  lists those ``peft_type`` values in ``Method.hf_peft_beside_types`` and the
+  keys in ``Method.hf_peft_beside_keys``; a spec of it and exactly one other
+  exported method then exports as one adapter (``to_hf_peft_beside`` adds
+  fields and tensors to the other's part), and an import whose config sets
+  one of the keys calls its ``from_hf_peft_beside`` while the main method
+  sees the keys unset.
 
 :class:`ExportContext` and :class:`ImportContext` carry HF PEFT's matching
 rules (``target_modules``, ``exclude_modules``, ``layers_to_transform``,

@@ -4,7 +4,9 @@
 resolves which rule adapted which module (against the base model when given,
 else from the targets and fingerprint the file records), hands each method's
 rules to its ``to_hf_peft``, turns ``[[train]]`` rules into
-``modules_to_save``, settles the task type, and writes ``adapter_config.json``
+``modules_to_save``, folds a method that rides along another's config into
+it (trainable tokens as LoRA's ``trainable_token_indices``:
+``Method.to_hf_peft_beside``), settles the task type, and writes ``adapter_config.json``
 and ``adapter_model.safetensors`` atomically. It refuses (a
 :class:`ConversionError`) what HF PEFT cannot express: methods without a
 counterpart, mixed ``peft_type`` values, per-parameter training, tensors no
@@ -174,7 +176,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         er.roles[target] = tuple(roles)
     ctx = ExportContext(model, modules, module_names, base_name)
 
-    parts: list[tuple[str, list[ExportRule], HFPeftPart]] = []
+    exported: list[tuple[str, object, list[ExportRule]]] = []
     trained: list[ExportRule] = []
     for name in dict.fromkeys(r.method for r in spec.rules):
         mine = [by_rule[r.where] for r in spec.rules if r.method == name and r.where in by_rule]
@@ -186,6 +188,16 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
             continue
         if method.family == "freeze":  # how the base is stored is no part of the adapter:
             continue                   # a QLoRA spec exports as the plain LoRA it trained
+        exported.append((name, method, mine))
+    # Methods that ride along another's config (trainable tokens beside LoRA) do so
+    # when exactly one other method is exported; alone, they export on their own.
+    riders = [e for e in exported if e[1].hf_peft_beside_types] if len(exported) > 1 else []
+    if len(exported) - len(riders) != 1:
+        riders = []
+    parts: list[tuple[str, list[ExportRule], HFPeftPart]] = []
+    for name, method, mine in exported:
+        if any(name == r[0] for r in riders):
+            continue
         part = method.to_hf_peft(mine, ctx)
         if part is None:
             where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)
@@ -205,6 +217,8 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         _refuse("cannot export: methods " + ", ".join(repr(n) for n, _, _ in parts) +
                 " both map to HF PEFT's " + parts[0][2].peft_type + "; merge them into one")
     _, main_rules, part = parts[0]
+    for name, method, mine in riders:
+        part = _beside(part, name, method, mine, ctx)
     config = dict(part.config)
     out_tensors = dict(part.tensors)
     if trained:
@@ -236,6 +250,25 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     config_bytes = (json.dumps(full, indent=2) + "\n").encode()
     _write_folder(out_dir, {WEIGHTS_FILE: data, CONFIG_FILE: config_bytes})
     return out_dir
+
+
+def _beside(main: HFPeftPart, name: str, method, rules: list[ExportRule],
+            ctx: ExportContext) -> HFPeftPart:
+    """``main`` with the config fields and tensors of a method riding along it."""
+    where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in rules)
+    extra = method.to_hf_peft_beside(rules, ctx, main) \
+        if main.peft_type in method.hf_peft_beside_types else None
+    if extra is None:
+        _refuse(f"cannot export: method '{name}' ({where}) goes into one HF PEFT adapter "
+                f"only beside {', '.join(method.hf_peft_beside_types)}, and this spec's other "
+                f"method exports as {main.peft_type}. Split the spec, one method per adapter")
+    clash = sorted(k for k in extra.config if main.config.get(k) is not None)
+    clash += sorted(set(extra.tensors) & set(main.tensors))
+    if clash:
+        _refuse(f"cannot export: method '{name}' ({where}) and the {main.peft_type} rules "
+                f"both set '{clash[0]}' in HF PEFT's adapter")
+    return HFPeftPart(main.peft_type, {**main.config, **extra.config},
+                      {**main.tensors, **extra.tensors})
 
 
 def _write_folder(out_dir: Path, files: dict[str, bytes]) -> None:

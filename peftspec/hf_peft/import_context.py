@@ -100,6 +100,9 @@ class ImportContext:
         "str-list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "int-list": lambda v: isinstance(v, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in v),
+        "int-list-dict": lambda v: isinstance(v, dict) and all(
+            isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                        for i in x) for x in v.values()),
         "number-dict": lambda v: isinstance(v, dict) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()),
     }

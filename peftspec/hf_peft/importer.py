@@ -70,18 +70,29 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     if isinstance(model, str):
         model = registry.load_model(model)
 
+    riders = _riders(config, peft_type, registry)
+    shapes = {k: tuple(v.shape) for k, v in hf_tensors.items()}
     with base_view(model):  # a model carrying adapters already: read its base
-        ctx = ImportContext(config, model, {k: tuple(v.shape) for k, v in hf_tensors.items()})
+        # the main method sees the riders' keys as unset; each rider reads its own
+        ctx = ImportContext({**config, **{k: None for r in riders
+                                          for k in r.hf_peft_beside_keys}}, model, shapes)
+        contexts = [ctx]
         try:
-            result = method.from_hf_peft(config, ctx)
+            result = method.from_hf_peft(ctx.config, ctx)
+            rules, mapping = list(result.rules), dict(result.tensors)
+            for rider in riders:
+                contexts.append(ImportContext(config, model, shapes))
+                extra = rider.from_hf_peft_beside(config, contexts[-1])
+                rules += extra.rules
+                mapping.update(extra.tensors)
         except UnsafePattern as exc:
             _refuse(f"cannot import: a pattern in {CONFIG_FILE}: {exc}")
-        rules, mapping = list(result.rules), dict(result.tensors)
         if config.get("modules_to_save"):
             rules.append(_train_rule(ctx, ctx.get("modules_to_save", "str|str-list"), mapping))
         wanted = {hf for hf, _ in mapping.values()}
         _drop_base_copies(hf_tensors, wanted, model)
-        _drop_copies(hf_tensors, ctx.dropped)
+        for c in contexts:
+            _drop_copies(hf_tensors, c.dropped)
     text = spec_text(src, config, rules)
     try:
         spec = parse_spec(text, file=str(spec_out), registry=registry)
@@ -144,6 +155,19 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         if previous is not None:
             use(model, previous)
     return out, spec_out
+
+
+def _riders(config: dict, peft_type: str, registry) -> list:
+    """Methods whose rules ride along this config (``Method.hf_peft_beside_keys``
+    set in it, e.g. LoRA's ``trainable_token_indices``), one per key."""
+    out = []
+    for info in registry.methods.values():
+        m = info.method
+        if peft_type in getattr(m, "hf_peft_beside_types", ()) and \
+                any(config.get(k) is not None for k in getattr(m, "hf_peft_beside_keys", ())):
+            if not any(set(m.hf_peft_beside_keys) & set(o.hf_peft_beside_keys) for o in out):
+                out.append(m)
+    return out
 
 
 def _drop_copies(hf_tensors: dict, dropped: dict[str, str]) -> None:

@@ -52,3 +52,32 @@ def extra_loss(hooks: list[TrainingHooks]) -> torch.Tensor | None:
     for t in terms[1:]:
         total = total + t
     return total
+
+
+def init_from_data(model: nn.Module, batches, report=None) -> None:
+    """Let each method of the active adapter initialise itself from ``batches``
+    (:meth:`Method.init_from_data`; LoRA's ``init = "eva"``), in plan order.
+
+    ``batches`` is iterated only by methods that need data, maybe more than
+    once (a list, or a :class:`Reiterable`)."""
+    by_method: dict[str, tuple] = {}
+    for rec in state_of(model).records:
+        by_method.setdefault(rec.step.method, (rec.method, []))[1].append(rec.step)
+    for name, (method, steps) in by_method.items():
+        try:
+            method.init_from_data(model, steps, batches, report)
+        except ValueError as exc:
+            rules = ", ".join(dict.fromkeys(str(s.rule) for s in steps))
+            raise PeftspecError(f"cannot initialise method '{name}' ({rules}) from the "
+                                f"data: {exc}") from None
+
+
+class Reiterable:
+    """An iterable that calls ``make()`` for each iteration: batches built lazily,
+    only when a method reads them."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())

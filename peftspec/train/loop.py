@@ -125,6 +125,7 @@ class Run:
         random.seed(cfg.seed)
         if self.resume_folder is None:
             apply(spec, self.model, registry=self.registry, force=force, training=True)
+            self._init_from_data()
         else:
             tasks.check_resume(self.task, self.resume_folder / "adapter.safetensors")
             load_adapter(self.model, self.resume_folder / "adapter.safetensors",
@@ -146,6 +147,18 @@ class Run:
             for h in self.hooks:
                 h.resume(self.step)
         self.world.seed_dropout(cfg.seed, self.step)
+
+    def _init_from_data(self) -> None:
+        """Data-driven initialisation (LoRA's EVA) from the training items, in
+        file order, before the optimizer sees the parameters."""
+        from .. import init_from_data
+
+        device = next(self.model.parameters()).device
+        report = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank0 else None
+        init_from_data(self.model, hooks.Reiterable(lambda: (
+            {k: v.to(device) for k, v in b.items()}
+            for b in data.eval_batches(self.train_items, self.cfg.batch_size,
+                                       self.tok.pad_id))), report)
 
     def _read_data(self) -> None:
         cfg = self.cfg
