@@ -26,8 +26,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ._fastmodule import gc_paused
 from .errors import NotMergeableError, PeftspecError
-from .fingerprint import digest, fingerprint, named_tensors
+from .fingerprint import named_tensors, tensors_digest
 from .method import Method, is_adapter_module
 from .sizeguard import check_fits
 from .plan import Plan, Step
@@ -120,14 +121,18 @@ def _install(model: nn.Module, path: str, module: nn.Module) -> None:
     _set_child(parent, child, module)
 
 
-def _set_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+def _set_child(parent: nn.Module, name: str, module: nn.Module,
+               hooks: bool | None = None) -> None:
     """``setattr(parent, name, module)`` for an existing child ``name``.
 
     Where that would only store it in ``parent._modules`` (a plain ``nn.Module``
     ``__setattr__``, no global module-registration hooks), it stores it there
-    directly: ``nn.Module.__setattr__`` costs microseconds, thousands of times."""
+    directly: ``nn.Module.__setattr__`` costs microseconds, thousands of times.
+    ``hooks``: :func:`_registration_hooks`, where the caller asked it once for many."""
+    if hooks is None:
+        hooks = _registration_hooks()
     if (type(parent).__setattr__ is nn.Module.__setattr__ and name in parent._modules
-            and not _registration_hooks()):
+            and not hooks):
         parent._modules[name] = module
     else:
         setattr(parent, name, module)
@@ -301,6 +306,7 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
 
 # --- apply and remove ----------------------------------------------------------------
 
+@gc_paused
 def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                name: str = DEFAULT_NAME, activate: bool | None = None,
                force: bool = False, _tensors=None, _freeze_holder=None) -> nn.Module:
@@ -332,8 +338,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         params, buffers = _tensors
     else:
         params, buffers = named_tensors(model)
-    if _tensors is None and digest(fingerprint(model, tensors=(params, buffers))) \
-            != plan.base_digest:
+    if _tensors is None and tensors_digest((params, buffers)) != plan.base_digest:
         if state is not None and previous is not None:
             _activate(model, state, previous)
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
@@ -357,10 +362,14 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     try:
         parent_of = _parent_finder(model)
         prepared: set[str] = set()
+        methods: dict[str, Method] = {}  # looked up once per method, not per step
+        hooks = _registration_hooks()
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue
-            method = registry.method(step.method)
+            method = methods.get(step.method)
+            if method is None:
+                method = methods[step.method] = registry.method(step.method)
             if step.rule not in prepared and type(method).prepare is not Method.prepare:
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
@@ -372,7 +381,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             installed = method.apply(original, step)
             adapter.records.append(Record(step, method, original, installed))
             if installed is not original:
-                _set_child(parent, child, installed)
+                _set_child(parent, child, installed, hooks)
         for pname in adapter.trained_base_names():
             if pname not in state.base_values:
                 p = params[pname]

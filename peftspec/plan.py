@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import nn
 
+from ._fastmodule import gc_paused
 from .errors import PeftspecError, Problem, SpecError, did_you_mean
-from .fingerprint import digest, fingerprint, named_tensors
+from .fingerprint import named_tensors, tensors_digest
 from .frozen import PackedWeight, frozen_modules, is_packed, storage_options, stored_bytes
 from .options import selector_fields
 from .matching import class_names, parse_selector
@@ -89,7 +91,7 @@ class Plan:
             return {}
         return {f.name: list(getattr(opts, f.name)) for f in selector_fields(type(opts))}
 
-    @property
+    @cached_property  # asked by the size guard, apply and the promise check; steps are frozen
     def params_added(self) -> int:
         return sum(s.params_added for s in self.steps)
 
@@ -158,6 +160,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
     return compile_with_tensors(spec, model, registry)[0]
 
 
+@gc_paused
 def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     """:func:`compile_plan`, also returning the ``named_tensors(model)`` it read, so
     that :func:`peftspec.apply`, which applies at once, need not walk the model again."""
@@ -172,7 +175,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         with base_view(model):
             return compile_with_tensors(spec, model, registry)
 
-    modules = dict(model.named_modules())
+    modules = _named_modules(model)
     module_types = {name: class_names(m) for name, m in modules.items()}
     params, buffers = named_tensors(model, modules)
     param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
@@ -194,6 +197,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
 
     rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
     resolved: dict[str, Any] = {}
+    leaves: dict[str, dict[str, list[str]]] = {}  # _resolve_all's index, built when asked
     for rule in rules:
         method = registry.method(rule.method)
         fields = selector_fields(method.Options)
@@ -209,11 +213,11 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         else:
             excluded = _resolve_all(rule, "exclude", rule.exclude,
                                     "params" if rule.family == "train" else "modules", modules,
-                                    module_types, params, param_owner_types, problem)
+                                    module_types, params, param_owner_types, problem, leaves)
             for f in fields:
                 names = _resolve_all(rule, f.name, getattr(options, f.name),
                                      f.metadata["selector"], modules, module_types, params,
-                                     param_owner_types, problem)
+                                     param_owner_types, problem, leaves)
                 for n in names:
                     if n not in excluded:
                         chosen.setdefault(n, []).append(f.name)
@@ -303,9 +307,31 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         if note:
             notes[rule.where] = note.format(n=n, **vars(resolved[rule.where]))
     before, after = _base_bytes(params, frozen)
-    return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
+    return Plan(spec, tuple(steps), tensors_digest((params, buffers)),
                 base_params, trained_base, resolved, notes, frozen, before, after), \
         (params, buffers)
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules())``: the same names, order and de-duplication
+    (pre-order, each module once under its first name), walked without torch's
+    recursive generators, which cost a third of the time on a model of thousands
+    of modules. A model whose class overrides ``named_modules`` gets its own."""
+    if type(model).named_modules is not nn.Module.named_modules:
+        return dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    seen = {id(model)}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        out[prefix] = module
+        dot = prefix + "." if prefix else ""
+        for name, child in module._modules.items():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                walk(dot + name, child)
+
+    walk("", model)
+    return out
 
 
 def _weight_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
@@ -368,15 +394,32 @@ def _itemsize(module: nn.Module) -> int:
     return next((p.element_size() for p in module.parameters()), 4)
 
 
+def _by_leaf(names) -> dict[str, list[str]]:
+    """Names grouped by their last dotted atom, in the given (model) order."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        if n:
+            out.setdefault(n.rpartition(".")[2], []).append(n)
+    return out
+
+
 def _resolve_all(rule, key, selectors, kind, modules, module_types, params, param_owner_types,
-                 problem) -> set[str]:
+                 problem, leaves: dict | None = None) -> set[str]:
+    """The names ``selectors`` pick. ``leaves``: a cache (by kind) of :func:`_by_leaf`,
+    shared across a compile: a ``**.name`` selector (nearly every selector) only
+    tests the names ending in its last atom, not every module of a deep model."""
     found: set[str] = set()
     for text in selectors:
         sel = parse_selector(text)
+        pool = params if kind == "params" else modules
+        if sel.literal is not None and sel.literal[0] == "suffix" and leaves is not None:
+            if kind not in leaves:
+                leaves[kind] = _by_leaf(pool)
+            pool = leaves[kind].get(sel.literal[1].rpartition(".")[2], ())
         if kind == "params":
-            hits = [n for n in params if sel.matches(n, param_owner_types[n])]
+            hits = [n for n in pool if sel.matches(n, param_owner_types[n])]
         else:
-            hits = [n for n in modules if n and sel.matches(n, module_types[n])]
+            hits = [n for n in pool if n and sel.matches(n, module_types[n])]
         if not hits and not rule.optional:
             pool = params if kind == "params" else modules
             problem(rule, f"selector '{text}' matched no {'parameter' if kind == 'params' else 'module'}",
