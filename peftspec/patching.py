@@ -155,8 +155,11 @@ def _parent_finder(model: nn.Module):
     module.
     """
     chain: list[tuple[str, nn.Module]] = [("", model)]  # (atom, module), root first
+    last = [None, model]  # the path asked last and its module: targets share parents
 
     def parent_of(path: str) -> nn.Module:
+        if path == last[0]:
+            return last[1]
         atoms = path.split(".") if path else []
         keep = 0
         while keep < len(atoms) and keep + 1 < len(chain) and chain[keep + 1][0] == atoms[keep]:
@@ -164,7 +167,8 @@ def _parent_finder(model: nn.Module):
         del chain[keep + 1:]
         for atom in atoms[keep:]:
             chain.append((atom, getattr(chain[-1][1], atom)))
-        return chain[-1][1]
+        last[0], last[1] = path, chain[-1][1]
+        return last[1]
 
     return parent_of
 
@@ -218,11 +222,16 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
     adapters = []
     modules = _all_modules(model)
+    adapter_types: dict[type, bool] = {}  # is_adapter_module asks the class first
     for module in modules:  # not model.parameters(): its de-duplication costs
         for p in module._parameters.values():  # ~40% more, and freezing twice is harmless
             if p is not None and p.requires_grad:
                 p.requires_grad_(False)
-        if is_adapter_module(module):
+        cls = type(module)
+        by_class = adapter_types.get(cls)
+        if by_class is None:
+            by_class = adapter_types[cls] = callable(getattr(cls, "adapter_params", None))
+        if by_class or is_adapter_module(module):
             adapters.append(module)
     trained = adapter.trained_base_names()
     if trained:
@@ -377,7 +386,10 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                                 for s in mine}, mine)
             path, _, child = step.target.rpartition(".")
             parent = parent_of(path)
-            original = getattr(parent, child) if child else model  # "": the whole model
+            # a target is a child in its parent's _modules (compiled from named_modules):
+            # read there, not through nn.Module.__getattr__
+            original = (parent._modules[child] if child in parent._modules
+                        else getattr(parent, child)) if child else model  # "": the model
             installed = method.apply(original, step)
             adapter.records.append(Record(step, method, original, installed))
             if installed is not original:
