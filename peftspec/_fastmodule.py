@@ -17,6 +17,7 @@ import functools
 import gc
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 
@@ -71,3 +72,12 @@ def gc_paused(fn):
             gc.enable()
 
     return paused
+
+
+def parameter(t: torch.Tensor) -> nn.Parameter:
+    """``nn.Parameter(t)`` (trainable): for a plain tensor the very call
+    ``Parameter.__new__`` makes, without its Python checks (a microsecond, per
+    parameter of thousands of modules); anything else goes through it."""
+    if type(t) is not torch.Tensor:
+        return nn.Parameter(t)
+    return torch.Tensor._make_subclass(nn.Parameter, t, True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, Problem, hookimpl, selectors
-from peftspec._fastmodule import init_module
+from peftspec._fastmodule import init_module, parameter
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class IA3Linear(nn.Module):
         w = base.weight
         n = n_in if feedforward else n_out
         # weight and bias are the base's own Parameter objects (bias may be None)
-        self._parameters.update(weight=w, bias=base.bias, ia3_l=nn.Parameter(
+        self._parameters.update(weight=w, bias=base.bias, ia3_l=parameter(
             torch.ones(n, dtype=w.dtype, device=w.device)))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec._fastmodule import init_module
+from peftspec._fastmodule import init_module, parameter
 
 
 def linear_only(module: nn.Module, method: str) -> str | None:
@@ -47,14 +47,6 @@ def kaiming_(t: torch.Tensor) -> torch.Tensor:
     (the bound is computed once per fan-in: a deep model asks for a few, thousands of times)."""
     bound = _bound(t.shape[1])
     return t.uniform_(-bound, bound)
-
-
-def parameter(t: torch.Tensor) -> nn.Parameter:
-    """``nn.Parameter(t)`` (trainable), for a plain tensor the very call
-    ``Parameter.__new__`` makes, without its Python checks."""
-    if type(t) is not torch.Tensor:
-        return nn.Parameter(t)
-    return torch.Tensor._make_subclass(nn.Parameter, t, True)
 
 
 class DeltaLinear(nn.Module):

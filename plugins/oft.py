@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
-from peftspec._fastmodule import init_module
+from peftspec._fastmodule import init_module, parameter
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class OFTLinear(nn.Module):
         n = bs * (bs - 1) // 2
         self._parameters.update(  # weight, bias: the base's own Parameter objects
             weight=w, bias=base.bias,
-            oft_R=nn.Parameter(w.new_zeros((1 if opts.block_share else n_blocks, n))))
+            oft_R=parameter(w.new_zeros((1 if opts.block_share else n_blocks, n))))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"oft_R": self._parameters["oft_R"]}

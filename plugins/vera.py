@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
-from peftspec._fastmodule import init_module
+from peftspec._fastmodule import init_module, parameter
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,8 @@ class VeRALinear(nn.Module):
             vars(self)["nf"] = base.nf
         self._parameters.update(
             weight=w, bias=base.bias,  # the base's own Parameter objects (bias may be None)
-            vera_lambda_b=nn.Parameter(w.new_zeros(n_out)),
-            vera_lambda_d=nn.Parameter(w.new_full((opts.r,), float(opts.d_initial))))
+            vera_lambda_b=parameter(w.new_zeros(n_out)),
+            vera_lambda_d=parameter(w.new_full((opts.r,), float(opts.d_initial))))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         p = self._parameters  # not self.vera_lambda_b: nn.Module.__getattr__ is slow
