@@ -90,10 +90,17 @@ class IA3Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Multiplying by exactly 1.0 at init keeps outputs bit-identical.
+        scale = self._parameters["ia3_l"]
         if self.feedforward:
-            return self._base((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))
+            return self._base((x.to(scale.dtype) * scale).to(x.dtype))
         out = self._base(x)
-        return (out * self.ia3_l).to(out.dtype)
+        if out.dtype == scale.dtype and not (torch.is_grad_enabled() and (
+                scale.requires_grad or out.requires_grad)):
+            # Inference: rescale the fresh base output in place, the same products bit for
+            # bit without a second output-sized tensor (and its pass over memory). With
+            # autograd watching, the gradient of the vector needs the unscaled output.
+            return out.mul_(scale)
+        return (out * scale).to(out.dtype)
 
     @torch.no_grad()
     def merge_into(self, original: nn.Module) -> None:
