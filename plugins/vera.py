@@ -143,12 +143,28 @@ class VeRALinear(nn.Module):
         return self.adapt(x, self._base(x))
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The adapted output given the base output ``out`` (per-row batches)."""
+        """The adapted output given the base output ``out``, which it may overwrite
+        (the forward's fresh base output; per-row batches pass a copy)."""
+        p = self._parameters  # not self.vera_lambda_d: nn.Module.__getattr__ is slow
+        lambda_b, lambda_d = p["vera_lambda_b"], p["vera_lambda_d"]
         proj = self.projections.on(x.device)
-        a = proj.vera_A[:, :self.in_features].to(self.vera_lambda_d.dtype)
-        b = proj.vera_B[:self.out_features, :].to(self.vera_lambda_d.dtype)
+        a = proj.vera_A[:, :self.in_features].to(lambda_d.dtype)
+        b = proj.vera_B[:self.out_features, :].to(lambda_d.dtype)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return out + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, a), b)
+        if torch.is_grad_enabled() and (lambda_b.requires_grad or lambda_d.requires_grad
+                                        or x.requires_grad or out.requires_grad):
+            return out + lambda_b * F.linear(lambda_d * F.linear(h, a), b)
+        # Inference: the same operations in the same order, so the same bits, but the
+        # scalings and the sum in place where no type promotion or broadcasting is
+        # involved: one output-sized temporary instead of three. (Autograd would need
+        # the unscaled intermediates, hence the branch above.)
+        t = F.linear(h, a)
+        t = t.mul_(lambda_d) if t.dtype == lambda_d.dtype else lambda_d * t
+        u = F.linear(t, b)
+        u = u.mul_(lambda_b) if u.dtype == lambda_b.dtype else lambda_b * u
+        if u.dtype != out.dtype or u.shape != out.shape:
+            return out + u
+        return out.add_(u)
 
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
         """``ΔW`` as an (out, in) matrix in ``dtype``."""
