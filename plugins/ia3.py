@@ -49,10 +49,8 @@ def _kind(module: nn.Module) -> str | None:
 
 def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
     """(in, out) of the module's linear map."""
-    w = module._parameters["weight"]  # not module.weight: nn.Module.__getattr__ is slow
-    if kind == "linear":
-        return w.shape[1], w.shape[0]
-    return w.shape[0], w.shape[1]  # Conv1D stores its weight as (in, out)
+    n0, n1 = module._parameters["weight"].shape  # not module.weight: __getattr__ is slow
+    return (n1, n0) if kind == "linear" else (n0, n1)  # Conv1D stores (in, out)
 
 
 class IA3Linear(nn.Module):
@@ -73,10 +71,11 @@ class IA3Linear(nn.Module):
                           out_features=n_out)
         if kind == "conv1d":
             vars(self)["nf"] = base.nf
-        w = base.weight
+        own = base._parameters  # Linear and Conv1D keep both here (bias may be None)
+        w = own["weight"]
         n = n_in if feedforward else n_out
-        # weight and bias are the base's own Parameter objects (bias may be None)
-        self._parameters.update(weight=w, bias=base.bias, ia3_l=parameter(
+        # weight and bias are the base's own Parameter objects
+        self._parameters.update(weight=w, bias=own.get("bias"), ia3_l=parameter(
             torch.ones(n, dtype=w.dtype, device=w.device)))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
