@@ -29,7 +29,7 @@ from torch import nn
 from ._fastmodule import gc_paused
 from .errors import NotMergeableError, PeftspecError
 from .fingerprint import named_tensors, tensors_digest
-from .method import Method, is_adapter_module
+from .method import Method
 from .sizeguard import check_fits
 from .plan import Plan, Step
 from .freezing import freeze_steps
@@ -220,28 +220,35 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     """Freeze everything, then unfreeze the adapter's tensors and its trained base
     parameters, in one walk of the model (on thousands of modules each walk counts).
     Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
-    adapters = []
     modules = _all_modules(model)
-    adapter_types: dict[type, bool] = {}  # is_adapter_module asks the class first
+    by_class: dict[type, object] = {}  # is_adapter_module, its class lookup once per class
+    unfrozen = []
     for module in modules:  # not model.parameters(): its de-duplication costs
+        cls = type(module)
+        attr = by_class.get(cls, by_class)
+        if attr is by_class:
+            attr = by_class[cls] = getattr(cls, "adapter_params", None)
+        if attr is None:
+            attr = module.__dict__.get("adapter_params")
+        if callable(attr):
+            # an adapter's own tensors are left trainable rather than frozen here and
+            # unfrozen again below (two calls each, thousands of times)
+            mine = module.adapter_params()
+            unfrozen += mine.values()
+            for key, p in module._parameters.items():  # (a nested name just refreezes)
+                if p is not None and p.requires_grad and mine.get(key) is not p:
+                    p.requires_grad_(False)
+            continue
         for p in module._parameters.values():  # ~40% more, and freezing twice is harmless
             if p is not None and p.requires_grad:
                 p.requires_grad_(False)
-        cls = type(module)
-        by_class = adapter_types.get(cls)
-        if by_class is None:
-            by_class = adapter_types[cls] = callable(getattr(cls, "adapter_params", None))
-        if by_class or is_adapter_module(module):
-            adapters.append(module)
     trained = adapter.trained_base_names()
     if trained:
         for name in trained:
             state.base_values[name][0].requires_grad_(True)
-    unfrozen = []
-    for module in adapters:  # after the walk: a later module may share a parameter
-        for p in module.adapter_params().values():
+    for p in unfrozen:  # after the walk: a later module may share (and freeze) one
+        if not p.requires_grad:
             p.requires_grad_(True)
-            unfrozen.append(p)
     return modules, unfrozen
 
 
