@@ -30,16 +30,21 @@ def named_tensors(model: nn.Module, modules: dict[str, nn.Module] | None = None)
     ``dict(model.named_modules())`` where the caller has it (no walk at all)."""
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
-    seen_params: set[torch.Tensor] = set()
-    seen_buffers: set[torch.Tensor] = set()
+    # Seen by id(): what torch's own de-duplication compares (Tensor.__hash__ is
+    # id()), without a Python-level __hash__ call per tensor.
+    seen_params: set[int] = set()
+    seen_buffers: set[int] = set()
     for path, module in (modules.items() if modules is not None else model.named_modules()):
         prefix = f"{path}." if path else ""
-        for out, seen, own in ((params, seen_params, module._parameters),
-                               (buffers, seen_buffers, module._buffers)):
-            for key, t in own.items():
-                if t is not None and t not in seen:
-                    seen.add(t)
-                    out[prefix + key] = t
+        for key, t in module._parameters.items():
+            if t is not None and id(t) not in seen_params:
+                seen_params.add(id(t))
+                params[prefix + key] = t
+        if module._buffers:
+            for key, t in module._buffers.items():
+                if t is not None and id(t) not in seen_buffers:
+                    seen_buffers.add(id(t))
+                    buffers[prefix + key] = t
     return params, buffers
 
 
@@ -59,6 +64,23 @@ def digest(fp: list[Entry]) -> str:
     """SHA-256 over names and shapes (not dtypes, see :func:`describe_difference`)."""
     text = "".join(f"{name}|{','.join(map(str, shape))}\n" for name, shape, _ in fp)
     return hashlib.sha256(text.encode()).hexdigest()  # one update: same bytes, same digest
+
+
+def tensors_digest(tensors: Tensors) -> str:
+    """``digest(fingerprint(model, tensors=tensors))``, the same hex string, in one
+    pass that builds no entries and formats each distinct shape once (a deep model
+    has thousands of tensors but a handful of shapes); ``compile_plan`` needs only this."""
+    shapes: dict[torch.Size, str] = {}
+    parts = []
+    for named in tensors:
+        for name, t in named.items():
+            shape = t.shape
+            text = shapes.get(shape)
+            if text is None:
+                text = shapes[shape] = "|" + ",".join(map(str, shape)) + "\n"
+            parts.append(name)
+            parts.append(text)
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def encode(fp: list[Entry]) -> str:

@@ -26,9 +26,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ._fastmodule import gc_paused
 from .errors import NotMergeableError, PeftspecError
-from .fingerprint import digest, fingerprint, named_tensors
-from .method import Method, is_adapter_module
+from .fingerprint import named_tensors, tensors_digest
+from .method import Method
 from .sizeguard import check_fits
 from .plan import Plan, Step
 from .freezing import freeze_steps
@@ -120,14 +121,18 @@ def _install(model: nn.Module, path: str, module: nn.Module) -> None:
     _set_child(parent, child, module)
 
 
-def _set_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+def _set_child(parent: nn.Module, name: str, module: nn.Module,
+               hooks: bool | None = None) -> None:
     """``setattr(parent, name, module)`` for an existing child ``name``.
 
     Where that would only store it in ``parent._modules`` (a plain ``nn.Module``
     ``__setattr__``, no global module-registration hooks), it stores it there
-    directly: ``nn.Module.__setattr__`` costs microseconds, thousands of times."""
+    directly: ``nn.Module.__setattr__`` costs microseconds, thousands of times.
+    ``hooks``: :func:`_registration_hooks`, where the caller asked it once for many."""
+    if hooks is None:
+        hooks = _registration_hooks()
     if (type(parent).__setattr__ is nn.Module.__setattr__ and name in parent._modules
-            and not _registration_hooks()):
+            and not hooks):
         parent._modules[name] = module
     else:
         setattr(parent, name, module)
@@ -150,8 +155,11 @@ def _parent_finder(model: nn.Module):
     module.
     """
     chain: list[tuple[str, nn.Module]] = [("", model)]  # (atom, module), root first
+    last = [None, model]  # the path asked last and its module: targets share parents
 
     def parent_of(path: str) -> nn.Module:
+        if path == last[0]:
+            return last[1]
         atoms = path.split(".") if path else []
         keep = 0
         while keep < len(atoms) and keep + 1 < len(chain) and chain[keep + 1][0] == atoms[keep]:
@@ -159,7 +167,8 @@ def _parent_finder(model: nn.Module):
         del chain[keep + 1:]
         for atom in atoms[keep:]:
             chain.append((atom, getattr(chain[-1][1], atom)))
-        return chain[-1][1]
+        last[0], last[1] = path, chain[-1][1]
+        return last[1]
 
     return parent_of
 
@@ -211,23 +220,35 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     """Freeze everything, then unfreeze the adapter's tensors and its trained base
     parameters, in one walk of the model (on thousands of modules each walk counts).
     Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
-    adapters = []
     modules = _all_modules(model)
+    by_class: dict[type, object] = {}  # is_adapter_module, its class lookup once per class
+    unfrozen = []
     for module in modules:  # not model.parameters(): its de-duplication costs
+        cls = type(module)
+        attr = by_class.get(cls, by_class)
+        if attr is by_class:
+            attr = by_class[cls] = getattr(cls, "adapter_params", None)
+        if attr is None:
+            attr = module.__dict__.get("adapter_params")
+        if callable(attr):
+            # an adapter's own tensors are left trainable rather than frozen here and
+            # unfrozen again below (two calls each, thousands of times)
+            mine = module.adapter_params()
+            unfrozen += mine.values()
+            for key, p in module._parameters.items():  # (a nested name just refreezes)
+                if p is not None and p.requires_grad and mine.get(key) is not p:
+                    p.requires_grad_(False)
+            continue
         for p in module._parameters.values():  # ~40% more, and freezing twice is harmless
             if p is not None and p.requires_grad:
                 p.requires_grad_(False)
-        if is_adapter_module(module):
-            adapters.append(module)
     trained = adapter.trained_base_names()
     if trained:
         for name in trained:
             state.base_values[name][0].requires_grad_(True)
-    unfrozen = []
-    for module in adapters:  # after the walk: a later module may share a parameter
-        for p in module.adapter_params().values():
+    for p in unfrozen:  # after the walk: a later module may share (and freeze) one
+        if not p.requires_grad:
             p.requires_grad_(True)
-            unfrozen.append(p)
     return modules, unfrozen
 
 
@@ -301,6 +322,7 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
 
 # --- apply and remove ----------------------------------------------------------------
 
+@gc_paused
 def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                name: str = DEFAULT_NAME, activate: bool | None = None,
                force: bool = False, _tensors=None, _freeze_holder=None) -> nn.Module:
@@ -332,8 +354,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         params, buffers = _tensors
     else:
         params, buffers = named_tensors(model)
-    if _tensors is None and digest(fingerprint(model, tensors=(params, buffers))) \
-            != plan.base_digest:
+    if _tensors is None and tensors_digest((params, buffers)) != plan.base_digest:
         if state is not None and previous is not None:
             _activate(model, state, previous)
         raise PeftspecError("this plan was compiled for a different model (tensor names or "
@@ -357,10 +378,14 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     try:
         parent_of = _parent_finder(model)
         prepared: set[str] = set()
+        methods: dict[str, Method] = {}  # looked up once per method, not per step
+        hooks = _registration_hooks()
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue
-            method = registry.method(step.method)
+            method = methods.get(step.method)
+            if method is None:
+                method = methods[step.method] = registry.method(step.method)
             if step.rule not in prepared and type(method).prepare is not Method.prepare:
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
@@ -368,11 +393,14 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                                 for s in mine}, mine)
             path, _, child = step.target.rpartition(".")
             parent = parent_of(path)
-            original = getattr(parent, child) if child else model  # "": the whole model
+            # a target is a child in its parent's _modules (compiled from named_modules):
+            # read there, not through nn.Module.__getattr__
+            original = (parent._modules[child] if child in parent._modules
+                        else getattr(parent, child)) if child else model  # "": the model
             installed = method.apply(original, step)
             adapter.records.append(Record(step, method, original, installed))
             if installed is not original:
-                _set_child(parent, child, installed)
+                _set_child(parent, child, installed, hooks)
         for pname in adapter.trained_base_names():
             if pname not in state.base_values:
                 p = params[pname]

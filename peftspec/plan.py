@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import nn
 
+from ._fastmodule import gc_paused
 from .errors import PeftspecError, Problem, SpecError, did_you_mean
-from .fingerprint import digest, fingerprint, named_tensors
+from .fingerprint import named_tensors, tensors_digest
 from .frozen import PackedWeight, frozen_modules, is_packed, storage_options, stored_bytes
 from .options import selector_fields
 from .matching import class_names, parse_selector
@@ -47,6 +49,18 @@ class Step:
         return {"target": self.target, "method": self.method, "family": self.family,
                 "roles": list(self.roles), "rule": self.rule, "line": self.line,
                 "params_added": self.params_added, "bytes_added": self.bytes_added}
+
+
+_STEP_DEFAULTS = {"params_added": 0, "bytes_added": 0}
+
+
+def _step(**fields) -> Step:
+    """``Step(**fields)`` for the compiler, which makes one per target (thousands on a
+    deep model): the same fields in the instance ``__dict__`` that the frozen
+    dataclass's ``__init__`` would set one ``object.__setattr__`` call at a time."""
+    step = object.__new__(Step)
+    step.__dict__.update(_STEP_DEFAULTS, **fields)
+    return step
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,7 @@ class Plan:
             return {}
         return {f.name: list(getattr(opts, f.name)) for f in selector_fields(type(opts))}
 
-    @property
+    @cached_property  # asked by the size guard, apply and the promise check; steps are frozen
     def params_added(self) -> int:
         return sum(s.params_added for s in self.steps)
 
@@ -158,6 +172,7 @@ def compile_plan(spec: Spec, model: nn.Module, registry=None) -> Plan:
     return compile_with_tensors(spec, model, registry)[0]
 
 
+@gc_paused
 def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     """:func:`compile_plan`, also returning the ``named_tensors(model)`` it read, so
     that :func:`peftspec.apply`, which applies at once, need not walk the model again."""
@@ -172,10 +187,9 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         with base_view(model):
             return compile_with_tensors(spec, model, registry)
 
-    modules = dict(model.named_modules())
-    module_types = {name: class_names(m) for name, m in modules.items()}
+    modules = _named_modules(model)
     params, buffers = named_tensors(model, modules)
-    param_owner_types = {n: module_types.get(n.rpartition(".")[0], frozenset()) for n in params}
+    types = _Types(modules, params)  # class names, for type: selectors only
     problems: list[Problem] = []
 
     def problem(rule: Rule, message: str, key: str | None = None, hint: str | None = None,
@@ -194,6 +208,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
 
     rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
     resolved: dict[str, Any] = {}
+    leaves: dict[str, dict[str, list[str]]] = {}  # _resolve_all's index, built when asked
     for rule in rules:
         method = registry.method(rule.method)
         fields = selector_fields(method.Options)
@@ -209,19 +224,20 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         else:
             excluded = _resolve_all(rule, "exclude", rule.exclude,
                                     "params" if rule.family == "train" else "modules", modules,
-                                    module_types, params, param_owner_types, problem)
+                                    types, params, problem, leaves)
             for f in fields:
                 names = _resolve_all(rule, f.name, getattr(options, f.name),
-                                     f.metadata["selector"], modules, module_types, params,
-                                     param_owner_types, problem)
+                                     f.metadata["selector"], modules, types, params,
+                                     problem, leaves)
                 for n in names:
                     if n not in excluded:
                         chosen.setdefault(n, []).append(f.name)
         order = params if rule.family == "train" else modules
+        where = rule.where  # a property that formats a string: once per rule, not per target
         for target in [n for n in order if n in chosen]:
-            step = Step(target=target, method=rule.method, family=rule.family,
-                        options=options, roles=tuple(chosen[target]), rule=rule.where,
-                        line=rule.line)
+            step = _step(target=target, method=rule.method, family=rule.family,
+                         options=options, roles=tuple(chosen[target]), rule=where,
+                         line=rule.line)
             if rule.family == "train":
                 p = params[target]
                 trained_base[target] = (p.numel(), p.numel() * p.element_size())
@@ -295,17 +311,38 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                                 else Problem(str(item), file=spec.file))
     if problems:
         raise SpecError(problems)
-    base_params = sum(p.numel() for p in params.values())
     notes = {}
     for rule in spec.rules:
         n = sum(1 for s in steps if s.rule == rule.where)
         note = registry.method(rule.method).base_note(resolved[rule.where])
         if note:
             notes[rule.where] = note.format(n=n, **vars(resolved[rule.where]))
-    before, after = _base_bytes(params, frozen)
-    return Plan(spec, tuple(steps), digest(fingerprint(model, tensors=(params, buffers))),
+    base_params, before, after = _base_bytes(params, frozen)
+    return Plan(spec, tuple(steps), tensors_digest((params, buffers)),
                 base_params, trained_base, resolved, notes, frozen, before, after), \
         (params, buffers)
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules())``: the same names, order and de-duplication
+    (pre-order, each module once under its first name), walked without torch's
+    recursive generators, which cost a third of the time on a model of thousands
+    of modules. A model whose class overrides ``named_modules`` gets its own."""
+    if type(model).named_modules is not nn.Module.named_modules:
+        return dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    seen = {id(model)}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        out[prefix] = module
+        dot = prefix + "." if prefix else ""
+        for name, child in module._modules.items():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                walk(dot + name, child)
+
+    walk("", model)
+    return out
 
 
 def _weight_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
@@ -343,12 +380,18 @@ def _stored_after(w, method, module, step) -> int:
     return stored_bytes(w) if is_packed(w) else int(method.stored_bytes(module, step))
 
 
-def _base_bytes(params, frozen) -> tuple[int, int]:
-    """Bytes of the base parameters in float storage, and after the plan's freeze."""
-    before = after = 0
+def _base_bytes(params, frozen) -> tuple[int, int, int]:
+    """The base's parameter count, its bytes in float storage, and its bytes after
+    the plan's freeze (one pass: a deep model has thousands of parameters)."""
+    count = before = after = 0
     for name, p in params.items():
-        dense = p.numel() * p.element_size()  # a packed weight reports the original dtype
+        n = p.numel()
+        count += n
+        dense = n * p.element_size()  # a packed weight reports the original dtype
         before += dense
+        if not frozen and not isinstance(p, PackedWeight):  # the common case
+            after += dense
+            continue
         owner = name[:-len(".weight")] if name.endswith(".weight") else \
             ("" if name == "weight" else None)
         if owner is not None and owner in frozen:
@@ -357,7 +400,7 @@ def _base_bytes(params, frozen) -> tuple[int, int]:
             after += stored_bytes(p)
         else:
             after += dense
-    return before, after
+    return count, before, after
 
 
 def _itemsize(module: nn.Module) -> int:
@@ -368,19 +411,55 @@ def _itemsize(module: nn.Module) -> int:
     return next((p.element_size() for p in module.parameters()), 4)
 
 
-def _resolve_all(rule, key, selectors, kind, modules, module_types, params, param_owner_types,
-                 problem) -> set[str]:
+def _by_leaf(names) -> dict[str, list[str]]:
+    """Names grouped by their last dotted atom, in the given (model) order."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        if n:
+            out.setdefault(n.rpartition(".")[2], []).append(n)
+    return out
+
+
+class _Types:
+    """Class names (:func:`class_names`) by module path and, for parameters, of the
+    module that owns each; built on first use, as only ``type:`` selectors (and a
+    near-miss hint) read them."""
+
+    def __init__(self, modules: dict[str, nn.Module], params: dict[str, Any]):
+        self._modules, self._params = modules, params
+
+    @cached_property
+    def modules(self) -> dict[str, frozenset[str]]:
+        return {name: class_names(m) for name, m in self._modules.items()}
+
+    @cached_property
+    def params(self) -> dict[str, frozenset[str]]:
+        mt = self.modules
+        return {n: mt.get(n.rpartition(".")[0], frozenset()) for n in self._params}
+
+
+def _resolve_all(rule, key, selectors, kind, modules, types: _Types, params, problem,
+                 leaves: dict | None = None) -> set[str]:
+    """The names ``selectors`` pick. ``leaves``: a cache (by kind) of :func:`_by_leaf`,
+    shared across a compile: a ``**.name`` selector (nearly every selector) only
+    tests the names ending in its last atom, not every module of a deep model."""
     found: set[str] = set()
     for text in selectors:
         sel = parse_selector(text)
-        if kind == "params":
-            hits = [n for n in params if sel.matches(n, param_owner_types[n])]
-        else:
-            hits = [n for n in modules if n and sel.matches(n, module_types[n])]
+        pool = params if kind == "params" else modules
+        if sel.literal is not None and sel.literal[0] == "suffix" and leaves is not None:
+            if kind not in leaves:
+                leaves[kind] = _by_leaf(pool)
+            pool = leaves[kind].get(sel.literal[1].rpartition(".")[2], ())
+        if sel.kind == "type":
+            owners = types.params if kind == "params" else types.modules
+            hits = [n for n in pool if n and sel.matches(n, owners[n])]
+        else:  # globs and regular expressions read the name only
+            hits = [n for n in pool if n and sel.matches(n)]
         if not hits and not rule.optional:
             pool = params if kind == "params" else modules
             problem(rule, f"selector '{text}' matched no {'parameter' if kind == 'params' else 'module'}",
-                    key=key, hint=_near_miss(text, pool, module_types, kind),
+                    key=key, hint=_near_miss(text, pool, types.modules, kind),
                     item=text)
         found.update(hits)
     return found

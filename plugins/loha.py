@@ -34,15 +34,14 @@ class LoHaLinear(DeltaLinear):
     """``W + s·(W1a·W1b) ⊙ (W2a·W2b)`` beside a frozen ``nn.Linear``."""
 
     def __init__(self, base: nn.Linear, opts: LoHaOptions):
-        super().__init__(base)
-        self.r, self.scale = opts.r, opts.alpha / opts.r
-        out_f, in_f = self.out_features, self.in_features
         w = base.weight
-        like = dict(dtype=w.dtype, device=w.device)
-        self.hada_w1_a = nn.Parameter(kaiming_(torch.empty(out_f, opts.r, **like)))
-        self.hada_w1_b = nn.Parameter(kaiming_(torch.empty(opts.r, in_f, **like)))
-        self.hada_w2_a = nn.Parameter(kaiming_(torch.empty(out_f, opts.r, **like)))
-        self.hada_w2_b = nn.Parameter(torch.zeros(opts.r, in_f, **like))  # ΔW starts at 0
+        (out_f, in_f), r = w.shape, opts.r
+        # drawn in HF PEFT's order: w1_a, w1_b, w2_a; w2_b = 0, so ΔW starts at 0
+        super().__init__(base, hada_w1_a=kaiming_(w.new_empty((out_f, r))),
+                         hada_w1_b=kaiming_(w.new_empty((r, in_f))),
+                         hada_w2_a=kaiming_(w.new_empty((out_f, r))),
+                         hada_w2_b=w.new_zeros((r, in_f)))
+        vars(self).update(r=r, scale=opts.alpha / r)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: self._parameters[n] for n in NAMES}

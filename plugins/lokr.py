@@ -90,24 +90,24 @@ class LoKrLinear(DeltaLinear):
     """``W + s·W1 ⊗ W2`` beside a frozen ``nn.Linear``."""
 
     def __init__(self, base: nn.Linear, opts: LoKrOptions):
-        super().__init__(base)
-        self.r, self.scale = opts.r, opts.alpha / opts.r
-        (a, b, c, d), self.full_w1, self.full_w2 = layout(self.out_features, self.in_features,
-                                                          opts)
         w = base.weight
-        like = dict(dtype=w.dtype, device=w.device)
         r = opts.r
-        if self.full_w1:
-            self.lokr_w1 = nn.Parameter(torch.zeros(a, b, **like))
+        (a, b, c, d), full_w1, full_w2 = layout(w.shape[0], w.shape[1], opts)
+        # in HF PEFT's order of draws: W1 (zero) before W2, a before b
+        params = {}
+        if full_w1:
+            params["lokr_w1"] = w.new_zeros((a, b))
         else:
-            self.lokr_w1_a = nn.Parameter(torch.zeros(a, r, **like))
-            self.lokr_w1_b = nn.Parameter(kaiming_(torch.empty(r, b, **like)))
-        if self.full_w2:
-            self.lokr_w2 = nn.Parameter(kaiming_(torch.empty(c, d, **like)))
+            params["lokr_w1_a"] = w.new_zeros((a, r))
+            params["lokr_w1_b"] = kaiming_(w.new_empty((r, b)))
+        if full_w2:
+            params["lokr_w2"] = kaiming_(w.new_empty((c, d)))
         else:
-            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(c, r, **like)))
-            self.lokr_w2_b = nn.Parameter(kaiming_(torch.empty(r, d, **like)))
-        self.names = tensor_names(self.full_w1, self.full_w2)
+            params["lokr_w2_a"] = kaiming_(w.new_empty((c, r)))
+            params["lokr_w2_b"] = kaiming_(w.new_empty((r, d)))
+        super().__init__(base, **params)
+        vars(self).update(r=r, scale=opts.alpha / r, full_w1=full_w1, full_w2=full_w2,
+                          names=tensor_names(full_w1, full_w2))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: self._parameters[n] for n in self.names}

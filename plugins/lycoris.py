@@ -17,10 +17,13 @@ an adapter peftspec writes is one HF PEFT can load.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftspec._fastmodule import init_module, parameter
 
 
 def linear_only(module: nn.Module, method: str) -> str | None:
@@ -33,10 +36,16 @@ def linear_only(module: nn.Module, method: str) -> str | None:
     return f"{method} adapts nn.Linear modules only"
 
 
-def kaiming_(t: torch.Tensor) -> torch.Tensor:
-    """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (HF PEFT's init), without its checks."""
+@lru_cache(maxsize=None)
+def _bound(fan_in: int) -> float:
     gain = math.sqrt(2.0 / (1 + 5))
-    bound = math.sqrt(3.0) * gain / math.sqrt(t.shape[1])
+    return math.sqrt(3.0) * gain / math.sqrt(fan_in)
+
+
+def kaiming_(t: torch.Tensor) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (HF PEFT's init), without its checks
+    (the bound is computed once per fan-in: a deep model asks for a few, thousands of times)."""
+    bound = _bound(t.shape[1])
     return t.uniform_(-bound, bound)
 
 
@@ -53,10 +62,19 @@ class DeltaLinear(nn.Module):
 
     scale: float
 
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.out_features, self.in_features = base.weight.shape
+    def __init__(self, base: nn.Linear, **params: torch.Tensor):
+        """``params``: the subclass's adapter tensors (name -> initialised tensor),
+        registered after ``weight`` and ``bias`` in this order.
+
+        Attributes go straight into ``__dict__`` and parameters into ``_parameters``:
+        ``nn.Module.__init__`` and ``__setattr__`` cost microseconds a call, and a spec
+        adapting every projection of a deep model builds thousands of these."""
+        init_module(self)  # = super().__init__()
+        w = base.weight
+        vars(self).update(out_features=w.shape[0], in_features=w.shape[1])
+        # weight and bias are the base's own Parameter objects (bias may be None)
+        self._parameters.update(weight=w, bias=base.bias,
+                                **{k: parameter(t) for k, t in params.items()})
 
     def delta(self) -> torch.Tensor:  # pragma: no cover - subclasses define it
         """``ΔW`` (out, in), a fresh tensor (in-place steps where no gradient is wanted)."""

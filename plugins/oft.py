@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
+from peftspec._fastmodule import init_module, parameter
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,19 @@ class OFTLinear(nn.Module):
     """A frozen ``nn.Linear`` whose input is rotated by learned orthogonal blocks."""
 
     def __init__(self, base: nn.Linear, opts: OFTOptions):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.out_features, self.in_features = base.weight.shape
-        self.blocks, self.block_size = blocks(self.in_features, opts)
-        self.block_share = opts.block_share
-        self.neumann, self.terms = opts.cayley_neumann, opts.neumann_terms
+        # Attributes straight into __dict__, parameters into _parameters: nn.Module's
+        # __init__ and __setattr__ cost microseconds a call, thousands of times.
+        init_module(self)  # = super().__init__()
         w = base.weight
-        n = self.block_size * (self.block_size - 1) // 2
-        self.oft_R = nn.Parameter(torch.zeros(1 if opts.block_share else self.blocks, n,
-                                              dtype=w.dtype, device=w.device))
+        out_f, in_f = w.shape
+        n_blocks, bs = blocks(in_f, opts)
+        vars(self).update(out_features=out_f, in_features=in_f, blocks=n_blocks,
+                          block_size=bs, block_share=opts.block_share,
+                          neumann=opts.cayley_neumann, terms=opts.neumann_terms)
+        n = bs * (bs - 1) // 2
+        self._parameters.update(  # weight, bias: the base's own Parameter objects
+            weight=w, bias=base.bias,
+            oft_R=parameter(w.new_zeros((1 if opts.block_share else n_blocks, n))))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"oft_R": self._parameters["oft_R"]}

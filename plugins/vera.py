@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
+from peftspec._fastmodule import init_module, parameter
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ def _kind(module: nn.Module) -> str | None:
 
 def _dims(module: nn.Module) -> tuple[int, int]:
     """(in, out) of the module's linear map (Conv1D stores its weight (in, out))."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if _kind(module) == "linear" else (w.shape[0], w.shape[1])
+    w = module._parameters["weight"]  # not module.weight: nn.Module.__getattr__ is slow
+    n0, n1 = w.shape
+    return (n1, n0) if isinstance(module, nn.Linear) else (n0, n1)
 
 
 def draw_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -93,25 +95,28 @@ class VeRALinear(nn.Module):
     """``W + Λ_b·B·Λ_d·A`` beside a frozen ``nn.Linear`` or ``Conv1D``."""
 
     def __init__(self, base: nn.Module, opts: VeRAOptions, projections: VeRAProjections,
-                 owner: bool):
-        super().__init__()
-        self.kind = _kind(base)
-        self.in_features, self.out_features = _dims(base)
-        if self.kind == "conv1d":
-            self.nf = base.nf
-        self.weight, self.bias = base.weight, base.bias
-        self.dropout = opts.dropout
-        # shared: the same object in every VeRA module of the rule (deepcopy keeps that)
-        self.__dict__["projections"] = projections
-        self.stores_projections = owner and opts.save_projection
+                 owner: bool, kind: str | None = None):
+        # Attributes straight into __dict__, parameters into _parameters: nn.Module's
+        # __init__ and __setattr__ cost microseconds a call, thousands of times.
+        init_module(self)  # = super().__init__()
+        kind = kind or _kind(base)
         w = base.weight
-        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype,
-                                                      device=w.device))
-        self.vera_lambda_d = nn.Parameter(torch.full((opts.r,), float(opts.d_initial),
-                                                     dtype=w.dtype, device=w.device))
+        n_in, n_out = (w.shape[1], w.shape[0]) if kind == "linear" else w.shape
+        # projections: shared, the same object in every VeRA module of the rule
+        # (deepcopy keeps that)
+        vars(self).update(kind=kind, in_features=n_in, out_features=n_out,
+                          dropout=opts.dropout, projections=projections,
+                          stores_projections=owner and opts.save_projection)
+        if kind == "conv1d":
+            vars(self)["nf"] = base.nf
+        self._parameters.update(
+            weight=w, bias=base.bias,  # the base's own Parameter objects (bias may be None)
+            vera_lambda_b=parameter(w.new_zeros(n_out)),
+            vera_lambda_d=parameter(w.new_full((opts.r,), float(opts.d_initial))))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
+        p = self._parameters  # not self.vera_lambda_b: nn.Module.__getattr__ is slow
+        return {"vera_lambda_b": p["vera_lambda_b"], "vera_lambda_d": p["vera_lambda_d"]}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The vectors, and (first module of the rule, ``save_projection``) the projections."""
@@ -138,12 +143,28 @@ class VeRALinear(nn.Module):
         return self.adapt(x, self._base(x))
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The adapted output given the base output ``out`` (per-row batches)."""
+        """The adapted output given the base output ``out``, which it may overwrite
+        (the forward's fresh base output; per-row batches pass a copy)."""
+        p = self._parameters  # not self.vera_lambda_d: nn.Module.__getattr__ is slow
+        lambda_b, lambda_d = p["vera_lambda_b"], p["vera_lambda_d"]
         proj = self.projections.on(x.device)
-        a = proj.vera_A[:, :self.in_features].to(self.vera_lambda_d.dtype)
-        b = proj.vera_B[:self.out_features, :].to(self.vera_lambda_d.dtype)
+        a = proj.vera_A[:, :self.in_features].to(lambda_d.dtype)
+        b = proj.vera_B[:self.out_features, :].to(lambda_d.dtype)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return out + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, a), b)
+        if torch.is_grad_enabled() and (lambda_b.requires_grad or lambda_d.requires_grad
+                                        or x.requires_grad or out.requires_grad):
+            return out + lambda_b * F.linear(lambda_d * F.linear(h, a), b)
+        # Inference: the same operations in the same order, so the same bits, but the
+        # scalings and the sum in place where no type promotion or broadcasting is
+        # involved: one output-sized temporary instead of three. (Autograd would need
+        # the unscaled intermediates, hence the branch above.)
+        t = F.linear(h, a)
+        t = t.mul_(lambda_d) if t.dtype == lambda_d.dtype else lambda_d * t
+        u = F.linear(t, b)
+        u = u.mul_(lambda_b) if u.dtype == lambda_b.dtype else lambda_b * u
+        if u.dtype != out.dtype or u.shape != out.shape:
+            return out + u
+        return out.add_(u)
 
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
         """``ΔW`` as an (out, in) matrix in ``dtype``."""
