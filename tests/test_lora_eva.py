@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from hf_tiny import gpt2, llama  # noqa: E402
+from test_train import corpus  # noqa: E402,F401 - the fixture, shared
 
 
 def batches(n=6, b=4, t=16):
@@ -167,15 +168,6 @@ init = "eva"
 [[train]]
 params = ["ln_f.bias"]
 """
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "train.jsonl"
-    lines = [{"text": f"line {i}: the tide came in and went out again, {i * 7} times."}
-             for i in range(12)]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
 
 
 def test_train_starts_from_eva_and_keeps_the_base(tmp_path, corpus, capsys):
