@@ -30,6 +30,7 @@ from torch import nn
 from peftspec import Method, hookimpl, option, selectors
 from peftspec.method import TrainingHooks
 
+from .base_layer import base_output
 from .lora import _dims, _kind
 
 
@@ -91,11 +92,7 @@ class SVDLinear(nn.Module):
             p.copy_(tensors[key])
         self.rank_mask = tensors["rank_mask"].to(torch.bool).to(self.rank_mask.device).clone()
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
-            size_out = x.size()[:-1] + (self.nf,)
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-        return F.linear(x, self.weight, self.bias)
+    _base = base_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapt(x, self._base(x))

@@ -21,11 +21,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, Problem, hookimpl, selectors
 from peftspec._fastmodule import init_module, parameter
+
+from .base_layer import base_output
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,7 @@ class IA3Linear(nn.Module):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"ia3_l": self._parameters["ia3_l"]}  # not self.ia3_l: __getattr__ is slow
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
-            size_out = x.size()[:-1] + (self.nf,)
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-        return F.linear(x, self.weight, self.bias)
+    _base = base_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Multiplying by exactly 1.0 at init keeps outputs bit-identical.

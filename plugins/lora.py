@@ -29,6 +29,7 @@ from peftspec._fastmodule import init_module
 from peftspec.frozen import dequantized, install_weight
 
 from . import lora_eva, lora_eva_apply, lora_init
+from .base_layer import base_output
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,7 @@ class LoRALinear(nn.Module):
         w = self._weight_out_in()
         return (w + delta.to(w.dtype)).norm(p=2, dim=1)
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
-            size_out = x.size()[:-1] + (self.nf,)
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-        return F.linear(x, self.weight, self.bias)
+    _base = base_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dora or not x.is_contiguous():

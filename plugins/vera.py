@@ -34,6 +34,8 @@ from torch import nn
 from peftspec import Method, hookimpl, option, selectors
 from peftspec._fastmodule import init_module, parameter
 
+from .base_layer import base_output
+
 
 @dataclass(frozen=True)
 class VeRAOptions:
@@ -133,11 +135,7 @@ class VeRALinear(nn.Module):
             self.projections.vera_A.copy_(tensors["vera_A"])
             self.projections.vera_B.copy_(tensors["vera_B"])
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv1d":  # as transformers' Conv1D.forward, bit for bit
-            size_out = x.size()[:-1] + (self.nf,)
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-        return F.linear(x, self.weight, self.bias)
+    _base = base_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapt(x, self._base(x))

@@ -15,16 +15,11 @@ from peftspec.cli import cli
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tiny import llama  # noqa: E402
+
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100)).eval()
 
 
 SPEC = textwrap.dedent("""
