@@ -110,7 +110,19 @@ def rotations(vec: torch.Tensor, block_size: int, neumann: bool, terms: int) -> 
                 r.add_(power)
         return r
     eye = torch.eye(block_size, device=vec.device, dtype=vec.dtype).expand(n, -1, -1)
+    if n > 1 and q.device.type == "cpu" and block_size > _CPU_BATCHED_SOLVE_MAX:
+        # A batched CPU solve of blocks this large hangs with more than one thread
+        # (MKL's "Parameter 6 was incorrect on entry to SLASWP", then both threads
+        # spin; pytorch/pytorch#142815, still so in torch 2.13). One solve per block
+        # is correct there, forward and backward, for a few microseconds a block.
+        return torch.stack([torch.linalg.solve(eye[0] + q[i], eye[0] - q[i], left=False)
+                            for i in range(n)])
     return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+# The largest block a batched CPU solve handles safely (batches of 144 x 144 pass,
+# 151 x 151 fail in the torch issue; a margin below both).
+_CPU_BATCHED_SOLVE_MAX = 128
 
 
 class OFTLinear(nn.Module):
