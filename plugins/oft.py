@@ -87,6 +87,11 @@ def _triu(block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+# The largest block a batched CPU solve handles safely (batches of 144 x 144 pass,
+# 151 x 151 fail in the torch issue; a margin below both).
+_CPU_BATCHED_SOLVE_MAX = 128
+
+
 def rotations(vec: torch.Tensor, block_size: int, neumann: bool, terms: int) -> torch.Tensor:
     """The (n, block_size, block_size) orthogonal blocks for ``oft_R`` rows ``vec``,
     computed exactly as HF PEFT's ``OFTRotationModule._cayley_batch``."""
@@ -114,15 +119,11 @@ def rotations(vec: torch.Tensor, block_size: int, neumann: bool, terms: int) -> 
         # A batched CPU solve of blocks this large hangs with more than one thread
         # (MKL's "Parameter 6 was incorrect on entry to SLASWP", then both threads
         # spin; pytorch/pytorch#142815, still so in torch 2.13). One solve per block
-        # is correct there, forward and backward, for a few microseconds a block.
+        # is correct there, forward and backward; a block this size costs more to
+        # solve than the extra call does.
         return torch.stack([torch.linalg.solve(eye[0] + q[i], eye[0] - q[i], left=False)
                             for i in range(n)])
     return torch.linalg.solve(eye + q, eye - q, left=False)
-
-
-# The largest block a batched CPU solve handles safely (batches of 144 x 144 pass,
-# 151 x 151 fail in the torch issue; a margin below both).
-_CPU_BATCHED_SOLVE_MAX = 128
 
 
 class OFTLinear(nn.Module):
