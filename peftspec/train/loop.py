@@ -116,7 +116,8 @@ class Run:
         self.registry = registry or get_registry()
         self.task = tasks.read(cfg)  # causal LM or classification, from the data
         self.model = model if model is not None else \
-            tasks.load_model(self.task, model_source, self.registry, cfg.seed)
+            tasks.load_model(self.task, model_source, self.registry, cfg.seed, spec=spec,
+                             world_size=self.world.size)
         tasks.check_model(self.task, self.model)
         self.tok = tokenizer_for(model_source, self.model)
         self._read_data()

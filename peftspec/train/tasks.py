@@ -81,9 +81,21 @@ def read(cfg) -> Task:
     return Task(train=train, eval=evals, labels=labels, source=str(cfg.data))
 
 
-def load_model(task: Task, source: str | None, registry, seed: int):
+def load_model(task: Task, source: str | None, registry, seed: int, *, spec=None,
+               world_size: int = 1):
     """The model ``source`` names, in its classification variant for a
-    classification task (the new head seeded with ``seed``)."""
+    classification task (the new head seeded with ``seed``).
+
+    Given the ``spec``, a causal LM from a ``smollm2`` or ``gguf:`` cache folder is
+    built without transformers where that covers the run
+    (:mod:`peftspec.models.native`)."""
+    if spec is not None:
+        from ..models import native
+
+        if native.why_not(source, spec, world_size, task.classify) is None:
+            model = native.load_for_training(source)
+            if model is not None:
+                return model
     if not task.classify:
         return registry.load_model(source)
     torch.manual_seed(seed)

@@ -93,6 +93,8 @@ class HFTokenizer:
 def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
     """The tokenizer to train ``model`` (loaded from ``source``) with.
 
+    * a model built without transformers (:mod:`peftspec.models.native`): the
+      same folder's tokenizer through ``tokenizers`` (:class:`NativeTokenizer`);
     * a source with a transformers folder (``hf:PATH``; ``gguf:PATH`` and
       ``smollm2``, whose cache folder holds the GGUF file's tokenizer): the
       folder's tokenizer (``AutoTokenizer``, local files only);
@@ -100,7 +102,13 @@ def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
       rows: :class:`ByteTokenizer`.
     """
     from ..models.hf import hf_folder
+    from ..models.native import folder_of_model
 
+    native = folder_of_model(model)
+    if native is not None:  # built without transformers: so is its tokenizer
+        from .native_tokenizer import NativeTokenizer
+
+        return NativeTokenizer(native)
     path = hf_folder(source)
     if path is not None:
         try:
