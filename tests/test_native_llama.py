@@ -34,11 +34,20 @@ def _pair(tmp_path, tie: bool):
 
 
 def _compare(hf, ours, vocab):
+    from peftspec.fingerprint import digest, fingerprint
+
     x = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(x)
     mask[1, :4] = 0
     assert sorted(n for n, _ in ours.named_parameters()) == \
         sorted(n for n, _ in hf.named_parameters())
+    # the base fingerprint (parameters and buffers, with shapes and dtypes): an adapter
+    # trained on one loads onto the other (generate and merge load transformers')
+    assert fingerprint(ours) == fingerprint(hf)
+    # and the same class names at the same paths: type: selectors match alike
+    assert {n: type(m).__name__ for n, m in ours.named_modules()} == \
+        {n: type(m).__name__ for n, m in hf.named_modules()}
+    assert digest(fingerprint(ours)) == digest(fingerprint(hf))
     with torch.no_grad():
         a, b = ours(x, labels=x), hf(x, labels=x)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
@@ -149,3 +158,17 @@ def test_training_natively_equals_training_through_transformers(tmp_path):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 5e-4, worst
     assert max(float(a[k].abs().max()) for k in a) > 1e-2  # trained, not zeros
+    # the natively trained adapter is for the same base: it loads onto transformers'
+    # model (as generate, merge and export load it), with the same base digest
+    from safetensors import safe_open
+
+    import peftspec
+
+    digests = []
+    for flag in ("1", "0"):
+        with safe_open(tmp_path / f"a{flag}.safetensors", "pt") as f:
+            digests.append(f.metadata()["base_digest"])
+    assert digests[0] == digests[1]
+    model = peftspec.build_registry().load_model("smollm2")
+    peftspec.load_adapter(model, tmp_path / "a1.safetensors")
+    assert peftspec.is_patched(model)

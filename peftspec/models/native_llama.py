@@ -69,7 +69,7 @@ def supported(d: dict) -> str | None:
     return None
 
 
-class RMSNorm(nn.Module):
+class LlamaRMSNorm(nn.Module):
     def __init__(self, n: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
@@ -87,7 +87,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class Attention(nn.Module):
+class LlamaAttention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (c.num_attention_heads,
@@ -117,36 +117,48 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class MLP(nn.Module):
+class SiLUActivation(nn.Module):
+    """transformers' ``act_fn`` module for ``hidden_act = "silu"`` (same name and
+    place, so that names and ``type:`` selectors match in both models)."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+class LlamaMLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.act_fn = SiLUActivation()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class LlamaDecoderLayer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.self_attn = Attention(c)
-        self.mlp = MLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Rotary(nn.Module):
+class LlamaRotaryEmbedding(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64)
                                       .to(torch.float32) / c.head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        # transformers keeps a copy (for dynamic rotary types); the base fingerprint
+        # of an adapter file lists buffers too, so the native model holds it as well
+        self.register_buffer("original_inv_freq", inv.clone(), persistent=False)
 
     def forward(self, x, positions):
         freqs = (self.inv_freq[None, :, None].float() @ positions[:, None, :].float()
@@ -155,13 +167,13 @@ class Rotary(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-class Model(nn.Module):
+class LlamaModel(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = Rotary(c)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(c)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -172,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.config = c
-        self.model = Model(c)
+        self.model = LlamaModel(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -216,5 +228,5 @@ def load(folder: str | Path) -> LlamaForCausalLM:
         raise ValueError(f"{folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if c.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = Rotary(c)  # its buffer was on the meta device
+    model.model.rotary_emb = LlamaRotaryEmbedding(c)  # its buffer was on the meta device
     return model
