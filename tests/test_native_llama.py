@@ -55,6 +55,11 @@ def _compare(hf, ours, vocab):
         a, b = ours(x, attention_mask=mask), hf(x, attention_mask=mask)
         m = mask.bool()
         torch.testing.assert_close(a.logits[m], b.logits[m], atol=1e-5, rtol=0)
+        # under bf16 autocast (--precision bf16) too: the rotary angles stay float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = ours(x, labels=x), hf(x, labels=x)
+        torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -161,10 +161,14 @@ class LlamaRotaryEmbedding(nn.Module):
         self.register_buffer("original_inv_freq", inv.clone(), persistent=False)
 
     def forward(self, x, positions):
-        freqs = (self.inv_freq[None, :, None].float() @ positions[:, None, :].float()
-                 ).transpose(1, 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # in float32 even under autocast, as transformers does: a bf16 matmul here
+        # would round the rotation angles of later positions
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = (self.inv_freq[None, :, None].float() @ positions[:, None, :].float()
+                     ).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 class LlamaModel(nn.Module):
