@@ -177,3 +177,20 @@ def test_training_natively_equals_training_through_transformers(tmp_path):
     model = peftspec.build_registry().load_model("smollm2")
     peftspec.load_adapter(model, tmp_path / "a1.safetensors")
     assert peftspec.is_patched(model)
+
+
+def test_an_uncovered_cache_entry_falls_back_to_transformers(monkeypatch, tmp_path):
+    """load_for_training gives None (the caller loads transformers' model) for an
+    entry of another architecture, an uncovered Llama config, or no tokenizer.json."""
+    from peftspec.models import native
+
+    monkeypatch.setattr(native, "folder_of", lambda source: tmp_path)
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    for config, tokenizer in ((llama, False), ({**llama, "attention_bias": True}, True),
+                              ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+                               True)):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        (tmp_path / "tokenizer.json").unlink(missing_ok=True)
+        if tokenizer:
+            (tmp_path / "tokenizer.json").write_text("{}")
+        assert native.load_for_training("smollm2") is None, config

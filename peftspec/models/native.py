@@ -65,7 +65,8 @@ def why_not(source: str | None, spec, world_size: int = 1, classify: bool = Fals
 
 def load_for_training(source: str) -> nn.Module | None:
     """The native model of ``source``'s cache folder, or ``None`` when its config is
-    not covered (the caller then loads transformers')."""
+    not covered or it has no ``tokenizer.json`` (the caller then loads
+    transformers')."""
     from .native_llama import load, supported
 
     folder = folder_of(source)
@@ -73,6 +74,8 @@ def load_for_training(source: str) -> nn.Module | None:
         return None
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("architectures") not in (None, ["LlamaForCausalLM"]) or supported(config):
+        return None
+    if not (folder / "tokenizer.json").is_file():  # NativeTokenizer reads only that
         return None
     model = load(folder)
     model.__dict__["_peftspec_folder"] = folder  # for the tokenizer (a plain attribute)
