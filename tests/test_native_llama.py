@@ -106,6 +106,7 @@ def test_the_native_path_is_taken_only_where_it_covers_the_run(monkeypatch):
     assert "distributed" in why_not("smollm2", lora, world_size=2)
     assert "classification" in why_not("smollm2", lora, classify=True)
     assert "source" in why_not("hf:/x", lora) and "source" in why_not(None, lora)
+    assert "source" in why_not("gguf:", lora)  # the model source's own error says why
     monkeypatch.setenv("PEFTSPEC_NATIVE", "0")
     assert why_not("smollm2", lora) == "PEFTSPEC_NATIVE=0"
 
@@ -184,7 +185,7 @@ def test_an_uncovered_cache_entry_falls_back_to_transformers(monkeypatch, tmp_pa
     entry of another architecture, an uncovered Llama config, or no tokenizer.json."""
     from peftspec.models import native
 
-    monkeypatch.setattr(native, "folder_of", lambda source: tmp_path)
+    monkeypatch.setattr(native, "hf_folder", lambda source: tmp_path)
     llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     for config, tokenizer in ((llama, False), ({**llama, "attention_bias": True}, True),
                               ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},

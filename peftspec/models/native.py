@@ -26,24 +26,10 @@ from pathlib import Path
 
 from torch import nn
 
+from .hf import hf_folder
+
 # The spec families whose methods patch modules: the native model has the same ones.
 MODULE_FAMILIES = frozenset({"reparameterize", "augment", "train", "freeze"})
-
-
-def folder_of(source: str | None) -> Path | None:
-    """The cache folder of a ``smollm2`` or ``gguf:PATH`` source (converted first if
-    need be, its weights verified), else ``None``."""
-    if source == "smollm2":
-        from .gguf import open_folder, smollm2_file
-
-        pending = open_folder(smollm2_file(), spelled="smollm2")
-    elif source is not None and source.startswith("gguf:") and len(source) > 5:
-        from .gguf import open_folder
-
-        pending = open_folder(source[5:], spelled=source)
-    else:
-        return None
-    return pending.wait()
 
 
 def why_not(source: str | None, spec, world_size: int = 1, classify: bool = False) -> str | None:
@@ -51,8 +37,8 @@ def why_not(source: str | None, spec, world_size: int = 1, classify: bool = Fals
     before anything is loaded."""
     if os.environ.get("PEFTSPEC_NATIVE", "1") == "0":
         return "PEFTSPEC_NATIVE=0"
-    if source != "smollm2" and not (source or "").startswith("gguf:"):
-        return "not a smollm2 or gguf: source"
+    if source != "smollm2" and not ((source or "").startswith("gguf:") and source[5:]):
+        return "not a smollm2 or gguf:PATH source"
     if classify:
         return "a classification task"
     if world_size != 1:
@@ -69,7 +55,7 @@ def load_for_training(source: str) -> nn.Module | None:
     transformers')."""
     from .native_llama import load, supported
 
-    folder = folder_of(source)
+    folder = hf_folder(source)  # the cache entry, converted and verified
     if folder is None:
         return None
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -77,7 +63,7 @@ def load_for_training(source: str) -> nn.Module | None:
         return None
     if not (folder / "tokenizer.json").is_file():  # NativeTokenizer reads only that
         return None
-    model = load(folder)
+    model = load(folder, config)
     model.__dict__["_peftspec_folder"] = folder  # for the tokenizer (a plain attribute)
     return model
 

@@ -214,13 +214,16 @@ class LlamaForCausalLM(nn.Module):
         return SimpleNamespace(loss=loss, logits=logits)
 
 
-def load(folder: str | Path) -> LlamaForCausalLM:
+def load(folder: str | Path, config: dict | None = None) -> LlamaForCausalLM:
     """The model of a peftspec cache folder (config.json + model.safetensors),
-    built on the meta device and given the file's tensors (no copy, no init)."""
+    built on the meta device and given the file's tensors (no copy, no init);
+    ``config``: the folder's config.json, where the caller has read it already."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    c = Config.from_dict(json.loads((folder / "config.json").read_text()))
+    if config is None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    c = Config.from_dict(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(c)
     state = load_file(folder / "model.safetensors")

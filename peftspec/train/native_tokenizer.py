@@ -57,10 +57,9 @@ class NativeTokenizer:
 
     @property
     def pad_id(self) -> int:
-        for tid in (self._id("pad_token"), self.eos_id, 0):
-            if tid is not None:
-                return tid
-        return 0  # pragma: no cover
+        from .tokenizer import pad_id_of
+
+        return pad_id_of(self._id("pad_token"), self.eos_id)
 
     @property
     def vocab_size(self) -> int:

@@ -39,6 +39,12 @@ class ByteTokenizer:
     has_chat_template = False
 
 
+def pad_id_of(pad: int | None, eos: int | None) -> int:
+    """The id batches are padded with: the tokenizer's padding token, else its
+    end of sequence, else 0 (padded positions are masked and never learned)."""
+    return pad if pad is not None else eos if eos is not None else 0
+
+
 @dataclass
 class HFTokenizer:
     """A transformers tokenizer, loaded from the model's own directory (offline)."""
@@ -52,10 +58,7 @@ class HFTokenizer:
 
     @property
     def pad_id(self) -> int:
-        for tid in (self.tok.pad_token_id, self.eos_id, 0):
-            if tid is not None:
-                return tid
-        return 0  # pragma: no cover
+        return pad_id_of(self.tok.pad_token_id, self.eos_id)
 
     @property
     def vocab_size(self) -> int:
