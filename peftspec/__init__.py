@@ -55,12 +55,15 @@ def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bo
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry=registry)
     fresh = not is_patched(model)
-    plan, tensors = compile_with_tensors(spec, model, registry=registry)
+    plan, tensors, modules = compile_with_tensors(spec, model, registry=registry)
     check_fits(plan, force=force, training=training)
     # Compiled this instant from this very model: apply_plan need not walk it again
-    # to check that the plan fits (a patched model's active adapter moves, so it does).
-    return apply_plan(plan, model, registry=registry, force=force,
-                      _tensors=tensors if fresh else None)
+    # to check that the plan fits, nor to find the targets (a patched model's active
+    # adapter moves, so it does).
+    if not fresh:
+        return apply_plan(plan, model, registry=registry, force=force)
+    return apply_plan(plan, model, registry=registry, force=force, _tensors=tensors,
+                      _modules=modules)
 
 
 def load_model(source: str | None = None, registry=None, *,

@@ -19,23 +19,28 @@ propagates: the model is never left half-patched.
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter, methodcaller
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ._fastmodule import gc_paused
+from ._fastmodule import all_modules, gc_paused
 from .errors import NotMergeableError, PeftspecError
 from .fingerprint import named_tensors, tensors_digest
 from .method import Method
 from .sizeguard import check_fits
 from .plan import Plan, Step
 from .freezing import freeze_steps
-from .promise import BaseSnapshot, verify
+from .promise import BaseSnapshot, kept_by_name, verify
 
 DEFAULT_NAME = "default"
+
+_requires_grad = attrgetter("requires_grad")
+_freeze = methodcaller("requires_grad_", False)
 
 
 @dataclass
@@ -216,11 +221,24 @@ def _activate(model: nn.Module, state: PatchState, name: str) -> None:
         adapter.stashed = None
 
 
-def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
+def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter,
+                   base_params=None) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the adapter's tensors and its trained base
-    parameters, in one walk of the model (on thousands of modules each walk counts).
-    Returns the walk (every module) and the adapter parameters, for :func:`verify`."""
-    modules = _all_modules(model)
+    parameters; return the adapter tensors (repeats allowed), for :func:`verify`.
+
+    ``base_params``: every parameter the model held before the adapter's modules
+    went in (``apply_plan`` has them from the plan's compile). Then those are frozen
+    in one pass, and only the installed modules are walked (every record's installed
+    module and what it holds), not the whole model: on thousands of modules each
+    walk counts. A parameter a plugin hangs outside the module it installs is then
+    not seen here (:func:`verify` still names one that ``adapter_params()`` does not
+    report when the counts disagree). Without ``base_params`` the whole model is
+    walked."""
+    if base_params is None:
+        modules = all_modules(model)
+    else:
+        deque(map(_freeze, filter(_requires_grad, base_params)), maxlen=0)  # a C loop
+        modules = _installed_modules(adapter.records)
     by_class: dict[type, object] = {}  # is_adapter_module, its class lookup once per class
     unfrozen = []
     for module in modules:  # not model.parameters(): its de-duplication costs
@@ -249,19 +267,25 @@ def _set_trainable(model: nn.Module, state: PatchState, adapter: Adapter):
     for p in unfrozen:  # after the walk: a later module may share (and freeze) one
         if not p.requires_grad:
             p.requires_grad_(True)
-    return modules, unfrozen
+    return unfrozen
 
 
-def _all_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module of ``model`` once, as ``model.modules()`` but in no set order and
-    without building each one's dotted name (three times as fast on a deep model)."""
-    seen = {id(model)}
-    out = [model]
-    for module in out:  # grows as it goes: a breadth-first walk
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                out.append(child)
+def _installed_modules(records: list[Record]) -> list[nn.Module]:
+    """Each record's installed module and every module below it, each once."""
+    seen: set[int] = set()
+    out: list[nn.Module] = []
+    for rec in records:
+        m = rec.installed
+        if id(m) in seen:
+            continue
+        if not m._modules:  # a leaf (LoRA's and IA3's layers): no walk
+            seen.add(id(m))
+            out.append(m)
+            continue
+        for sub in all_modules(m):
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                out.append(sub)
     return out
 
 
@@ -325,7 +349,8 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
 @gc_paused
 def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                name: str = DEFAULT_NAME, activate: bool | None = None,
-               force: bool = False, _tensors=None, _freeze_holder=None) -> nn.Module:
+               force: bool = False, _tensors=None, _modules=None,
+               _freeze_holder=None) -> nn.Module:
     """Execute ``plan`` on ``model`` in place, as adapter ``name``; return the model.
 
     The first adapter on a model becomes active. A further one is loaded beside
@@ -338,7 +363,8 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             has, or more bytes than the memory available (``force`` skips this
             check, made before anything is allocated).
     """
-    check_fits(plan, force=force)
+    if _tensors is None:  # (peftspec.apply checked it a moment ago, training included)
+        check_fits(plan, force=force)
     if registry is None:
         from .plugins import get_registry
 
@@ -373,10 +399,21 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     snapshot = BaseSnapshot(params, buffers)  # checked after apply: the promise
     fresh = state is None
     if fresh:
-        state = PatchState(requires_grad=[(p, p.requires_grad) for p in params.values()])
+        base = list(params.values())
+        state = PatchState(requires_grad=list(zip(base, map(_requires_grad, base))))
     adapter = Adapter(name, plan)
     try:
         parent_of = _parent_finder(model)
+        # peftspec.apply's compile walked this model a moment ago: its path -> module
+        # dict (apply's own) finds each target and its parent at once. It is kept
+        # true while only leaves are replaced; below a replaced module with children
+        # a path may lead elsewhere now, and [[freeze]] may swap modules: then the
+        # model is walked.
+        known = _modules if not frozen.changed else None
+        # whether every step so far kept the original's tensors (kept_by_name), for
+        # verify; None: not known
+        kept: bool | None = True
+        done: set[str] = set()  # the targets installed so far
         prepared: set[str] = set()
         methods: dict[str, Method] = {}  # looked up once per method, not per step
         hooks = _registration_hooks()
@@ -392,15 +429,33 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                 method.prepare({s.target: _module_at(model, parent_of, s.target)
                                 for s in mine}, mine)
             path, _, child = step.target.rpartition(".")
-            parent = parent_of(path)
-            # a target is a child in its parent's _modules (compiled from named_modules):
-            # read there, not through nn.Module.__getattr__
-            original = (parent._modules[child] if child in parent._modules
-                        else getattr(parent, child)) if child else model  # "": the model
+            if not child:  # "": the model itself
+                parent = original = model
+            elif known is not None:
+                parent, original = known[path], known[step.target]
+            else:
+                parent = parent_of(path)
+                # a target is a child in its parent's _modules (compiled from
+                # named_modules): read there, not through nn.Module.__getattr__
+                original = (parent._modules[child] if child in parent._modules
+                            else getattr(parent, child))
             installed = method.apply(original, step)
             adapter.records.append(Record(step, method, original, installed))
+            if kept:  # checked now, while both modules are fresh in the cache
+                if step.target in done:
+                    # a second method on one module: it may have changed the first's
+                    # module since that was checked, so verify checks them all after
+                    kept = None
+                else:
+                    done.add(step.target)
+                    kept = kept_by_name(original, installed)
             if installed is not original:
                 _set_child(parent, child, installed, hooks)
+                if known is not None:
+                    if original._modules:
+                        known = None
+                    else:  # a second rule on this module (LoRA, then IA3) gets this one
+                        known[step.target] = installed
         for pname in adapter.trained_base_names():
             if pname not in state.base_values:
                 p = params[pname]
@@ -408,9 +463,12 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         state.adapters[name] = adapter
         state.active = name
         model.__dict__["_peftspec"] = state
-        modules, adapter_tensors = _set_trainable(model, state, adapter)
-        registry.pm.hook.after_apply(model=model, plan=plan)
-        verify(model, snapshot, modules, adapter_tensors, plan, adapter.records, registry)
+        adapter_tensors = _set_trainable(model, state, adapter, params.values())
+        after = registry.pm.hook.after_apply
+        after(model=model, plan=plan)
+        # an after_apply hook may have changed the modules since: then verify looks again
+        verify(model, snapshot, adapter_tensors, plan, adapter.records, registry,
+               kept=None if kept is None or after.get_hookimpls() else kept)
     except BaseException:
         state.adapters.pop(name, None)
         state.active = None

@@ -11,18 +11,20 @@ promise silently; :func:`verify` catches it and raises a
 method, and ``apply_plan`` rolls the model back.
 
 The check must stay cheap on models of thousands of modules (``bench_core``'s
-3,584-module apply): one pass over data pointers before, one pass over the
-module list ``apply_plan`` walks anyway, and the slow name lookups only when
-something is wrong.
+3,584-module apply): one pass over data pointers before, a few dictionary
+lookups per step, and a walk of the whole model and the slow name lookups only
+when something is wrong.
 """
 
 from __future__ import annotations
 
+from operator import attrgetter, methodcaller
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from ._fastmodule import all_modules
 from .errors import PluginError
 
 
@@ -33,41 +35,64 @@ def _ptr(t: torch.Tensor) -> int | None:
         return None
 
 
+_data_ptr = methodcaller("data_ptr")  # t.data_ptr() per tensor, the loop in C
+_data = attrgetter("data")
+_numel = methodcaller("numel")
+
+
+def _ptrs(tensors: list[torch.Tensor]) -> list[int | None]:
+    """Each tensor's data pointer (``None`` for a tensor subclass without storage)."""
+    try:  # the common case in one pass in C
+        return list(map(_data_ptr, tensors))
+    except (RuntimeError, NotImplementedError):
+        return [_ptr(t) for t in tensors]
+
+
 class BaseSnapshot:
     """Identity and data pointer of every base tensor, taken just before apply.
 
     It also holds an alias (``t.data``: no copy) of each tensor's memory, so that
     a plugin that reassigned a base tensor's ``.data`` can be undone
     (:meth:`restore`): the rollback leaves the model as it was, memory included.
+    ``names``, ``tensors`` and ``ptrs`` run in parallel: the ``n_params``
+    parameters first, then the buffers.
     """
 
-    __slots__ = ("params", "buffers", "_alias")
+    __slots__ = ("names", "tensors", "ptrs", "n_params", "_alias")
 
     def __init__(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
-        try:  # the common case in one pass each; tensor subclasses may lack storage
-            self.params = [(name, t, t.data_ptr()) for name, t in params.items()]
-            self.buffers = [(name, t, t.data_ptr()) for name, t in buffers.items()]
-        except (RuntimeError, NotImplementedError):
-            self.params = [(name, t, _ptr(t)) for name, t in params.items()]
-            self.buffers = [(name, t, _ptr(t)) for name, t in buffers.items()]
-        self._alias = [t.data for t in params.values()] + [t.data for t in buffers.values()]
+        self.names = [*params, *buffers]
+        self.tensors = [*params.values(), *buffers.values()]
+        self.n_params = len(params)
+        self.ptrs = _ptrs(self.tensors)
+        self._alias = list(map(_data, self.tensors))
+
+    def kind(self, i: int) -> str:
+        return "parameter" if i < self.n_params else "buffer"
+
+    def moved(self) -> list[int]:
+        """Indices of the tensors whose memory is not the one snapshotted."""
+        now = _ptrs(self.tensors)
+        if now == self.ptrs:  # the common case, compared in C
+            return []
+        return [i for i, (a, b) in enumerate(zip(now, self.ptrs)) if b is not None and a != b]
 
     def restore(self) -> None:
         """Point every base tensor whose memory was swapped back at its own."""
-        for (_, t, ptr), alias in zip(self.params + self.buffers, self._alias):
-            if ptr is not None and _ptr(t) != ptr:
-                t.data = alias
+        for i in self.moved():
+            self.tensors[i].data = self._alias[i]
 
 
-def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
-           adapter_tensors: Iterable[torch.Tensor], plan, records, registry) -> None:
+def verify(model: nn.Module, snap: BaseSnapshot, adapter_tensors: Iterable[torch.Tensor],
+           plan, records, registry, *, kept: bool | None = None) -> None:
     """Raise :class:`PluginError` if the applied adapter broke the promise.
 
     Args:
-        modules: every module of the patched model (each once).
         adapter_tensors: the parameters the adapter modules' ``adapter_params()``
             returned (repeats allowed), as ``apply_plan`` just unfroze them.
         plan: the plan just applied; ``records``: its ``Record`` list.
+        kept: whether every record passed :func:`kept_by_name`, as the caller
+            found while installing them (``None``: look now).
 
     The fast path, taken when every step swapped its module for one that holds
     the original's own tensors and children under the same names (LoRA, IA3,
@@ -75,38 +100,28 @@ def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
     (a step patched in place, or renamed or dropped a tensor) every module's
     tensors are looked up.
     """
-    modules = list(modules)
-    if not _kept_by_name(records):
-        present_p, present_b = _present(modules)
-        missing = [(name, f"base {kind} '{name}' is no longer in the model (was it replaced "
-                          "by a copy? keep the base module's own tensor object, e.g. "
+    if not (_kept_by_name(records) if kept is None else kept):
+        present_p, present_b = _present(all_modules(model))
+        missing = [(name, f"base {snap.kind(i)} '{name}' is no longer in the model (was it "
+                          "replaced by a copy? keep the base module's own tensor object, e.g. "
                           "self.weight = base.weight)")
-                   for entries, present, kind in ((snap.params, present_p, "parameter"),
-                                                  (snap.buffers, present_b, "buffer"))
-                   for name, t, _ in entries if id(t) not in present]
+                   for i, (name, t) in enumerate(zip(snap.names, snap.tensors))
+                   if id(t) not in (present_p if i < snap.n_params else present_b)]
         if missing:
             _raise_for_names(model, plan, registry, missing)
-    try:
-        moved = [name for name, t, ptr in snap.params + snap.buffers if t.data_ptr() != ptr]
-    except (RuntimeError, NotImplementedError):
-        moved = [name for name, t, ptr in snap.params + snap.buffers
-                 if ptr is not None and _ptr(t) != ptr]
+    moved = snap.moved()
     if moved:
-        kinds = {name: "buffer" for name, _, _ in snap.buffers}
-        moved = [(name, f"base {kinds.get(name, 'parameter')} '{name}' now points at other "
-                        "memory (its .data was replaced); base tensors must stay untouched")
-                 for name in moved]
+        moved = [(snap.names[i], f"base {snap.kind(i)} '{snap.names[i]}' now points at other "
+                                 "memory (its .data was replaced); base tensors must stay "
+                                 "untouched")
+                 for i in moved]
         _raise_for_names(model, plan, registry, moved)
 
-    seen: set[int] = set()
-    added = 0
-    for p in adapter_tensors:
-        if id(p) not in seen:
-            seen.add(id(p))
-            added += p.numel()
+    unique = {id(p): p for p in adapter_tensors}  # (repeats allowed)
+    added = sum(map(_numel, unique.values()))
     if added != plan.params_added:
-        present_p, _ = _present(modules)
-        stray = present_p - {id(t) for _, t, _ in snap.params} - seen
+        present_p, _ = _present(all_modules(model))
+        stray = present_p.difference(map(id, snap.tensors[:snap.n_params]), unique)
         if stray:  # the likely cause: new parameters adapter_params() does not report
             _raise_stray(model, plan, registry, stray)
         _raise_count(plan, records, registry, added)
@@ -115,25 +130,32 @@ def verify(model: nn.Module, snap: BaseSnapshot, modules: Iterable[nn.Module],
 def _kept_by_name(records) -> bool:
     """Whether every step installed a new module holding the original's own
     parameters, buffers and children under the same names."""
-    for rec in records:  # written for speed: thousands of steps on a deep model
-        o, i = rec.original, rec.installed
-        if i is o:
+    for rec in records:
+        if not kept_by_name(rec.original, rec.installed):
             return False
-        own, theirs = o._parameters, i._parameters
-        if own is not theirs:  # (bottleneck's wrapper adopts the dicts themselves)
-            for k, v in own.items():
-                if v is not None and theirs.get(k) is not v:
-                    return False
-        own, theirs = o._buffers, i._buffers
-        if own and own is not theirs:
-            for k, v in own.items():
-                if v is not None and theirs.get(k) is not v:
-                    return False
-        own, theirs = o._modules, i._modules
-        if own and own is not theirs:
-            for k, v in own.items():
-                if v is not None and theirs.get(k) is not v:
-                    return False
+    return True
+
+
+def kept_by_name(o: nn.Module, i: nn.Module) -> bool:
+    """Whether ``i`` is a new module holding ``o``'s own parameters, buffers and
+    children under the same names (written for speed: thousands of steps)."""
+    if i is o:
+        return False
+    own, theirs = o._parameters, i._parameters
+    if own is not theirs:  # (bottleneck's wrapper adopts the dicts themselves)
+        for k, v in own.items():
+            if v is not None and theirs.get(k) is not v:
+                return False
+    own, theirs = o._buffers, i._buffers
+    if own and own is not theirs:
+        for k, v in own.items():
+            if v is not None and theirs.get(k) is not v:
+                return False
+    own, theirs = o._modules, i._modules
+    if own and own is not theirs:
+        for k, v in own.items():
+            if v is not None and theirs.get(k) is not v:
+                return False
     return True
 
 
@@ -159,14 +181,15 @@ def _who(registry, step) -> str:
 
 
 def _owner_step(plan, name: str):
-    """The step whose target is the longest prefix of the dotted ``name``."""
+    """The step whose target is the longest prefix of the dotted ``name`` (of several
+    methods on that module, the last: it changed the module last)."""
     best = None
     for step in plan.steps:
         if step.family == "train":
             continue
         t = step.target
         if t == "" or name == t or name.startswith(t + "."):
-            if best is None or len(t) > len(best.target):
+            if best is None or len(t) >= len(best.target):
                 best = step
     return best
 

@@ -60,7 +60,7 @@ def check_fits(plan, *, force: bool = False, training: bool = False,
     if force:
         return
     added, base = plan.params_added, plan.base_params
-    new_bytes = sum(s.bytes_added for s in plan.steps)
+    new_bytes = plan.bytes_added
     need = new_bytes + (plan.adapter_bytes * (TRAINING_FACTOR - 1) if training else 0)
     what = "training it needs" if training else "it allocates"
     where = f" (spec {plan.spec.file})" if plan.spec.file else ""

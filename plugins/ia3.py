@@ -48,12 +48,6 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
-    """(in, out) of the module's linear map."""
-    n0, n1 = module._parameters["weight"].shape  # not module.weight: __getattr__ is slow
-    return (n1, n0) if kind == "linear" else (n0, n1)  # Conv1D stores (in, out)
-
-
 class IA3Linear(nn.Module):
     """A frozen ``nn.Linear`` or ``Conv1D`` whose output (or input) is rescaled.
 
@@ -64,20 +58,25 @@ class IA3Linear(nn.Module):
 
     def __init__(self, base: nn.Module, kind: str, feedforward: bool):
         init_module(self)  # = super().__init__(), at a quarter of the cost
-        n_in, n_out = _dims(base, kind)
+        own = base._parameters  # Linear and Conv1D keep both here (bias may be None)
+        w = own["weight"]
+        n0, n1 = w.shape
+        n_in, n_out = (n1, n0) if kind == "linear" else (n0, n1)  # Conv1D: (in, out)
         # Plain attributes straight into __dict__ and parameters into _parameters, as
         # LoRALinear does: nn.Module.__setattr__ costs microseconds a call, and a spec
         # that adapts every projection of a deep model builds thousands of these.
-        vars(self).update(kind=kind, feedforward=feedforward, in_features=n_in,
-                          out_features=n_out)
+        d = self.__dict__
+        d["kind"], d["feedforward"], d["in_features"], d["out_features"] = \
+            kind, feedforward, n_in, n_out
         if kind == "conv1d":
-            vars(self)["nf"] = base.nf
-        own = base._parameters  # Linear and Conv1D keep both here (bias may be None)
-        w = own["weight"]
+            d["nf"] = base.nf
         n = n_in if feedforward else n_out
+        # w.new_ones: w's dtype and device without parsing them as arguments; a
+        # tensor subclass (a packed frozen weight) is asked for them by name instead
+        ones = w.new_ones(n) if type(w) is nn.Parameter else \
+            torch.ones(n, dtype=w.dtype, device=w.device)
         # weight and bias are the base's own Parameter objects
-        self._parameters.update(weight=w, bias=own.get("bias"), ia3_l=parameter(
-            torch.ones(n, dtype=w.dtype, device=w.device)))
+        self._parameters.update(weight=w, bias=own.get("bias"), ia3_l=parameter(ones))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"ia3_l": self._parameters["ia3_l"]}  # not self.ia3_l: __getattr__ is slow
@@ -137,9 +136,12 @@ class IA3(Method):
             return "(IA)^3 adapts Linear and Conv1D modules only"
         return None
 
-    def count_params(self, module, step):
-        n_in, n_out = _dims(module, _kind(module))
-        return n_in if "feedforward" in step.roles else n_out
+    def count_params(self, module, step):  # check() passed: a Linear or a Conv1D
+        # (in, out) of the linear map, read off the weight itself: once per target
+        n0, n1 = module._parameters["weight"].shape  # not module.weight: __getattr__
+        if isinstance(module, nn.Linear):  # stored (out, in); Conv1D stores (in, out)
+            n0, n1 = n1, n0
+        return n0 if "feedforward" in step.roles else n1
 
     def apply(self, module, step):
         return IA3Linear(module, _kind(module), feedforward="feedforward" in step.roles)

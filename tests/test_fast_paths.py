@@ -3,12 +3,14 @@ paths they replace."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import peftspec
-from peftspec._fastmodule import init_module
-from peftspec.patching import _all_modules, _set_child
+from peftspec import _fastmodule
+from peftspec._fastmodule import all_modules, init_module
+from peftspec.patching import _set_child
 from peftspec_plugins.lora import LoRALinear, LoRAOptions, _kaiming_bound
 
 
@@ -17,9 +19,16 @@ class Fast(nn.Module):
         init_module(self)
 
 
-def test_init_module_equals_nn_module_init():
+def test_the_tested_torch_takes_init_modules_unrolled_branch():
+    assert _fastmodule._KNOWN_LAYOUT  # else the test below covers only the loop
+
+
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_init_module_equals_nn_module_init(unrolled, monkeypatch):
+    monkeypatch.setattr(_fastmodule, "_KNOWN_LAYOUT", unrolled and _fastmodule._KNOWN_LAYOUT)
     a, b, ref = Fast(), Fast(), nn.Module()
     assert vars(a) == vars(ref)
+    assert list(vars(a)) == list(vars(ref))  # the same order, as torch's own
     assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(ref).items()}
     for key, value in vars(a).items():  # fresh containers, never shared between modules
         if isinstance(value, (dict, set)):
@@ -49,8 +58,8 @@ def test_all_modules_is_model_modules_as_a_set():
     shared = nn.Linear(2, 2)
     model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared, nn.ModuleList([shared]))
     model.add_module("none", None)
-    assert {id(m) for m in _all_modules(model)} == {id(m) for m in model.modules()}
-    assert len(_all_modules(model)) == len(list(model.modules()))
+    assert {id(m) for m in all_modules(model)} == {id(m) for m in model.modules()}
+    assert len(all_modules(model)) == len(list(model.modules()))
 
 
 def test_set_child_honours_custom_setattr_and_registration_hooks():

@@ -14,7 +14,7 @@ from torch import nn
 import peftspec
 from peftspec._fastmodule import gc_paused, parameter
 from peftspec.fingerprint import digest, fingerprint, named_tensors, tensors_digest
-from peftspec.plan import _by_leaf, _named_modules, _resolve_all, _Types
+from peftspec.plan import _by_leaf, _resolve_all, _Types, _walk
 from peftspec.spec import Rule
 from toymodels import ToyConfig, ToyNet
 
@@ -28,14 +28,29 @@ def _shared_model() -> nn.Module:
     return model
 
 
-def test_named_modules_and_tensors_equal_torchs_walks():
-    model = _shared_model()
-    ours, ref = _named_modules(model), dict(model.named_modules())
+def _first_name_is_the_deep_one() -> nn.Module:
+    """A module that is the root's second child and also inside its first: torch
+    names it under the first child (pre-order), not under the root."""
+    shared = nn.Linear(2, 2)
+    shared.register_buffer("scale", torch.ones(2))
+    model = nn.Module()
+    model.first = nn.Sequential(nn.ReLU(), shared)
+    model.second = shared
+    model.third = nn.ModuleDict({"again": model.first})
+    return model
+
+
+@pytest.mark.parametrize("build", [_shared_model, _first_name_is_the_deep_one])
+def test_named_modules_and_tensors_equal_torchs_walks(build):
+    model = build()
+    ours, params, buffers = _walk(model)
+    ref = dict(model.named_modules())
     assert list(ours) == list(ref) and all(ours[k] is ref[k] for k in ref)
-    params, buffers = named_tensors(model, ours)
     assert list(params) == list(dict(model.named_parameters()))
     assert all(params[k] is v for k, v in model.named_parameters())
     assert list(buffers) == list(dict(model.named_buffers()))
+    assert all(buffers[k] is v for k, v in model.named_buffers())
+    assert (params, buffers) == named_tensors(model, ours)
     assert tensors_digest((params, buffers)) == digest(fingerprint(model))
 
 
@@ -49,7 +64,8 @@ def test_named_modules_defers_to_an_override():
             yield "", self
             yield "renamed", self.a
 
-    assert list(_named_modules(Odd())) == ["", "renamed"]
+    modules, params, _ = _walk(Odd())
+    assert list(modules) == ["", "renamed"] and list(params) == ["renamed.weight", "renamed.bias"]
 
 
 def test_digest_changes_with_a_shape_or_name():
@@ -184,3 +200,16 @@ def test_vera_adapt_equals_the_old_formula():
         expected = base + module.vera_lambda_b * torch.nn.functional.linear(
             module.vera_lambda_d * torch.nn.functional.linear(x, a), b)
         assert torch.equal(module.adapt(x, base.clone()), expected)
+
+
+def test_compiler_steps_equal_dataclass_steps():
+    from dataclasses import fields
+
+    from peftspec.plan import Step, _step
+
+    args = ("blocks.0.attn.q", "lora", "reparameterize", object(), ("modules",),
+            "reparameterize[0]", 3)
+    ours, ref = _step(*args), Step(*args)
+    assert ours == ref and vars(ours) == vars(ref)
+    assert list(vars(ours)) == [f.name for f in fields(Step)]  # every field, in order
+    assert hash(ours) == hash(ref)

@@ -168,6 +168,53 @@ def test_a_broken_promise_is_a_plugin_error_and_the_model_is_rolled_back(method,
     assert_unchanged(model, snap, ids, out)
 
 
+class Adopting(nn.Module):
+    """Takes every tensor of the module it is given, but the base weight only as a
+    copy, which it takes *out* of that module: the module it is given then looks
+    kept by name, and the base weight is gone from the model."""
+
+    def __init__(self, module):
+        super().__init__()
+        w = module._parameters.pop("weight")
+        for key, p in module._parameters.items():
+            self.register_parameter(key, p)
+        self.weight = nn.Parameter(w.detach().clone())
+        self.vec = nn.Parameter(torch.zeros(w.shape[0]))
+        self.adopted = module.adapter_params()  # reported still: the count is right
+
+    def adapter_params(self):
+        return {"vec": self.vec, **self.adopted}
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.vec.sum()
+
+
+class Robbing(Good):
+    name = "robbing"
+
+    def apply(self, module, step):
+        return Adopting(module)
+
+
+def test_a_second_method_on_a_module_cannot_rob_the_first_unseen():
+    """apply checks each step's modules as it installs them; a later method on the
+    same module may change the earlier one's afterwards, and is caught too."""
+    reg = peftspec.build_registry(autoload=False, plugins=[plugin(Robbing())])
+    model = tiny()
+    ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids).logits
+    snap = snapshot(model)
+    spec = peftspec.parse_spec(RULE.replace("q_proj", "v_proj").format(name="robbing"),
+                               registry=reg)
+    with pytest.raises(peftspec.PluginError) as exc:
+        peftspec.apply(spec, model, registry=reg)
+    msg = str(exc.value)
+    assert "plugin 'peftspec-broken', method 'robbing'" in msg  # the later one is blamed
+    assert "no longer in the model" in msg and "'blocks.0.attn.v_proj.weight'" in msg
+    assert_unchanged(model, snap, ids, out)
+
+
 def test_a_well_behaved_plugin_passes_the_check():
     reg = peftspec.build_registry(autoload=False, plugins=[plugin(Good())])
     model = tiny()
