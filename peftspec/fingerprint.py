@@ -12,6 +12,8 @@ import binascii
 import hashlib
 import json
 import zlib
+from itertools import chain
+from operator import attrgetter
 from typing import Iterable
 
 import torch
@@ -66,20 +68,27 @@ def digest(fp: list[Entry]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()  # one update: same bytes, same digest
 
 
+class _ShapeText(dict):
+    """torch.Size -> its line of the digest text, each distinct shape formatted once."""
+
+    def __missing__(self, shape: torch.Size) -> str:
+        text = self[shape] = "|" + ",".join(map(str, shape)) + "\n"
+        return text
+
+
+_shape = attrgetter("shape")
+
+
 def tensors_digest(tensors: Tensors) -> str:
     """``digest(fingerprint(model, tensors=tensors))``, the same hex string, in one
     pass that builds no entries and formats each distinct shape once (a deep model
-    has thousands of tensors but a handful of shapes); ``compile_plan`` needs only this."""
-    shapes: dict[torch.Size, str] = {}
-    parts = []
-    for named in tensors:
-        for name, t in named.items():
-            shape = t.shape
-            text = shapes.get(shape)
-            if text is None:
-                text = shapes[shape] = "|" + ",".join(map(str, shape)) + "\n"
-            parts.append(name)
-            parts.append(text)
+    has thousands of tensors but a handful of shapes), the loops in C;
+    ``compile_plan`` needs only this."""
+    texts = _ShapeText()
+    parts: list[str] = []
+    for named in tensors:  # name, its shape's text, name, ...
+        parts += chain.from_iterable(zip(named, map(texts.__getitem__,
+                                                    map(_shape, named.values()))))
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 

@@ -43,7 +43,7 @@ _requires_grad = attrgetter("requires_grad")
 _freeze = methodcaller("requires_grad_", False)
 
 
-@dataclass
+@dataclass(slots=True)  # one per target: thousands on a deep model
 class Record:
     step: Step
     method: Method

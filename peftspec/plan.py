@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
+from operator import methodcaller, mul
 from typing import Any
 
 from torch import nn
@@ -22,6 +24,9 @@ from .frozen import PackedWeight, frozen_modules, is_packed, storage_options, st
 from .options import selector_fields
 from .matching import class_names, parse_selector
 from .spec import Rule, Spec
+
+_numel = methodcaller("numel")
+_element_size = methodcaller("element_size")
 
 APPLY_ORDER = ("freeze", "reparameterize", "augment", "prefix", "train")
 
@@ -205,7 +210,8 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         with base_view(model):
             return compile_with_tensors(spec, model, registry)
 
-    modules, params, buffers = _walk(model)
+    leaves: dict[str, dict[str, list[str]]] = {}  # _resolve_all's index (by kind)
+    modules, params, buffers = _walk(model, leaves)
     types = _Types(modules, params)  # class names, for type: selectors only
     problems: list[Problem] = []
 
@@ -225,7 +231,6 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
 
     rules = sorted(spec.rules, key=lambda r: APPLY_ORDER.index(r.family))
     resolved: dict[str, Any] = {}
-    leaves: dict[str, dict[str, list[str]]] = {}  # _resolve_all's index, built when asked
     for rule in rules:
         method = registry.method(rule.method)
         fields = selector_fields(method.Options)
@@ -341,31 +346,44 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         (params, buffers), modules
 
 
-def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict, dict]:
+def _walk(model: nn.Module, leaves: dict | None = None
+          ) -> tuple[dict[str, nn.Module], dict, dict]:
     """``dict(model.named_modules())``, ``dict(model.named_parameters())`` and
     ``dict(model.named_buffers())``: the same names, order and de-duplication
     (pre-order, each module and tensor once under its first name), in one walk
     without torch's recursive generators, which cost a third of the time on a
     model of thousands of modules. A model whose class overrides
-    ``named_modules`` gets its own."""
+    ``named_modules`` gets its own. ``leaves``: filled with ``"modules"``:
+    :func:`_by_leaf` of the module names, on the way."""
     if type(model).named_modules is not nn.Module.named_modules:
         modules = dict(model.named_modules())
         return (modules, *named_tensors(model, modules))
+    by_leaf: dict[str, list[str]] = {}
+    if leaves is not None:
+        leaves["modules"] = by_leaf
     modules: dict[str, nn.Module] = {}
     params: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
     seen: set[int] = set()
     seen_params: set[int] = set()  # by id(): what torch's de-duplication compares
     seen_buffers: set[int] = set()
-    stack = [("", model)]
+    stack = [("", "", model)]  # (path, its last atom, module)
     pop, push = stack.pop, stack.append
     while stack:
-        prefix, module = pop()
+        prefix, leaf, module = pop()
         if id(module) in seen:  # marked when visited, not when pushed: as torch does
             continue
         seen.add(id(module))
         modules[prefix] = module
-        dot = prefix + "." if prefix else ""
+        if prefix:
+            group = by_leaf.get(leaf)
+            if group is None:
+                by_leaf[leaf] = [prefix]
+            else:
+                group.append(prefix)
+            dot = prefix + "."
+        else:
+            dot = ""
         for key, t in module._parameters.items():
             if t is not None and id(t) not in seen_params:
                 seen_params.add(id(t))
@@ -379,7 +397,9 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict, dict]:
         if children:
             for name, child in reversed(children.items()):  # first child on top
                 if child is not None and id(child) not in seen:
-                    push((dot + name, child))
+                    # (a name with a dot, put into _modules by hand: its last atom)
+                    push((dot + name, name.rpartition(".")[2] if "." in name else name,
+                          child))
     return modules, params, buffers
 
 
@@ -421,6 +441,11 @@ def _stored_after(w, method, module, step) -> int:
 def _base_bytes(params, frozen) -> tuple[int, int, int]:
     """The base's parameter count, its bytes in float storage, and its bytes after
     the plan's freeze (one pass: a deep model has thousands of parameters)."""
+    tensors = list(params.values())
+    if not frozen and not any(map(isinstance, tensors, repeat(PackedWeight))):  # in C
+        numels = list(map(_numel, tensors))
+        dense = sum(map(mul, numels, map(_element_size, tensors)))
+        return sum(numels), dense, dense
     count = before = after = 0
     for name, p in params.items():
         n = p.numel()

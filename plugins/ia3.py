@@ -222,6 +222,8 @@ def check_plan(plan):
     """(IA)³ swaps in its own module holding the base weight, so it cannot sit
     on top of a reparameterization (LoRA) of the same module."""
     reparameterized = {s.target: s for s in plan.steps if s.family == "reparameterize"}
+    if not reparameterized:
+        return []
     problems = []
     for step in plan.steps:
         other = reparameterized.get(step.target)

@@ -37,14 +37,17 @@ def _first_name_is_the_deep_one() -> nn.Module:
     model.first = nn.Sequential(nn.ReLU(), shared)
     model.second = shared
     model.third = nn.ModuleDict({"again": model.first})
+    model._modules["odd.name"] = nn.Linear(2, 2)  # put in by hand: a dot in its name
     return model
 
 
 @pytest.mark.parametrize("build", [_shared_model, _first_name_is_the_deep_one])
 def test_named_modules_and_tensors_equal_torchs_walks(build):
     model = build()
-    ours, params, buffers = _walk(model)
+    leaves = {}
+    ours, params, buffers = _walk(model, leaves)
     ref = dict(model.named_modules())
+    assert leaves["modules"] == _by_leaf(ref)
     assert list(ours) == list(ref) and all(ours[k] is ref[k] for k in ref)
     assert list(params) == list(dict(model.named_parameters()))
     assert all(params[k] is v for k, v in model.named_parameters())
@@ -213,3 +216,17 @@ def test_compiler_steps_equal_dataclass_steps():
     assert ours == ref and vars(ours) == vars(ref)
     assert list(vars(ours)) == [f.name for f in fields(Step)]  # every field, in order
     assert hash(ours) == hash(ref)
+
+
+def test_base_bytes_fast_path_equals_the_general_loop():
+    from peftspec.plan import _base_bytes
+
+    model = ToyNet(ToyConfig(n_blocks=2))
+    model.blocks[0].attn["o"].to(torch.float16)  # two dtypes: bytes are per element size
+    params = dict(model.named_parameters())
+    fast = _base_bytes(params, {})
+    general = _base_bytes(params, {"no.such.module": (0, 0)})  # takes the per-name loop
+    n = sum(p.numel() for p in params.values())
+    dense = sum(p.numel() * p.element_size() for p in params.values())
+    assert fast == general == (n, dense, dense)
+    assert dense < 4 * n  # the float16 module counts two bytes an element
