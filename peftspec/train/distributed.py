@@ -303,11 +303,17 @@ class World:
                                                 src_data_rank=None)
 
     # -- teardown ------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, barrier: bool = False) -> None:
+        """End the process group if this world started it. ``barrier``: first wait
+        for every process (the run ended well on this one), so that none tears its
+        connections down while another still uses them; after an error there is no
+        wait, which could hang on a process that is gone."""
         if self.owns:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if barrier and dist.get_world_size() > 1:
+                    dist.barrier()
                 dist.destroy_process_group()
             self.owns = False
 
@@ -371,9 +377,12 @@ def start(fsdp: bool = False) -> World:
 
 @contextmanager
 def session(fsdp: bool = False):
-    """:func:`start` a world and close it (ending a process group it started) after."""
+    """:func:`start` a world and close it (ending a process group it started) after:
+    behind a barrier when the block ended well, at once on an error."""
     world = start(fsdp)
     try:
         yield world
-    finally:
+    except BaseException:
         world.close()
+        raise
+    world.close(barrier=True)
