@@ -15,7 +15,6 @@ Figures measured on a loaded machine are only comparable within one run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ from peft import AdaLoraConfig, get_peft_model  # noqa: E402
 
 import peftspec  # noqa: E402
 from bench_core import (GPT2_TARGETS, LLAMA_LINEARS, QUICK, Settings, _batch, _gpt2,  # noqa: E402
-                        _rotated, _seed, _timed, _tiny_llama)
+                        _rotated, _seed, _timed, _tiny_llama, sharing_copy)
 
 
 def _spec(targets):
@@ -66,8 +65,8 @@ def bench_apply(s: Settings) -> dict:
 
 def bench_forward(s: Settings) -> dict:
     base = _gpt2(s).eval()
-    ours = peftspec.apply(_spec(GPT2_TARGETS), copy.deepcopy(base)).eval()
-    hf = _hf(copy.deepcopy(base), GPT2_TARGETS, conv1d=True).eval()
+    ours = peftspec.apply(_spec(GPT2_TARGETS), sharing_copy(base)).eval()
+    hf = _hf(sharing_copy(base), GPT2_TARGETS, conv1d=True).eval()
     gen = torch.Generator().manual_seed(0)
     mine = peftspec.adapter_params(ours)
     with torch.no_grad():

@@ -27,7 +27,6 @@ Run ``python bench/bench_methods.py`` (several minutes), ``--only apply``,
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib.util
 import json
@@ -149,25 +148,13 @@ def bench_apply(case: MethodCase, s: Settings, reg) -> dict:
             "min_ratio": min(times["peftspec"]) / min(times["hf"])}
 
 
-def _sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model``'s modules that holds the very same parameters and buffers.
-
-    The three variants then read one set of base weights from the same memory: with
-    a copy each, where each copy's weights landed (``lm_head`` alone is 154 MB)
-    moved the whole-model ratio by several percent between runs, more than a method
-    costs. Neither method writes the base weights (peftspec's own check proves it
-    for peftspec: the outputs are compared bit for bit below)."""
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 def bench_forward(case: MethodCase, s: Settings, reg) -> dict:
     fs = s.forward
     base = core._gpt2(fs).eval()
     spec = peftspec.parse_spec(case.rule(case.gpt2_targets), registry=reg)
     models = {"base": base,
-              "peftspec": peftspec.apply(spec, _sharing_copy(base), registry=reg).eval(),
-              "hf": _hf_apply(_sharing_copy(base), case, case.gpt2_targets,
+              "peftspec": peftspec.apply(spec, core.sharing_copy(base), registry=reg).eval(),
+              "hf": _hf_apply(core.sharing_copy(base), case, case.gpt2_targets,
                               conv1d=case.gpt2_targets != ["lm_head"]).eval()}
     shared = {t.data_ptr() for t in base.parameters()}
     for k in ("peftspec", "hf"):
