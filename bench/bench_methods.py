@@ -11,7 +11,8 @@ method, its peftspec rule and its HF PEFT config):
    ``torch.no_grad``: each variant's forward time over the plain model's,
    base and both variants interleaved, median of the per-round ratios. The
    three share one set of base weights (the same memory), so where a copy's
-   weights landed does not move the ratio. Goal: peftspec's overhead <= HF's. HF PEFT's LoHa, LoKr and OFT adapt only
+   weights landed does not move the ratio. Goal: peftspec's overhead <= HF's.
+   HF PEFT's LoHa, LoKr and OFT adapt only
    ``nn.Linear``, which in GPT-2 is ``lm_head`` (768 -> 50,257) alone, so they
    are measured there; LoRA, IA3 and VeRA adapt the ``Conv1D`` projections.
 
