@@ -468,7 +468,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         after(model=model, plan=plan)
         # an after_apply hook may have changed the modules since: then verify looks again
         verify(model, snapshot, adapter_tensors, plan, adapter.records, registry,
-               kept=None if kept is None or after.get_hookimpls() else kept)
+               kept=None if after.get_hookimpls() else kept)
     except BaseException:
         state.adapters.pop(name, None)
         state.active = None
