@@ -134,16 +134,17 @@ def _gpt2(s: Settings) -> GPT2LMHeadModel:
 
 
 def _gpt2_variants(s: Settings, which: str) -> dict[str, torch.nn.Module]:
-    """The plain model and its LoRA r=16 twins (peftspec, HF), same base weights."""
+    """The plain model and its LoRA r=16 twins (peftspec, HF), sharing its base
+    tensors (:func:`sharing_copy`)."""
     base = _gpt2(s)
     out = {}
     if "base" in which:
         out["base"] = base
     if "peftspec" in which:
         spec = _lora_spec([f"**.{t}" for t in GPT2_TARGETS], r=16, alpha=32)
-        out["peftspec"] = peftspec.apply(spec, copy.deepcopy(base))
+        out["peftspec"] = peftspec.apply(spec, sharing_copy(base))
     if "hf" in which:
-        out["hf"] = _hf_lora(copy.deepcopy(base), 16, 32, GPT2_TARGETS, conv1d=True)
+        out["hf"] = _hf_lora(sharing_copy(base), 16, 32, GPT2_TARGETS, conv1d=True)
     return out
 
 
