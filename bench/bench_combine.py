@@ -140,7 +140,7 @@ def hf_rows(scenario, rank):
 
 def ours_rows(scenario, rank, tmp: Path):
     import peftspec
-    from peftspec.combine_files import combine
+    from peftspec.merging.combine import combine
 
     pm = hf_model(scenario)
     refs = references(pm, rank)

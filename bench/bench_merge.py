@@ -32,7 +32,7 @@ CHILD_PRELUDE = textwrap.dedent("""
 VARIANTS = {
     "interpreter (imports only)": "pass",
     "peftspec merge (streamed)": textwrap.dedent("""
-        from peftspec.merge_stream import merge_to_dir
+        from peftspec.merging.stream import merge_to_dir
         merge_to_dir("hf:" + sys.argv[1], sys.argv[2], sys.argv[3] + "/ours")
     """),
     "HF PEFT load + merge_and_unload + save": textwrap.dedent("""

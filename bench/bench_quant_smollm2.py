@@ -82,8 +82,8 @@ def main(argv=None) -> None:
     import torch
 
     import peftspec
-    from peftspec.frozen import thaw
-    from peftspec.train.config import TrainConfig
+    from peftspec.core.packed import thaw
+    from peftspec.core.train_config import TrainConfig
     from peftspec.train.loop import train
 
     reg = peftspec.build_registry()

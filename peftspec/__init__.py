@@ -21,28 +21,28 @@ __version__ = "0.1.0"
 
 from pathlib import Path  # noqa: E402
 
-from . import quiet as _quiet  # noqa: E402
+from peftspec.core import quiet as _quiet  # noqa: E402
 
 _quiet.install()  # torchao's kernel-loading warnings never reach the terminal
 
 from torch import nn  # noqa: E402
 
-from .errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402
+from peftspec.core.errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402
                      PeftspecError, PluginError, Problem, SpecError)
-from .hookspecs import hookimpl  # noqa: E402
-from .method import AdapterModule, Method, TrainingHooks, adapter_params  # noqa: E402
-from .options import option, selectors  # noqa: E402
-from .patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
+from peftspec.core.hookspecs import hookimpl  # noqa: E402
+from peftspec.core.method import AdapterModule, Method, TrainingHooks, adapter_params  # noqa: E402
+from peftspec.core.options import option, selectors  # noqa: E402
+from peftspec.core.patching import (active_adapter, adapter_names, apply_plan, disabled,  # noqa: E402
                        is_patched, merge, remove, use, using)
-from .plan import Plan, Step, compile_plan, compile_with_tensors  # noqa: E402
-from .rows import rows  # noqa: E402
-from .sizeguard import AdapterTooLarge, check_fits  # noqa: E402
-from .plugins import build_registry, get_registry  # noqa: E402
-from .spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
-from .adapter_file import load_adapter, save_adapter  # noqa: E402
-from .hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
-from .gguf_export import export_gguf  # noqa: E402
-from .combine_files import CombineError, combine  # noqa: E402
+from peftspec.core.plan import Plan, Step, compile_plan, compile_with_tensors  # noqa: E402
+from peftspec.core.rows import rows  # noqa: E402
+from peftspec.core.sizeguard import AdapterTooLarge, check_fits  # noqa: E402
+from peftspec.core.registry import build_registry, get_registry  # noqa: E402
+from peftspec.core.spec import Rule, Spec, load_spec, parse_spec  # noqa: E402
+from peftspec.formats.adapter_file import load_adapter, save_adapter  # noqa: E402
+from peftspec.formats.hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
+from peftspec.formats.gguf_export import export_gguf  # noqa: E402
+from peftspec.merging.combine import CombineError, combine  # noqa: E402
 
 
 def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bool = False,
@@ -50,7 +50,7 @@ def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bo
     """Load (if a path), compile and apply ``spec`` to ``model`` in place.
 
     An adapter larger than the base or than the memory available is refused
-    (:class:`peftspec.sizeguard.AdapterTooLarge`) unless ``force``; ``training``
+    (:class:`peftspec.core.sizeguard.AdapterTooLarge`) unless ``force``; ``training``
     counts its gradients and AdamW states in that check too."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry=registry)
@@ -76,10 +76,10 @@ def load_model(source: str | None = None, registry=None, *,
 
 
 def training_hooks(model: nn.Module, total_steps: int) -> list:
-    """The active adapter's :class:`peftspec.method.TrainingHooks` (AdaLoRA's rank
+    """The active adapter's :class:`peftspec.core.method.TrainingHooks` (AdaLoRA's rank
     allocation and regularizer), for a hand-written loop: see
     :mod:`peftspec.train.hooks`. ``peftspec train`` calls them itself."""
-    from .train.hooks import training_hooks as hooks
+    from peftspec.train.hooks import training_hooks as hooks
 
     return hooks(model, total_steps)
 
@@ -90,7 +90,7 @@ def init_from_data(model: nn.Module, batches, report=None) -> None:
     optionally ``attention_mask`` / ``labels``; ``report``: a callable given
     progress lines). ``peftspec train`` calls it itself. EVA may change ranks
     and so rebuild the adapter: build the optimizer after this call."""
-    from .train.hooks import init_from_data as init
+    from peftspec.train.hooks import init_from_data as init
 
     init(model, batches, report)
 

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import PeftspecError
+from peftspec.core.errors import PeftspecError
 
 
 class GenerateError(PeftspecError):
@@ -86,7 +86,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from ``path``: JSONL records ``{"prompt": ...}`` (a ``completion``
     or ``expected`` key is kept as the expected answer; training data works as
     is), or any other file as one prompt per non-blank line."""
-    from .train.data import DataError, read_text
+    from peftspec.data.examples import DataError, read_text
 
     path = Path(path)
     raw = read_text(path, "prompts file")
@@ -119,10 +119,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 def load(source: str | None, adapters: Sequence[str | Path] = (), *, registry=None) -> Session:
     """Load the model ``source`` names, its tokenizer, and each adapter file
     beside the others (named after its file stem, made unique)."""
-    from . import load_adapter
-    from .plugins import get_registry
-    from .train.tasks import adapter_labels
-    from .train.tokenizer import tokenizer_for
+    from peftspec import load_adapter
+    from peftspec.core.registry import get_registry
+    from peftspec.train.tasks import adapter_labels
+    from peftspec.models.tokenizer import tokenizer_for
 
     registry = registry or get_registry()
     for path in adapters:
@@ -246,12 +246,12 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
     change base tensors in place, which :func:`peftspec.rows` does not
     switch per row (it would silently run such rows as the base), so those
     adapters get a pass of their own through :func:`peftspec.use`."""
-    from .rows import rows
+    from peftspec.core.rows import rows
 
     named = [a for a in adapters if a is not None]
     if not named or (len(named) == 1 and None not in adapters):
         return [set(adapters)]
-    from .patching import state_of
+    from peftspec.core.patching import state_of
 
     state = state_of(model)
     together, alone = [], []
@@ -272,8 +272,8 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
 @contextlib.contextmanager
 def _adapters(model, names: list[str | None]):
     """Row ``i`` through ``names[i]``: one adapter (or none) by switching, several by rows."""
-    from .patching import active_adapter, disabled, is_patched, use
-    from .rows import rows
+    from peftspec.core.patching import active_adapter, disabled, is_patched, use
+    from peftspec.core.rows import rows
 
     distinct = set(names)
     if not is_patched(model):

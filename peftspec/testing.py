@@ -98,7 +98,7 @@ class _Failed(Exception):
 
 
 def _default_model() -> nn.Module:
-    from .models.nanogpt import GPT, GPTConfig
+    from peftspec.models.nanogpt import GPT, GPTConfig
 
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
 
@@ -331,7 +331,7 @@ class _Checks:
         ps = self.ps
         ps.save_adapter(self.base, self.file)
         fresh = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
-        from .method import adapter_state  # what the file stores (P-tuning: the prompt)
+        from peftspec.core.method import adapter_state  # what the file stores (P-tuning: the prompt)
 
         ours, theirs = adapter_state(self.base), adapter_state(fresh)
         _expect(set(ours) == set(theirs), f"loaded adapter tensors differ in names: "
@@ -434,7 +434,7 @@ class _Checks:
         return f"max |diff| {diff:.2g}"
 
     def hf_peft(self):
-        from .method import Method
+        from peftspec.core.method import Method
 
         undeclared = sorted({m.name for m in self.methods if m.family != "train" and not (
             m.hf_peft_types or type(m).to_hf_peft is not Method.to_hf_peft)})

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
-from peftspec.method import TrainingHooks
+from peftspec.core.method import TrainingHooks
 
 from .base_layer import base_output
 from .lora import _dims, _kind
@@ -215,7 +215,7 @@ class RankAllocator(TrainingHooks):
 
     def resume(self, step: int) -> None:
         if step < self.final_step:
-            from peftspec.errors import PeftspecError
+            from peftspec.core.errors import PeftspecError
 
             raise PeftspecError(
                 f"cannot resume an AdaLoRA run at step {step}: its importance averages (which "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftspec import Method, Problem, hookimpl, selectors
-from peftspec._fastmodule import init_module, parameter
+from peftspec.core.fastmodule import init_module, parameter
 
 from .base_layer import base_output
 

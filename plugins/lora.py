@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
-from peftspec._fastmodule import init_module
-from peftspec.frozen import dequantized, install_weight
+from peftspec.core.fastmodule import init_module
+from peftspec.core.packed import dequantized, install_weight
 
 from . import lora_eva, lora_eva_apply, lora_init
 from .base_layer import base_output
@@ -156,7 +156,7 @@ class LoRALinear(nn.Module):
 
     def _weight_out_in(self) -> torch.Tensor:
         # A [[freeze]]-packed weight (nf4, int8...) comes back as a temporary dense
-        # copy, never stored (peftspec.frozen); a plain weight is itself.
+        # copy, never stored (peftspec.core.packed); a plain weight is itself.
         w = dequantized(self.weight)
         return w.t() if self.kind == "conv1d" else w
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from peftspec.errors import PeftspecError
-from peftspec.hf_peft.spec_writer import toml_value
-from peftspec.untrusted import toml_loads
+from peftspec.core.errors import PeftspecError
+from peftspec.formats.hf_peft.spec_writer import toml_value
+from peftspec.core.untrusted import toml_loads
 
 from . import lora_eva
 
@@ -23,7 +23,7 @@ EVA_KEYS = ("eva_rho", "eva_tau", "eva_whiten", "eva_adjust_scaling", "eva_label
 def init_from_data(model, steps, batches, report) -> dict[str, int]:
     """Initialise the ``init = "eva"`` steps of the active adapter from ``batches``;
     returns each layer's rank."""
-    from peftspec.patching import state_of
+    from peftspec.core.patching import state_of
 
     steps = [s for s in steps if s.options.init == "eva"]
     if not steps:
@@ -60,9 +60,9 @@ def init_from_data(model, steps, batches, report) -> dict[str, int]:
 
 def _rebuild(model, state, steps, ranks: dict[str, int]) -> None:
     """Remove the adapter and apply it again from the spec with EVA's ranks."""
-    from peftspec.patching import apply_plan, remove
-    from peftspec.plan import compile_plan
-    from peftspec.spec import parse_spec
+    from peftspec.core.patching import apply_plan, remove
+    from peftspec.core.plan import compile_plan
+    from peftspec.core.spec import parse_spec
 
     spec = state.plan.spec
     name = state.active

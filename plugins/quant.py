@@ -18,7 +18,7 @@ only the rows it reads: one scale per row is one per token); nf4 stores
 Linear weights only, as QLoRA does (its blocks run across a row's values,
 and bitsandbytes and torchao keep embeddings in the compute dtype).
 
-Each stores the weight as a :class:`peftspec.frozen.PackedWeight`; its
+Each stores the weight as a :class:`peftspec.core.packed.PackedWeight`; its
 ``dequantize`` is the one fast path every forward goes through.
 """
 
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import hookimpl, option, selectors
-from peftspec.frozen import Codec, PackedWeight
-from peftspec.method import FreezeMethod
+from peftspec.core.packed import Codec, PackedWeight
+from peftspec.core.method import FreezeMethod
 
 # The NF4 code book (QLoRA's Appendix E), as torchao writes it.
 NF4_VALUES = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796,
@@ -73,8 +73,8 @@ class NF4Options:
 
 def _torchao_nf4_tensor():
     """torchao's ``NF4Tensor`` class: imported only here, when a rule asks for nf4,
-    with its kernel-loading chatter kept off the terminal (peftspec.quiet)."""
-    from peftspec.quiet import quiet_torchao
+    with its kernel-loading chatter kept off the terminal (peftspec.core.quiet)."""
+    from peftspec.core.quiet import quiet_torchao
 
     with quiet_torchao():
         try:  # torchao >= 0.15

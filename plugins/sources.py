@@ -138,7 +138,7 @@ def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Mo
     the model needs to find each row's last token."""
     import transformers
 
-    from peftspec.train.tokenizer import HFTokenizer
+    from peftspec.models.tokenizer import HFTokenizer
 
     extra = {}
     if getattr(config, "pad_token_id", None) is None:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, Problem, hookimpl, option, selectors
-from peftspec.frozen import is_packed
-from peftspec.matching import parse_selector
+from peftspec.core.packed import is_packed
+from peftspec.core.matching import parse_selector
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, hookimpl, option, selectors
-from peftspec._fastmodule import init_module, parameter
+from peftspec.core.fastmodule import init_module, parameter
 
 from .base_layer import base_output
 

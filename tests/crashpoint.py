@@ -79,7 +79,7 @@ def arm(n: int) -> None:
     shutil.copy2 = _counted(shutil.copy2)
     builtins.open = _wrap_open(builtins.open)
     os.fdopen = _wrap_open(os.fdopen)
-    import peftspec.atomicio as atomicio
+    import peftspec.core.atomicio as atomicio
 
     atomicio._exchange = _counted(atomicio._exchange)
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import peftspec
 from peftspec.models.nanogpt import GPT, GPTConfig
-from peftspec.train.config import TrainConfig
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import train
 
 COMMON = dict(steps=3, batch_size=4, grad_accum=2, max_length=32, lr=1e-2, eval_split=0.2,

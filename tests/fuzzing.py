@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 
 from hypothesis import strategies as st
 
-from peftspec.errors import PeftspecError
+from peftspec.core.errors import PeftspecError
 
 EXPLORE = os.environ.get("HYPOTHESIS_PROFILE") == "explore"
 LIMIT_S = float(os.environ.get("PEFTSPEC_FUZZ_LIMIT_S", 1.0 if EXPLORE else 10.0))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.errors import PeftspecError, SpecError
+from peftspec.core.errors import PeftspecError, SpecError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import peftspec
-from peftspec.adapter_file import read_metadata
+from peftspec.formats.adapter_file import read_metadata
 from peftspec.models.nanogpt import GPT, GPTConfig
 
 SPEC = textwrap.dedent("""
@@ -148,7 +148,7 @@ def test_crash_mid_save_leaves_previous_file_intact(trained, tmp_path):
     # (SIGKILL) while writing; the previous file must be untouched
     script = textwrap.dedent(f"""
         import os, signal, peftspec, torch
-        import peftspec.adapter_file as af
+        import peftspec.formats.adapter_file as af
         from peftspec.models.nanogpt import GPT, GPTConfig
         model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
         peftspec.apply(peftspec.parse_spec({SPEC!r}), model)
@@ -195,7 +195,7 @@ def test_nothing_is_unpickled():
 
 
 def test_describe_file(trained):
-    from peftspec.adapter_file import describe_file
+    from peftspec.formats.adapter_file import describe_file
 
     _, path = trained
     info = describe_file(path)

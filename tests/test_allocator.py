@@ -72,7 +72,7 @@ def test_train_fixes_it_only_for_a_spec_with_freeze_rules(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(loop, "Run", stop)
-    from peftspec.train.config import TrainConfig
+    from peftspec.core.train_config import TrainConfig
 
     cfg = TrainConfig.resolve(data="data/harbour.txt", steps=1)
     for text, expected in (('[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\n', 0),

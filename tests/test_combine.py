@@ -18,9 +18,9 @@ from hypothesis import given, settings, strategies as st
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.combine_files import CombineError, combine
-from peftspec.combine_math import dare_mask, factored_low_rank
-from peftspec.safetensors_io import serialize
+from peftspec.merging.combine import CombineError, combine
+from peftspec.merging.combine_math import dare_mask, factored_low_rank
+from peftspec.core.safetensors_io import serialize
 from toymodels import ToyConfig, ToyNet
 
 CFG = ToyConfig(d=8, hidden=12, n_blocks=2, vocab=11)
@@ -176,7 +176,7 @@ def test_ties_is_the_dense_definition_then_rank_r(pair, tmp_path, sign):
 
 def test_ties_agrees_with_hf_peft_merge_utils_on_dense_tensors():
     merge_utils = pytest.importorskip("peft.utils.merge_utils")
-    from peftspec.combine_math import Term, dense_combination
+    from peftspec.merging.combine_math import Term, dense_combination
 
     gen = torch.Generator().manual_seed(0)
     terms = [Term(i, w, s, torch.randn(r, 9, generator=gen), torch.randn(7, r, generator=gen))
@@ -270,9 +270,9 @@ def test_the_result_is_an_ordinary_adapter_file(pair, tmp_path):
     a, b, *_ = pair
     out = tmp_path / "c.safetensors"
     combine([a, b], [0.5, 0.5], method="svd", out=out)
-    meta = peftspec.adapter_file.read_metadata(out)
+    meta = peftspec.formats.adapter_file.read_metadata(out)
     assert json.loads(meta["combine"])["method"] == "svd"
-    assert meta["base_digest"] == peftspec.adapter_file.read_metadata(a)["base_digest"]
+    assert meta["base_digest"] == peftspec.formats.adapter_file.read_metadata(a)["base_digest"]
     model = base()
     peftspec.load_adapter(model, out)
     x = torch.tensor([[1, 2, 3, 4]])

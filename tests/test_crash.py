@@ -51,7 +51,7 @@ TRAIN = ["train", str(ROOT / "specs" / "train-lora.toml"), "--data",
 
 def check_checkpoints(ckpt: Path) -> None:
     """Every checkpoint under a final name is whole; 'latest' names one."""
-    from peftspec.train import checkpoint
+    from peftspec.train import resume as checkpoint
 
     if not ckpt.exists():
         return

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from peftspec.cli import cli
-from peftspec.train import data
+from peftspec.data import examples as data
 from peftspec.train.distributed import DistributedError, World
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_two_processes_train_the_one_process_adapter(setup, fsdp):
 @pytest.mark.slow
 def test_api_frozen_base_and_resume_under_ddp_and_fsdp(setup):
     from peftspec import parse_spec
-    from peftspec.train.config import TrainConfig
+    from peftspec.core.train_config import TrainConfig
     from peftspec.train.loop import train
 
     sys.path.insert(0, str(ROOT / "tests"))

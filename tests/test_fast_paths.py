@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import peftspec
-from peftspec import _fastmodule
-from peftspec._fastmodule import all_modules, init_module
-from peftspec.patching import _set_child
+from peftspec.core import fastmodule as _fastmodule
+from peftspec.core.fastmodule import all_modules, init_module
+from peftspec.core.patching import _set_child
 from peftspec_plugins.lora import LoRALinear, LoRAOptions, _kaiming_bound
 
 
@@ -111,7 +111,7 @@ def test_apply_takes_the_fast_paths_on_the_installed_transformers(monkeypatch):
     import pytest
 
     transformers = pytest.importorskip("transformers")
-    from peftspec import patching
+    from peftspec.core import patching
 
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2,

@@ -12,10 +12,10 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import peftspec
-from peftspec._fastmodule import gc_paused, parameter
-from peftspec.fingerprint import digest, fingerprint, named_tensors, tensors_digest
-from peftspec.plan import _by_leaf, _resolve_all, _Types, _walk
-from peftspec.spec import Rule
+from peftspec.core.fastmodule import gc_paused, parameter
+from peftspec.core.fingerprint import digest, fingerprint, named_tensors, tensors_digest
+from peftspec.core.plan import _by_leaf, _resolve_all, _Types, _walk
+from peftspec.core.spec import Rule
 from toymodels import ToyConfig, ToyNet
 
 
@@ -102,7 +102,7 @@ def test_leaf_index_resolves_as_a_full_scan(names, selectors):
     slow = _resolve_all(rule, "modules", selectors, "modules", modules, types, {},
                         lambda *a, **k: problems.append(a), None)
     assert fast == slow
-    from peftspec.matching import parse_selector
+    from peftspec.core.matching import parse_selector
     assert fast == {n for n in names for s in selectors if parse_selector(s).matches(n)}
     assert not problems  # optional rule: no "matched nothing" problems
     index = _by_leaf(modules)
@@ -208,7 +208,7 @@ def test_vera_adapt_equals_the_old_formula():
 def test_compiler_steps_equal_dataclass_steps():
     from dataclasses import fields
 
-    from peftspec.plan import Step, _step
+    from peftspec.core.plan import Step, _step
 
     args = ("blocks.0.attn.q", "lora", "reparameterize", object(), ("modules",),
             "reparameterize[0]", 3)
@@ -219,7 +219,7 @@ def test_compiler_steps_equal_dataclass_steps():
 
 
 def test_base_bytes_fast_path_equals_the_general_loop():
-    from peftspec.plan import _base_bytes
+    from peftspec.core.plan import _base_bytes
 
     model = ToyNet(ToyConfig(n_blocks=2))
     model.blocks[0].attn["o"].to(torch.float16)  # two dtypes: bytes are per element size

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftspec
-from peftspec.errors import AdapterFileError, PeftspecError, SpecError
-from peftspec.frozen import (dequantized, frozen_modules, is_packed, packed_parameters,
+from peftspec.core.errors import AdapterFileError, PeftspecError, SpecError
+from peftspec.core.packed import (dequantized, frozen_modules, is_packed, packed_parameters,
                              stored_bytes, stored_tensors, thaw)
 from toymodels import ToyConfig, ToyNet
 
@@ -347,7 +347,7 @@ def test_import_peftspec_does_not_import_torchao_and_its_noise_stays_off_the_ter
     """One interpreter: peftspec, its plugins and registry import no torchao; then
     transformers (which imports torchao on its own whenever it is installed) prints
     none of torchao's kernel-loading lines."""
-    code = ("import sys, peftspec, peftspec.frozen, peftspec_plugins.quant; "
+    code = ("import sys, peftspec, peftspec.core.packed, peftspec_plugins.quant; "
             "reg = peftspec.build_registry(); assert 'nf4' in reg.methods; "
             "print('torchao' in sys.modules); "
             "import transformers; from transformers import LlamaForCausalLM; "
@@ -365,7 +365,7 @@ def test_large_weights_multiply_a_slice_of_rows_at_a_time(method, monkeypatch):
     """Above CHUNK_ELEMENTS a weight is dequantized rows r0:r1 at a time (a small,
     reused buffer): the slices are the whole dequantization bit for bit, and the
     products and input gradients equal the whole-weight path's."""
-    import peftspec.frozen as frozen
+    import peftspec.core.packed as frozen
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96, bias=True))

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.frozen import dequantized
+from peftspec.core.packed import dequantized
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchao")
@@ -89,7 +89,7 @@ def test_merge_onto(setup, onto):
     base = read(base_dir)
     assert set(s) == set(base) and all(s[k].dtype == base[k].dtype for k in s)
     # in memory (a py: source would go this way) writes the same tensors
-    from peftspec.merge_stream import _merge_in_memory
+    from peftspec.merging.stream import _merge_in_memory
 
     in_memory.mkdir()
     reg = peftspec.build_registry()

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftspec
-from peftspec.frozen import packed_parameters, stored_tensors
+from peftspec.core.packed import packed_parameters, stored_tensors
 from test_properties import specs
 from toymodels import ToyConfig, ToyNet
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import peftspec
-from peftspec.errors import PeftspecError
-from peftspec.frozen import packed_parameters, stored_tensors
+from peftspec.core.errors import PeftspecError
+from peftspec.core.packed import packed_parameters, stored_tensors
 from peftspec.models.nanogpt import GPT, GPTConfig
-from peftspec.train.config import TrainConfig
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.distributed import World
 from peftspec.train.loop import train
 

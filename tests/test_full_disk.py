@@ -202,7 +202,7 @@ def test_fault_leaves_previous_output_and_names_path(case, fault, disk, adapter,
 
 def test_enospc_without_a_mount_names_path_and_bytes(tmp_path, monkeypatch):
     """The same message when the failure is injected (any machine, any user)."""
-    from peftspec.atomicio import WriteError, atomic_write_bytes
+    from peftspec.core.atomicio import WriteError, atomic_write_bytes
 
     target = tmp_path / "x.bin"
     target.write_bytes(PREVIOUS)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import peftspec
-from peftspec.adapter_file import describe_file, read_metadata
+from peftspec.formats.adapter_file import describe_file, read_metadata
 from peftspec.models.nanogpt import GPT, GPTConfig
 from fuzzing import (JSON, TOML_DOCS, mutate_doc, mutated_safetensors, outcome, to_toml)
 
@@ -283,7 +283,7 @@ LINES = st.one_of(
 
 
 def read_data(path: Path):
-    from peftspec.train.data import Labels, read_examples
+    from peftspec.data.examples import Labels, read_examples
 
     examples = read_examples(path)
     if any(ex.label is not None for ex in examples):
@@ -324,7 +324,7 @@ def test_metrics_log_reader(lines, work):
     lambda b: b.decode("latin-1")), st.just('{"format": "peftspec.checkpoint"}')),
        latest=st.one_of(st.none(), st.text(max_size=20)))
 def test_checkpoint_reader(state_text, latest, work):
-    from peftspec.train import checkpoint as ckpt
+    from peftspec.train import resume as ckpt
 
     folder = fresh(work, ".ckpt")
     step = folder / "step-00000001"

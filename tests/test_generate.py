@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import peftspec
 from peftspec.cli import cli
 from peftspec.generate import GenerateError, Prompt, generate, load, read_prompts
-from peftspec.train.tokenizer import ByteTokenizer
+from peftspec.models.tokenizer import ByteTokenizer
 
 LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 4\n'
 DORA = LORA + "dora = true\n"
@@ -258,7 +258,7 @@ def test_sampling_is_seeded_and_streaming_reports_growing_answers(tiny_source, r
 
 
 def test_training_formats_prompts_with_the_chat_template(tiny_source, registry):
-    from peftspec.train.data import IGNORE, Example, encode
+    from peftspec.data.examples import IGNORE, Example, encode
 
     session = load(tiny_source, [], registry=registry)
     tok = session.tokenizer

@@ -31,8 +31,8 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor  # noq
 
 import peftspec  # noqa: E402
 from peftspec.cli import cli  # noqa: E402
-from peftspec.errors import ConversionError  # noqa: E402
-from peftspec.gguf_export import (export_gguf, gguf_tensor_name, permute_rows,  # noqa: E402
+from peftspec.core.errors import ConversionError  # noqa: E402
+from peftspec.formats.gguf_export import (export_gguf, gguf_tensor_name, permute_rows,  # noqa: E402
                                   unpermute_rows)
 
 from test_hf_format import randomize  # noqa: E402

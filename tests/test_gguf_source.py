@@ -96,7 +96,7 @@ def test_gguf_model_equals_transformers_own_load(cache_root, tiny, registry):
 
 
 def test_tokenizer_and_chat_template_come_along(cache_root, tiny, registry):
-    from peftspec.train.tokenizer import HFTokenizer, tokenizer_for
+    from peftspec.models.tokenizer import HFTokenizer, tokenizer_for
 
     source = f"gguf:{tiny}"
     tok = tokenizer_for(source, registry.load_model(source))
@@ -326,7 +326,7 @@ def test_hf_encoder_without_architectures_stays_the_bare_model(tmp_path, registr
 
 
 def test_merge_streams_from_the_cache_folder(cache_root, tiny, registry, tmp_path):
-    from peftspec.merge_stream import merge_to_dir
+    from peftspec.merging.stream import merge_to_dir
 
     source = f"gguf:{tiny}"
     model = registry.load_model(source)

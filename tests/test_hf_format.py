@@ -1,7 +1,7 @@
 """HF PEFT's on-disk format, both ways, against real HF PEFT.
 
 Export: a peftspec adapter (random, non-zero weights) is written with
-``peftspec.hf_peft.export_hf_peft`` and loaded by ``peft.PeftModel.from_pretrained``
+``peftspec.formats.hf_peft.export_hf_peft`` and loaded by ``peft.PeftModel.from_pretrained``
 into a fresh tiny GPT-2 (Conv1D) or Llama (Linear, grouped-query attention);
 the two models' logits must agree. Import: an adapter saved by HF PEFT's
 ``save_pretrained`` is converted, loaded with ``peftspec.load_adapter`` onto a
@@ -31,8 +31,8 @@ peft = pytest.importorskip("peft")
 
 import peftspec  # noqa: E402
 from peftspec.cli import cli  # noqa: E402
-from peftspec.errors import ConversionError  # noqa: E402
-from peftspec.hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
+from peftspec.core.errors import ConversionError  # noqa: E402
+from peftspec.formats.hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
 
 ATOL = 1e-5
 

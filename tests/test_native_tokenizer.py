@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("transformers")
 
-from peftspec.train.native_tokenizer import NativeTokenizer  # noqa: E402
-from peftspec.train.tokenizer import HFTokenizer  # noqa: E402
+from peftspec.models.native_tokenizer import NativeTokenizer  # noqa: E402
+from peftspec.models.tokenizer import HFTokenizer  # noqa: E402
 
 _PIECES = st.one_of(
     st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.errors import PeftspecError
+from peftspec.core.errors import PeftspecError
 
 PROBE = "peftspec_probe_never_import"
 WATCH: dict = {"on": False, "root": None, "events": []}

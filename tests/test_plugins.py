@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import peftspec
-from peftspec import plugins as plugin_loading
+from peftspec.core import registry as plugin_loading
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "peftspec-ia3"

@@ -107,7 +107,7 @@ def test_rows_train_through_two_adapters(tmp_path):
     ids = torch.randint(1, 100, (2, 7))
     with peftspec.rows(model, ["lora", "dora"]):
         params = [p for n in ("lora", "dora") for p in
-                  peftspec.patching.state_of(model).adapters[n].records[0].installed
+                  peftspec.core.patching.state_of(model).adapters[n].records[0].installed
                   .adapter_params().values()]
         for p in params:
             p.requires_grad_(True)
@@ -167,7 +167,7 @@ def test_rows_batched_lora_path(build, modules, tmp_path, monkeypatch):
         monkeypatch.setattr(LoRALinear, "add_rows_batched",
                             staticmethod(real if batched else lambda *a: False))
         params = {f"{n}.{rec.step.target}.{k}": p for n in ("l0", "l1", "l2") for rec in
-                  peftspec.patching.state_of(model).adapters[n].records
+                  peftspec.core.patching.state_of(model).adapters[n].records
                   for k, p in rec.installed.adapter_params().items()}
         for p in params.values():
             p.requires_grad_(True)

@@ -14,8 +14,8 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import peftspec
-from peftspec.matching import parse_selector
-from peftspec.saferegex import UnsafePattern, compile_pattern, escape
+from peftspec.core.matching import parse_selector
+from peftspec.core.saferegex import UnsafePattern, compile_pattern, escape
 
 EVIL = r"([\w.]+)+[!?]"  # exponential in Python's re: x2 per character of the name
 
@@ -138,7 +138,7 @@ GLOB_PARTS = st.sampled_from(["a", "b", "ab", "*", "**", "?", "0", "1"])
 @given(st.lists(GLOB_PARTS, min_size=1, max_size=4), NAMES)
 def test_glob_fast_paths_agree_with_the_glob_regex(parts, name):
     """``**.x``/``x.**``/``x`` are string tests; they must answer as the regex does."""
-    from peftspec.matching import _glob_to_regex
+    from peftspec.core.matching import _glob_to_regex
 
     glob = ".".join(parts)
     sel = parse_selector(glob)
@@ -180,7 +180,7 @@ def _hf_folder(tmp_path, **config_changes):
 ], ids=["target_modules", "exclude_modules", "layers_pattern", "modules_to_save",
         "rank_pattern"])
 def test_hf_config_patterns_are_linear_time(change, tmp_path):
-    from peftspec.errors import ConversionError
+    from peftspec.core.errors import ConversionError
 
     hf, arch = _hf_folder(tmp_path, **change)
     with hang_guard():
@@ -192,7 +192,7 @@ def test_hf_config_patterns_are_linear_time(change, tmp_path):
 
 @pytest.mark.parametrize("key", ["target_modules", "exclude_modules"])
 def test_hf_config_lookaround_is_refused_clearly(key, tmp_path):
-    from peftspec.errors import ConversionError
+    from peftspec.core.errors import ConversionError
 
     hf, arch = _hf_folder(tmp_path, **{key: r"^(?!.*lm_head).*q_proj$"})
     with pytest.raises(ConversionError) as exc:

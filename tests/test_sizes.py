@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import peftspec
 from peftspec.cli import cli
-from peftspec.sizeguard import AdapterTooLarge, check_fits
+from peftspec.core.sizeguard import AdapterTooLarge, check_fits
 
 
 def invoke(*args):
@@ -80,7 +80,7 @@ def test_adapter_larger_than_the_base_is_refused_before_allocating(tmp_path):
 
 
 def test_force_lets_a_large_but_possible_adapter_through(tmp_path, monkeypatch):
-    import peftspec.sizeguard as guard
+    import peftspec.core.sizeguard as guard
 
     monkeypatch.setattr(guard, "MIN_REFUSED_BYTES", 1 << 20)  # not 64 MiB: a small test
     p = write(tmp_path, BIG.format(size=1024))  # 4 sites x ~263k parameters > 859k
@@ -126,7 +126,7 @@ def test_memory_check_names_need_and_available():
 
 
 def test_apply_checks_memory_before_touching_the_model(monkeypatch):
-    import peftspec.sizeguard as guard
+    import peftspec.core.sizeguard as guard
 
     monkeypatch.setattr(guard, "available_memory", lambda: 1000)
     model = peftspec.load_model(None)
@@ -137,7 +137,7 @@ def test_apply_checks_memory_before_touching_the_model(monkeypatch):
 
 
 def test_available_memory_is_read():
-    from peftspec.sizeguard import available_memory
+    from peftspec.core.sizeguard import available_memory
 
     free = available_memory()
     assert free is None or free > 0

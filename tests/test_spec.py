@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 import peftspec
-from peftspec.matching import parse_selector
-from peftspec.tomlpos import LineMap
+from peftspec.core.matching import parse_selector
+from peftspec.core.tomlpos import LineMap
 
 
 def parse(text: str, registry, file="s.toml"):
@@ -142,7 +142,7 @@ def test_type_selector_matches_base_classes():
         pass
 
     sel = parse_selector("type:Linear")
-    from peftspec.matching import class_names
+    from peftspec.core.matching import class_names
     assert sel.matches("x", class_names(MyLinear(2, 2)))
     assert not sel.matches("x", class_names(nn.LayerNorm(2)))
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import peftspec
-from peftspec.tomlerrors import open_at, scan
+from peftspec.core.tomlerrors import open_at, scan
 
 
 def first_problem(text: str, registry) -> str:

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 import peftspec
 from peftspec.cli import cli
 from peftspec.models.nanogpt import GPT, GPTConfig
-from peftspec.train import data
-from peftspec.train.config import TrainConfig
+from peftspec.data import examples as data
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import train
-from peftspec.train.tokenizer import ByteTokenizer
+from peftspec.models.tokenizer import ByteTokenizer
 
 LORA = """
 [spec]
@@ -207,7 +207,7 @@ def test_gradient_checkpointing_matches_and_trains_through_frozen_embedding(corp
         torch.manual_seed(0)
         peftspec.apply(peftspec.parse_spec(LORA.replace("0.1", "0.0")), model)
         if checkpointed:
-            from peftspec.train import checkpointing
+            from peftspec.train import grad_checkpoint as checkpointing
             checkpointing.enable(model)
         loss = model(**batch).loss
         loss.backward()

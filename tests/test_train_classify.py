@@ -19,11 +19,11 @@ from safetensors import safe_open
 import peftspec
 from peftspec.cli import cli
 from peftspec.models.nanogpt import GPTConfig, GPTForSequenceClassification
-from peftspec.train import data
-from peftspec.train.config import TrainConfig
+from peftspec.data import examples as data
+from peftspec.core.train_config import TrainConfig
 from peftspec.train.loop import train
 from peftspec.train.tasks import TaskError, adapter_labels
-from peftspec.train.tokenizer import ByteTokenizer, tokenizer_for
+from peftspec.models.tokenizer import ByteTokenizer, tokenizer_for
 
 SPEC = """
 [spec]
@@ -207,7 +207,7 @@ def test_default_source_num_labels_syntax(registry):
 
 
 def test_a_source_without_num_labels_says_so():
-    from peftspec.hookspecs import hookimpl
+    from peftspec.core.hookspecs import hookimpl
 
     class Plugin:
         @hookimpl

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftspec
-from peftspec.errors import ConversionError, SpecError
+from peftspec.core.errors import ConversionError, SpecError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..combine_math import METHODS, SIGN_METHODS
-from .common import MODEL_HELP, err, out, registry
+from peftspec.merging.combine_math import METHODS, SIGN_METHODS
+from peftspec.cli.common import MODEL_HELP, err, out, registry
 
 
 @click.command()
@@ -48,7 +48,7 @@ def combine(adapters, weights, method, density, rank, seed, majority_sign, model
       peftspec combine a.safetensors b.safetensors -w 1,1 --method ties \\
           --density 0.2 --out ab.safetensors
     """
-    from ..combine_files import combine as run_combine, parse_weights
+    from peftspec.merging.combine import combine as run_combine, parse_weights
 
     reg = registry()
     ws = parse_weights(weights, len(adapters))

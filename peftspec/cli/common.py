@@ -15,8 +15,8 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..atomicio import human_bytes  # noqa: F401 - the commands' byte formatter
-from ..errors import PeftspecError
+from peftspec.core.atomicio import human_bytes  # noqa: F401 - the commands' byte formatter
+from peftspec.core.errors import PeftspecError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -48,7 +48,7 @@ class Group(click.Group):
 
 
 def registry():
-    from ..plugins import get_registry
+    from peftspec.core.registry import get_registry
     import warnings
 
     with warnings.catch_warnings():
@@ -61,8 +61,8 @@ def registry():
 
 def load(spec: Path, model: str | None):
     """(registry, spec, model, plan) for SPEC on the model source MODEL."""
-    from ..plan import compile_plan
-    from ..spec import load_spec
+    from peftspec.core.plan import compile_plan
+    from peftspec.core.spec import load_spec
 
     reg = registry()
     s = load_spec(spec, registry=reg)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn)
 
-from .common import MODEL_HELP, err, out
+from peftspec.cli.common import MODEL_HELP, err, out
 
 
 def _finished_line(record: dict, cached: bool) -> str:
@@ -46,9 +46,9 @@ def _command_line(ctx: click.Context) -> list[str]:
 
 
 def _report(folder: Path, as_json: bool, as_markdown: bool) -> None:
-    from ..compare import figures
-    from ..compare.runner import read_results
-    from ..compare.table import markdown, tables
+    from peftspec.compare import figures
+    from peftspec.compare.runner import read_results
+    from peftspec.compare.table import markdown, tables
 
     results = read_results(folder)
     written = figures.draw(results, folder)
@@ -137,10 +137,10 @@ def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, 
                                    "and no --out with it")
         _report(report_dir, as_json, as_markdown)
         return
-    from ..compare import figures
-    from ..compare.runner import compare as run_compare
-    from ..compare.settings import DEFAULT_REFERENCE, Settings, entries
-    from ..compare.table import tables
+    from peftspec.compare import figures
+    from peftspec.compare.runner import compare as run_compare
+    from peftspec.compare.settings import DEFAULT_REFERENCE, Settings, entries
+    from peftspec.compare.table import tables
 
     if as_markdown:
         raise click.UsageError("--markdown goes with --report DIR")

@@ -1,7 +1,7 @@
 """``peftspec export`` and ``peftspec import``: HF PEFT's adapter folders, and
 llama.cpp's LoRA adapter GGUF files (export only).
 
-The work is done by :mod:`peftspec.hf_peft` and :mod:`peftspec.gguf_export`.
+The work is done by :mod:`peftspec.formats.hf_peft` and :mod:`peftspec.formats.gguf_export`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from ..hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
-from .common import MODEL_HELP, err, human_bytes, out, registry
+from peftspec.formats.hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
+from peftspec.cli.common import MODEL_HELP, err, human_bytes, out, registry
 
 
 @click.command("export")
@@ -55,7 +55,7 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
       peftspec export lora.safetensors --format gguf --out lora.gguf --model smollm2
     """
     if fmt == "gguf":
-        from ..gguf_export import export_gguf
+        from peftspec.formats.gguf_export import export_gguf
 
         if model is None:
             raise click.UsageError("--format gguf needs --model (the base the adapter was "
@@ -67,7 +67,7 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
         out.print(f"wrote {path} ({human_bytes(path.stat().st_size)}); use it with "
                   f"llama.cpp's --lora {path} or Ollama's ADAPTER line", soft_wrap=True)
         return
-    from ..hf_peft import export_hf_peft
+    from peftspec.formats.hf_peft import export_hf_peft
 
     if out_dir.exists() and not out_dir.is_dir():
         raise click.BadParameter(f"{out_dir} is a file; hf-peft writes a folder",
@@ -105,7 +105,7 @@ def import_cmd(src: Path, out_path: Path, spec_out: Path | None, model: str | No
       peftspec import hf-lora/ --out lora.safetensors --spec-out lora.toml \\
           --model hf:./tiny-llama
     """
-    from ..hf_peft import import_hf_peft
+    from peftspec.formats.hf_peft import import_hf_peft
 
     adapter, spec = import_hf_peft(src, out_path, spec_out, model=model, registry=registry())
     out.print(f"wrote {adapter} ({human_bytes(adapter.stat().st_size)}) and {spec}",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..train.config import OPTIONS
-from .common import human_bytes, load, out
+from peftspec.core.train_config import OPTIONS
+from peftspec.cli.common import human_bytes, load, out
 
 
 def prompt_tokens(plan) -> int:
@@ -38,8 +38,8 @@ def memory_numbers(spec: Path, model_source: str | None, batch_size: int | None,
     the spec's name; ``loaded``: what ``common.load`` returned, where the caller has it."""
     import torch
 
-    from ..patching import apply_plan
-    from ..train import memory as mem
+    from peftspec.core.patching import apply_plan
+    from peftspec.train import memory as mem
 
     reg, s, model, plan = loaded or load(spec, model_source)
     tc = s.train_config

@@ -15,9 +15,9 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import did_you_mean
-from ..explain import describe_method, toml_value
-from .common import err, out, registry
+from peftspec.core.errors import did_you_mean
+from peftspec.core.explain import describe_method, toml_value
+from peftspec.cli.common import err, out, registry
 
 _NARROWEST_SUMMARY = 24  # columns; below that the summary goes
 

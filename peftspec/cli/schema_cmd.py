@@ -1,7 +1,7 @@
 """``peftspec schema``: the spec format as JSON Schema, for TOML editors.
 
 Built from the methods installed here (third-party ones included); see
-:mod:`peftspec.schema` and ``docs/plugins.md`` for the editor set-up.
+:mod:`peftspec.core.schema` and ``docs/plugins.md`` for the editor set-up.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from ..adapter_file import atomic_write_bytes
-from ..schema import spec_schema
-from .common import err, out, registry
+from peftspec.formats.adapter_file import atomic_write_bytes
+from peftspec.core.schema import spec_schema
+from peftspec.cli.common import err, out, registry
 
 
 @click.command()
@@ -23,8 +23,8 @@ def schema(out_path: Path | None):
     """Write a JSON Schema of the spec format, for editors (Taplo / Even Better TOML).
 
     \b
-    peftspec schema --out peftspec.schema.json
-    then start a spec with the line:  #:schema ./peftspec.schema.json
+    peftspec schema --out peftspec.core.schema.json
+    then start a spec with the line:  #:schema ./peftspec.core.schema.json
     """
     text = json.dumps(spec_schema(registry()), indent=2) + "\n"
     if out_path is None:

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from .common import MODEL_HELP, err, human_bytes, load, memory_options, out, registry
+from peftspec.cli.common import MODEL_HELP, err, human_bytes, load, memory_options, out, registry
 
 
 @click.command()
@@ -22,7 +22,7 @@ def check(spec: Path, as_json: bool):
 
     Reports every problem at once, each as FILE:LINE: KEY: MESSAGE.
     """
-    from ..spec import load_spec
+    from peftspec.core.spec import load_spec
 
     s = load_spec(spec, registry=registry())
     if as_json:
@@ -67,7 +67,7 @@ def _print_plan(plan, verbose: bool) -> None:
                   f"{human_bytes(plan.base_bytes_after)} stored ({ratio:.3f}x; "
                   f"{len(plan.frozen)} module(s) frozen by {escape('[[freeze]]')})",
                   soft_wrap=True)
-    from ..sizeguard import AdapterTooLarge, check_fits
+    from peftspec.core.sizeguard import AdapterTooLarge, check_fits
 
     try:
         check_fits(plan)
@@ -109,7 +109,7 @@ def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memor
         else:
             _print_plan(p, verbose)
         return
-    from .memory_view import memory_numbers, print_memory
+    from peftspec.cli.memory_view import memory_numbers, print_memory
 
     table = memory_numbers(spec, model, batch_size, seq_len, precision, gradient_checkpointing,
                            loaded=loaded)
@@ -139,8 +139,8 @@ def apply(spec: Path, model: str | None, out_path: Path, seed: int, as_json: boo
     """
     import torch
 
-    from ..adapter_file import save_adapter
-    from ..patching import apply_plan
+    from peftspec.formats.adapter_file import save_adapter
+    from peftspec.core.patching import apply_plan
 
     reg, _, m, p = load(spec, model)
     torch.manual_seed(seed)

@@ -20,9 +20,9 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 
-from ..train.config import OPTIONS, TrainConfig
-from .common import MODEL_HELP, err, memory_options, out, registry
-from .memory_view import memory_report
+from peftspec.core.train_config import OPTIONS, TrainConfig
+from peftspec.cli.common import MODEL_HELP, err, memory_options, out, registry
+from peftspec.cli.memory_view import memory_report
 
 CLI_TYPES = {int: int, float: float, str: str}
 
@@ -41,7 +41,7 @@ def _train_option(key: str):
 
 
 def _options(f):
-    """Every training option (peftspec.train.config.OPTIONS), defaulting to None:
+    """Every training option (peftspec.core.train_config.OPTIONS), defaulting to None:
     a value not given comes from the spec's [train_config], else the default."""
     for key in reversed(list(OPTIONS)):
         f = _train_option(key)(f)
@@ -122,8 +122,8 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
       torchrun --nproc_per_node=2 --no-python -- peftspec train specs/train-lora.toml \\
         --out lora.safetensors [--fsdp]
     """
-    from ..spec import load_spec
-    from ..train.loop import train as run_train
+    from peftspec.core.spec import load_spec
+    from peftspec.train.loop import train as run_train
 
     reg = registry()
     s = load_spec(spec, registry=reg)
@@ -242,7 +242,7 @@ def report(metrics: Path, out_path: Path, title: str | None):
     METRICS is the JSONL log `peftspec train --log` writes. Needs matplotlib:
     pip install 'peftspec[plot]'.
     """
-    from ..train.report import render
+    from peftspec.train.report import render
 
     info = render(metrics, out_path, title=title)
     out.print(f"wrote {escape(str(out_path))} ({info['train_points']} train and "

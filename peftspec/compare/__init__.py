@@ -21,4 +21,4 @@ unless a spec's ``[train_config]`` sets its own ``lr``, which the table shows):
 
 from __future__ import annotations
 
-from .settings import CompareError, Entry, Settings  # noqa: F401
+from peftspec.compare.settings import CompareError, Entry, Settings  # noqa: F401

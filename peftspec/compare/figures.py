@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PeftspecError
+from peftspec.core.errors import PeftspecError
 
 FIGURES = ("loss_curves.png", "quality_vs_params.png", "memory.png", "forgetting.png")
 MIB = 1024 * 1024

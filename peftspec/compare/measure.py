@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..train import data
+from peftspec.data import examples as data
 
 LATENCY_PROMPT = "The capital of France is"
 
@@ -65,7 +65,7 @@ def _generate(model, ids: torch.Tensor, n: int, hf: bool, pad_id: int) -> None:
 @torch.no_grad()
 def token_latency(model, tok, n: int, repeats: int = 2) -> float:
     """Seconds per generated token beyond the first (see the module docstring)."""
-    from ..generate import _is_transformers, prompt_ids
+    from peftspec.generate import _is_transformers, prompt_ids
 
     hf = _is_transformers(model)
     device = next(model.parameters()).device
@@ -112,7 +112,7 @@ def rss_mb() -> float | None:
 
 def environment() -> dict:
     """What a figure depends on besides the code: versions, machine, load."""
-    from .. import __version__
+    from peftspec import __version__
 
     env = {"peftspec": __version__, "python": sys.version.split()[0],
            "torch": torch.__version__, "platform": platform.platform(),
@@ -134,7 +134,7 @@ def probe(model, tok, prompts: list, adapter: str | None, max_new_tokens: int) -
     """Greedy answers of the base and of ``adapter`` to ``prompts`` (a prompts
     file's :class:`peftspec.generate.Prompt` list), in one batch where the
     methods allow: ``[{"prompt", "expected", "base", "adapter"}]``."""
-    from ..generate import generate
+    from peftspec.generate import generate
 
     wanted = [None] if adapter is None else [None, adapter]
     answers = generate(model, tok, prompts, adapters=wanted, max_new_tokens=max_new_tokens)

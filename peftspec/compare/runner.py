@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..atomicio import atomic_write_bytes
-from .measure import environment
-from .settings import CompareError, Entry, Settings, check_inputs, run_key
-from .worker import PREFIX
+from peftspec.core.atomicio import atomic_write_bytes
+from peftspec.compare.measure import environment
+from peftspec.compare.settings import CompareError, Entry, Settings, check_inputs, run_key
+from peftspec.compare.worker import PREFIX
 
 RESULTS = "results.json"
 LOCK = ".compare.lock"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..atomicio import human_bytes
+from peftspec.core.atomicio import human_bytes
 
 
 def _f(value, fmt: str, missing: str = "-") -> str:

@@ -16,7 +16,7 @@ mark starts afresh at exec) and frees everything between runs. The worker:
 4. writes ``result.json`` atomically, last: a run killed before that leaves no
    record and is redone from the start next time.
 
-A :class:`~peftspec.errors.PeftspecError` ends the run with an ``error``
+A :class:`~peftspec.core.errors.PeftspecError` ends the run with an ``error``
 event and the error's exit code.
 """
 
@@ -66,20 +66,20 @@ def run(job: dict) -> dict:
     """Do the run ``job`` describes (see :mod:`peftspec.compare.runner`); return its record."""
     import torch
 
-    from .. import NotMergeableError, merge
-    from ..atomicio import atomic_write_bytes
-    from ..plan import compile_plan
-    from ..plugins import get_registry
-    from ..spec import load_spec
-    from ..train import memory as mem
-    from ..train import tasks
-    from ..train.config import TrainConfig
-    from ..generate import read_prompts
-    from ..train.data import encode_all, read_examples, split
-    from ..train.loop import _model_max_length, peak_rss_mb, train
-    from ..train.tokenizer import tokenizer_for
-    from . import measure
-    from .settings import CompareError, Settings
+    from peftspec import NotMergeableError, merge
+    from peftspec.core.atomicio import atomic_write_bytes
+    from peftspec.core.plan import compile_plan
+    from peftspec.core.registry import get_registry
+    from peftspec.core.spec import load_spec
+    from peftspec.train import memory as mem
+    from peftspec.train import tasks
+    from peftspec.core.train_config import TrainConfig
+    from peftspec.generate import read_prompts
+    from peftspec.data.examples import encode_all, read_examples, split
+    from peftspec.train.loop import _model_max_length, peak_rss_mb, train
+    from peftspec.models.tokenizer import tokenizer_for
+    from peftspec.compare import measure
+    from peftspec.compare.settings import CompareError, Settings
 
     t_start = time.perf_counter()
     s = Settings(**job["settings"])
@@ -158,7 +158,7 @@ def run(job: dict) -> dict:
     lat_unmerged = measure.token_latency(model, tok, s.gen_tokens) if generates else None
     answers = None
     if prompts:
-        from ..patching import active_adapter
+        from peftspec.core.patching import active_adapter
 
         emit({"type": "phase", "phase": "answering the probe prompts"})
         answers = measure.probe(model, tok, prompts, active_adapter(model), s.probe_tokens)
@@ -208,8 +208,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..atomicio import atomic_write_bytes
-    from ..errors import PeftspecError
+    from peftspec.core.atomicio import atomic_write_bytes
+    from peftspec.core.errors import PeftspecError
 
     argv = sys.argv[1:] if argv is None else argv
     job_path = Path(argv[0])

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..atomicio import fsync_dir
-from ..errors import PeftspecError
+from peftspec.core.atomicio import fsync_dir
+from peftspec.core.errors import PeftspecError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -179,7 +179,7 @@ def read(folder: Path, defer_over: int | None = None) -> Entry | None:
 
 def update_source(entry: Entry, source: dict) -> Entry:
     """Rewrite the manifest's ``source`` record (atomically), e.g. a new mtime."""
-    from ..adapter_file import atomic_write_bytes
+    from peftspec.formats.adapter_file import atomic_write_bytes
 
     manifest = {**entry.manifest, "source": source}
     atomic_write_bytes(entry.path / MANIFEST, _dump(manifest))

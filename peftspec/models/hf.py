@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelSourceError
+from peftspec.core.errors import ModelSourceError
 
 
 def config_and_class(rest: str):
@@ -67,11 +67,11 @@ def hf_folder(source: str | None) -> Path | None:
     if prefix == "hf":
         return Path(rest)
     if prefix == "gguf":
-        from .gguf import folder_for
+        from peftspec.models.gguf import folder_for
 
         return folder_for(rest, spelled=source)
     if source == "smollm2":
-        from .gguf import folder_for, smollm2_file
+        from peftspec.models.gguf import folder_for, smollm2_file
 
         return folder_for(smollm2_file(), spelled=source)
     return None

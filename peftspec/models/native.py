@@ -4,7 +4,7 @@ Importing transformers costs ~2.4 s of a warm 4.2 s start on SmolLM2 (issue 10).
 For the sources whose folder peftspec writes itself (``smollm2``, ``gguf:PATH``:
 the GGUF file's cache entry), training can instead use
 :mod:`peftspec.models.native_llama` (transformers' names, the same logits bit for
-bit) and :class:`peftspec.train.native_tokenizer.NativeTokenizer` (the same ids).
+bit) and :class:`peftspec.models.native_tokenizer.NativeTokenizer` (the same ids).
 It is used only where it covers everything the run needs:
 
 * the cache entry is a Llama config the native model covers;
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .hf import hf_folder
+from peftspec.models.hf import hf_folder
 
 # The spec families whose methods patch modules: the native model has the same ones.
 MODULE_FAMILIES = frozenset({"reparameterize", "augment", "train", "freeze"})
@@ -53,7 +53,7 @@ def load_for_training(source: str) -> nn.Module | None:
     """The native model of ``source``'s cache folder, or ``None`` when its config is
     not covered or it has no ``tokenizer.json`` (the caller then loads
     transformers')."""
-    from .native_llama import load, supported
+    from peftspec.models.native_llama import load, supported
 
     folder = hf_folder(source)  # the cache entry, converted and verified
     if folder is None:

@@ -14,11 +14,11 @@ Modules, one job each:
 * :mod:`.memory`: the memory table (weights, gradients, optimizer states, activations);
 * :mod:`.report`: loss and learning-rate curves from a metrics log.
 
-This package imports torch lazily: ``peftspec.spec`` imports :mod:`.config`.
+This package imports torch lazily: ``peftspec.core.spec`` imports :mod:`.config`.
 """
 
 from __future__ import annotations
 
-from .config import OPTIONS, TrainConfig
+from peftspec.core.train_config import OPTIONS, TrainConfig
 
 __all__ = ["OPTIONS", "TrainConfig"]

@@ -9,7 +9,7 @@ process group already keeps it.
 What N processes compute is what one process computes:
 
 * ``--batch-size`` is the *global* batch. Every process draws the same seeded
-  global batch (:class:`peftspec.train.data.Batches`) and keeps its slice of
+  global batch (:class:`peftspec.data.examples.Batches`) and keeps its slice of
   contiguous rows (padding trimmed), so the data order, the schedule and a
   checkpoint's data position do not depend on N.
 * One process's loss for a micro-batch is the mean over its scored tokens.
@@ -50,8 +50,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from ..errors import PeftspecError
-from .data import scored
+from peftspec.core.errors import PeftspecError
+from peftspec.data.examples import scored
 
 
 
@@ -87,7 +87,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList | None:
-    from .checkpointing import _blocks as largest_module_list
+    from peftspec.train.grad_checkpoint import _blocks as largest_module_list
 
     return largest_module_list(model)
 
@@ -129,11 +129,11 @@ class World:
         """
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
             return model
-        from ..frozen import packed_parameters
+        from peftspec.core.packed import packed_parameters
 
         packed = list(packed_parameters(model))
         if self.fsdp and packed:
-            from ..errors import PeftspecError
+            from peftspec.core.errors import PeftspecError
 
             raise PeftspecError(
                 f"--fsdp with a [[freeze]]-packed base ({len(packed)} weights, e.g. "
@@ -194,7 +194,7 @@ class World:
         """This process's slice of the global ``batch``: contiguous rows, padding trimmed.
 
         Returns ``(part, n, n_all)``: the slice, what ``count`` (default
-        :func:`peftspec.train.data.scored`) counts in it and in the whole batch. A rank left without
+        :func:`peftspec.data.examples.scored`) counts in it and in the whole batch. A rank left without
         rows (a short last batch) gets one stand-in row to run with ``n == 0``:
         every process must take part in each forward and backward. In a world
         of one: ``(batch, n_all, n_all)``.

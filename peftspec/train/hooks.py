@@ -1,7 +1,7 @@
 """The training hooks of the active adapter's methods (:meth:`Method.training`).
 
 :func:`training_hooks` asks each method of the active adapter, once, with all
-of its steps, for a :class:`peftspec.method.TrainingHooks`; the loop then adds
+of its steps, for a :class:`peftspec.core.method.TrainingHooks`; the loop then adds
 their ``extra_loss()`` to each micro-batch's loss and calls ``after_step``
 after each optimizer step. A hand-written loop does the same::
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import PeftspecError
-from ..method import TrainingHooks
-from ..patching import state_of
+from peftspec.core.errors import PeftspecError
+from peftspec.core.method import TrainingHooks
+from peftspec.core.patching import state_of
 
 
 def training_hooks(model: nn.Module, total_steps: int) -> list[TrainingHooks]:

@@ -35,13 +35,15 @@ from typing import Callable
 
 import torch
 
-from ..errors import PeftspecError
-from . import checkpoint as ckpt
-from . import checkpointing, data, distributed, hooks, metrics, optim, tasks
-from .config import OPTIONS, TrainConfig
-from .metrics import MetricsLog
-from .schedule import lr_at
-from .tokenizer import tokenizer_for
+from peftspec.core.errors import PeftspecError
+from peftspec.train import resume as ckpt
+from peftspec.data import examples as data
+from peftspec.train import distributed, hooks, metrics, optim, tasks
+from peftspec.train import grad_checkpoint as checkpointing
+from peftspec.core.train_config import OPTIONS, TrainConfig
+from peftspec.train.metrics import MetricsLog
+from peftspec.train.schedule import lr_at
+from peftspec.models.tokenizer import tokenizer_for
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Run:
     def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None, force: bool = False):
-        from .. import apply, get_registry, load_adapter
+        from peftspec import apply, get_registry, load_adapter
 
         self.cfg, self.rank0 = cfg, rank0
         self.world = world or distributed.World()
@@ -152,7 +154,7 @@ class Run:
     def _init_from_data(self) -> None:
         """Data-driven initialisation (LoRA's EVA) from the training items, in
         file order, before the optimizer sees the parameters."""
-        from .. import init_from_data
+        from peftspec import init_from_data
 
         device = next(self.model.parameters()).device
         report = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank0 else None
@@ -182,7 +184,7 @@ class Run:
         self.data_digest = data.file_digest(cfg.data)
 
     def _build_optimizer(self) -> None:
-        from .. import trainable_parameters
+        from peftspec import trainable_parameters
 
         params = trainable_parameters(self.model)
         if not params:
@@ -228,7 +230,7 @@ class Run:
 
     def save_checkpoint(self, directory: Path) -> Path:
         """Write a checkpoint (rank 0; every rank calls: FSDP gathers shards first)."""
-        from ..adapter_file import file_tensors
+        from peftspec.formats.adapter_file import file_tensors
 
         sharded = self.world.fsdp and self.world.distributed
         adapter = self.world.gather(file_tensors(self.model)) if sharded else None
@@ -249,8 +251,8 @@ class Run:
 
     def save_adapter(self, out: str | Path) -> None:
         """Write the adapter to ``out`` (rank 0; every rank calls)."""
-        from .. import save_adapter
-        from ..adapter_file import file_tensors
+        from peftspec import save_adapter
+        from peftspec.formats.adapter_file import file_tensors
 
         sharded = self.world.fsdp and self.world.distributed
         tensors = self.world.gather(file_tensors(self.model)) if sharded else None
@@ -385,14 +387,14 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     if rank0:
         metrics.check_path(cfg.log)  # a bad --log is refused before the model loads
     if spec.rules_of("freeze"):  # a quantized base: keep glibc from fragmenting the heap
-        from .allocator import fix_mmap_threshold
+        from peftspec.train.allocator import fix_mmap_threshold
 
         fix_mmap_threshold()
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
               resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
     if out is not None and rank0:  # a full disk or read-only --out: say so before training
-        from ..adapter_file import file_tensors
-        from ..atomicio import check_room
+        from peftspec.formats.adapter_file import file_tensors
+        from peftspec.core.atomicio import check_room
 
         tensors = file_tensors(run.model).values()
         check_room(out, sum(t.numel() * t.element_size() for t in tensors))

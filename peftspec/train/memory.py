@@ -45,7 +45,7 @@ def _unique_params(model: nn.Module, trainable_only: bool = False):
 def tensor_bytes(params) -> int:
     """Bytes the tensors occupy: a weight ``[[freeze]]`` packed (nf4, int8, bf16)
     counts what it stores, not its float shape."""
-    from ..frozen import stored_bytes
+    from peftspec.core.packed import stored_bytes
 
     return sum(stored_bytes(p) for p in params)
 

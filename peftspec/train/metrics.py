@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import PeftspecError
-from ..untrusted import BadText, json_loads
+from peftspec.core.errors import PeftspecError
+from peftspec.core.untrusted import BadText, json_loads
 
 
 class MetricsLogError(PeftspecError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..method import _adapter_modules
+from peftspec.core.method import _adapter_modules
 
 
 def param_roles(model: nn.Module) -> dict[int, str]:

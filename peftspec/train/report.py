@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PeftspecError
-from .metrics import read
+from peftspec.core.errors import PeftspecError
+from peftspec.train.metrics import read
 
 
 class ReportError(PeftspecError):

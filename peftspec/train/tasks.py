@@ -4,7 +4,7 @@ or sequence classification.
 ``{"text"}`` and ``{"prompt", "completion"}`` records (and ``.txt`` files)
 train a causal LM. ``{"text", "label"}`` records train a sequence classifier:
 
-* the labels are read from the training data (:class:`~peftspec.train.data.Labels`:
+* the labels are read from the training data (:class:`~peftspec.data.examples.Labels`:
   string labels in sorted order, integer labels as their own ids); an eval
   file's labels must be among them;
 * the model is the source's classification variant with ``num_labels`` classes
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import PeftspecError
-from ..untrusted import BadText, json_loads
-from . import data
+from peftspec.core.errors import PeftspecError
+from peftspec.core.untrusted import BadText, json_loads
+from peftspec.data import examples as data
 
 CLASSIFICATION = "sequence-classification"
 
@@ -90,7 +90,7 @@ def load_model(task: Task, source: str | None, registry, seed: int, *, spec=None
     built without transformers where that covers the run
     (:mod:`peftspec.models.native`)."""
     if spec is not None:
-        from ..models import native
+        from peftspec.models import native
 
         if native.why_not(source, spec, world_size, task.classify) is None:
             model = native.load_for_training(source)
@@ -145,14 +145,14 @@ def check_head_trained(task: Task, model) -> None:
 
 def check_resume(task: Task, adapter_path: Path) -> None:
     """A resumed run must have the labels (and task) of its checkpoint."""
-    from ..adapter_file import read_metadata
+    from peftspec.formats.adapter_file import read_metadata
 
     meta = read_metadata(adapter_path)
     saved = _labels_in(meta, adapter_path)
     ours = list(task.labels.names) if task.labels is not None else None
     if saved == ours:
         return
-    from .checkpoint import CheckpointError
+    from peftspec.train.resume import CheckpointError
 
     def show(labels):
         return "language modelling" if labels is None else \
@@ -173,7 +173,7 @@ def adapter_labels(path: str | Path) -> list[str | int] | None:
         peftspec.load_adapter(model, "clf.safetensors")
         label = labels[int(model(**batch).logits.argmax(-1)[0])]
     """
-    from ..adapter_file import read_metadata
+    from peftspec.formats.adapter_file import read_metadata
 
     return _labels_in(read_metadata(path), Path(path))
 
@@ -186,7 +186,7 @@ def _labels_in(meta: dict, path: Path) -> list | None:
     except (KeyError, BadText):
         labels = None
     if not isinstance(labels, list):
-        from ..errors import AdapterFileError
+        from peftspec.core.errors import AdapterFileError
 
         raise AdapterFileError(f"{path}: a classifier's adapter whose 'labels' metadata is "
                                "missing or not a JSON list")

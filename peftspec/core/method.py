@@ -1,0 +1,358 @@
+"""What a plugin author implements: a :class:`Method`, and modules that
+expose their new parameters through :class:`AdapterModule`.
+
+A method is a small object with a name, a family, an options dataclass and
+the operations its family needs. The compiler resolves a rule's selectors to
+targets and asks the method, per target, whether it can handle it
+(:meth:`Method.check`) and how many parameters it adds
+(:meth:`Method.count_params`). Applying calls :meth:`Method.apply`, which
+returns the module to install at the target's path: a new module (a
+reparameterization swaps the module) or the same module with adapter children
+and hooks attached. Removal and merge undo or fold that.
+
+New trainable parameters are found through :class:`AdapterModule`, never by
+matching names: any module in the model whose ``adapter_params()`` returns
+parameters contributes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftspec.core.plan import Step
+
+FAMILIES = ("freeze", "train", "reparameterize", "augment", "prefix")
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module holding adapter parameters (as in torchtune).
+
+    ``adapter_params()`` maps names relative to the module (as they appear in
+    its ``state_dict``) to the parameters peftspec adds, trains and saves.
+
+    Optionally, ``param_roles()`` maps some of those names to a role the
+    optimizer reads: ``"B"`` (LoRA's second factor, trained at
+    ``lr × loraplus_lr_ratio`` under LoRA+) or ``"embedding"`` (LoRA on an
+    embedding: ``loraplus_lr_embedding``); see :mod:`peftspec.train.optim`.
+    """
+
+    def adapter_params(self) -> dict[str, nn.Parameter]: ...
+
+
+def is_adapter_module(module: nn.Module) -> bool:
+    """Whether ``module`` has a callable ``adapter_params`` (an :class:`AdapterModule`)."""
+    # Ask the class first: a miss through nn.Module.__getattr__ is slow, and
+    # most modules of a model are not adapters.
+    attr = getattr(type(module), "adapter_params", None)
+    if attr is None:
+        attr = vars(module).get("adapter_params")
+    return callable(attr)
+
+
+def _adapter_modules(model: nn.Module):
+    for name, module in model.named_modules():
+        if is_adapter_module(module):
+            yield (f"{name}." if name else ""), module
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All adapter parameters of ``model``, keyed by their full dotted name."""
+    return {prefix + key: p for prefix, module in _adapter_modules(model)
+            for key, p in module.adapter_params().items()}
+
+
+def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    fn = getattr(module, "adapter_state", None)
+    return fn() if callable(fn) else dict(module.adapter_params())
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file stores for the adapter modules, by full name.
+
+    A module may define ``adapter_state()`` to store something other than its
+    parameters (P-tuning stores its prompt encoder's output, so inference
+    needs no encoder) and ``load_adapter_state(tensors)`` to take it back.
+    Otherwise its ``adapter_params()`` are stored and copied back.
+    """
+    return {prefix + key: t for prefix, module in _adapter_modules(model)
+            for key, t in _module_state(module).items()}
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``tensors`` (named as :func:`adapter_state` names them) back into the modules."""
+    for prefix, module in _adapter_modules(model):
+        mine = {key: tensors[prefix + key] for key in _module_state(module)}
+        fn = getattr(module, "load_adapter_state", None)
+        if callable(fn):
+            fn(mine)
+            continue
+        params = module.adapter_params()
+        for key, value in mine.items():
+            params[key].copy_(value)
+
+
+class TrainingHooks:
+    """What a method adds to a training loop; returned by :meth:`Method.training`.
+
+    ``peftspec train`` (and any loop that calls :func:`peftspec.training_hooks`)
+    calls, on every hook object of the active adapter's methods:
+
+    * ``extra_loss()`` once per micro-batch, after the forward: a scalar tensor
+      added to the model's loss before backward (AdaLoRA's orthogonal
+      regularizer), or ``None``. The loop reports it apart from the task loss.
+    * ``after_step(step)`` after each optimizer step, before the gradients are
+      cleared (they are still readable); ``step`` counts the optimizer steps
+      done, 1 after the first (AdaLoRA's importance update and rank allocation).
+    * ``resume(step)`` when a run continues from a checkpoint taken after
+      ``step`` steps: raise :class:`peftspec.PeftspecError` saying what to do if
+      the method's state cannot be recovered from the adapter file.
+
+    The base class does nothing; override what the method needs.
+    """
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def resume(self, step: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For methods without options."""
+
+
+class Method:
+    """Base class of a method plugin. Subclass it and register an instance.
+
+    Class attributes:
+        name: the spec's ``method = "..."`` value; unique across plugins.
+        family: one of ``train``, ``reparameterize``, ``augment``, ``prefix``.
+        Options: a frozen dataclass (see :mod:`peftspec.core.options`); unknown
+            keys in a rule are errors.
+        summary: one line for ``peftspec plugins``.
+        mergeable: whether :meth:`merge` folds the method into base weights.
+        unchanged_at_apply: whether the model's outputs are exactly the base's
+            right after :meth:`apply` (LoRA's ``B = 0``); the conformance kit
+            (:mod:`peftspec.testing`) holds the method to it.
+        example: a TOML rule shown by ``peftspec plugins NAME``; by default one
+            is generated from ``Options`` (set this where options constrain each
+            other, so that the generated one would not load).
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    summary: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    unchanged_at_apply: ClassVar[bool] = False
+    example: ClassVar[str] = ""
+
+    def resolve_options(self, options: Any, model: nn.Module) -> Any:
+        """Return the options to compile with, given the whole model.
+
+        For options that depend on the architecture, such as a preset that
+        expands to selectors. Raise ``ValueError`` with a readable reason when
+        the options cannot apply to this model. The default returns
+        ``options`` unchanged.
+        """
+        return options
+
+    def base_note(self, options: Any) -> str | None:
+        """A sentence ``peftspec plan`` shows when a rule with these options changes
+        the base weights at apply (PiSSA's residual), so that the frozen-base
+        promise holds for the changed weights; ``{n}`` and option names are
+        filled in. ``None`` (the default): the base stays as it is."""
+        return None
+
+    def unchanged_at_apply_with(self, options: Any) -> bool:
+        """:attr:`unchanged_at_apply` for a rule with these options (the
+        conformance kit asks this; PiSSA's residual rounds)."""
+        return self.unchanged_at_apply
+
+    def check(self, module: nn.Module, step: "Step") -> str | None:
+        """Return why ``module`` cannot take this step, or ``None`` if it can."""
+        return None
+
+    def count_params(self, module: nn.Module, step: "Step") -> int:
+        """How many parameters :meth:`apply` will add to ``module``."""
+        return 0
+
+    def prepare(self, modules: dict[str, nn.Module], steps: list["Step"]) -> None:
+        """Called once per rule, just before the rule's first :meth:`apply`, with
+        all of the rule's ``steps`` and the ``modules`` now at their targets (by
+        path, plan order).
+
+        For state that the modules of one rule share and that depends on all of
+        them: VeRA's random projections, sized to the rule's largest module and
+        drawn once. Keep it on the method keyed by ``id(step)`` (the very objects
+        :meth:`apply` then receives) and take it from there in :meth:`apply`.
+        The default does nothing. A method that overrides this is merged with the
+        whole model in memory (``peftspec merge`` does not stream it module by
+        module, where a module would be adapted without its rule's others).
+        """
+
+    def apply(self, module: nn.Module, step: "Step") -> nn.Module:
+        """Patch ``module``; return the module to install at ``step.target``.
+
+        ``module`` is what is installed at the path when the step runs: the
+        base module, or another method's module when rules stack on one path
+        (reparameterizations are applied before augmentations, so an adapter
+        placed after a LoRA-adapted projection receives the LoRA module).
+
+        The base module's parameters must stay the same objects with the same
+        values; they will be frozen by the caller. New parameters must be
+        reachable through :class:`AdapterModule`.
+        """
+        raise NotImplementedError
+
+    def detach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """Undo what :meth:`apply` attached outside ``installed`` (hooks, children
+        of ``original``). The caller then puts ``original`` back at the path.
+        Called when the adapter is switched off, removed, or merged away.
+
+        ``step`` is the object :meth:`apply` was given; when ``installed is
+        original`` (a method that patches in place), it tells which adapter's
+        attachment this is, as several adapters may patch the same module."""
+
+    def attach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """Redo what :meth:`detach` undid, when the adapter is switched on again
+        (the caller has put ``installed`` back at the path first)."""
+
+    def release(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+        """The adapter is gone for good (removed or merged; already detached):
+        drop anything kept for :meth:`attach`."""
+
+    def training(self, model: nn.Module, steps: list["Step"], total_steps: int
+                 ) -> TrainingHooks | None:
+        """What this method does during training beyond its forward: return a
+        :class:`TrainingHooks` (or ``None``, the default: nothing).
+
+        ``model`` carries the applied adapter; ``steps`` are this method's steps
+        of it (``model.get_submodule(step.target)`` is the installed module);
+        ``total_steps`` is the run's number of optimizer steps. Raise
+        ``ValueError`` with a readable reason when the options do not fit the
+        run (AdaLoRA's schedule longer than the run)."""
+        return None
+
+    def init_from_data(self, model: nn.Module, steps: list["Step"], batches: list,
+                       report: Any) -> None:
+        """Initialise this method's parameters from data before training (LoRA's
+        EVA); the default does nothing.
+
+        Called by :func:`peftspec.init_from_data` (``peftspec train`` calls it
+        before the first step) with this method's steps of the active adapter,
+        ``batches`` (dicts of ``input_ids``, ``attention_mask``, ``labels``, or
+        ``input_ids`` tensors) and ``report(message)`` for progress lines. It
+        must not write base weights; it may re-apply the adapter (as EVA does
+        when it changes ranks). Raise ``ValueError`` with a readable reason when
+        the data cannot serve."""
+        return None
+
+    def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
+        """For methods that patch the whole model in place (soft prompts): take
+        part in a per-row forward where row ``i`` uses adapter ``names[i]``
+        (``steps`` maps each participating adapter to its step). Return an
+        object with ``remove()``. Module-replacing methods need nothing here."""
+        raise NotImplementedError(f"method {self.name!r} does not support per-row adapters")
+
+    def merge(self, installed: nn.Module, original: nn.Module) -> nn.Module:
+        """Fold the adapter into ``original``'s weights; return the plain module."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "summary": self.summary,
+                "mergeable": self.mergeable, "unchanged_at_apply": self.unchanged_at_apply}
+
+    # --- HF PEFT's format (optional; `peftspec export` / `import`, see peftspec.formats.hf_peft) ---
+
+    #: HF PEFT ``peft_type`` values :meth:`from_hf_peft` reads (e.g. ``("LORA",)``).
+    hf_peft_types: ClassVar[tuple[str, ...]] = ()
+
+    def to_hf_peft(self, rules: list, context: Any) -> Any:
+        """Describe this method's rules of one adapter in HF PEFT's terms.
+
+        ``rules`` are :class:`peftspec.formats.hf_peft.ExportRule` (options, targets,
+        ``rule.tensor(name)``); return ``context.part(peft_type, config,
+        tensors)`` with HF PEFT's config fields and tensor names, or ``None``
+        (the default) when HF PEFT has no counterpart. Call
+        ``context.refuse(message)`` for options it cannot express."""
+        return None
+
+    def from_hf_peft(self, config: dict, context: Any) -> Any:
+        """Turn HF PEFT's ``adapter_config.json`` (a ``peft_type`` listed in
+        :attr:`hf_peft_types`) into spec rules and a tensor mapping: return
+        ``context.imported(rules, tensors)`` (see
+        :class:`peftspec.formats.hf_peft.ImportContext`)."""
+        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
+
+    # A method that HF PEFT expresses as fields of *another* method's config
+    # (trainable tokens beside LoRA: ``LoraConfig(trainable_token_indices=...)``)
+    # rides along that config, so one adapter holds both.
+
+    #: ``peft_type`` values of other methods' configs that can carry this
+    #: method's rules (:meth:`to_hf_peft_beside`), e.g. ``("LORA",)``.
+    hf_peft_beside_types: ClassVar[tuple[str, ...]] = ()
+    #: the config keys that carry it (:meth:`from_hf_peft_beside` reads a
+    #: config where one of them is set; the main method sees them as ``None``).
+    hf_peft_beside_keys: ClassVar[tuple[str, ...]] = ()
+
+    def to_hf_peft_beside(self, rules: list, context: Any, main: Any) -> Any:
+        """Add this method's rules to another method's HF PEFT config.
+
+        Called when a spec mixes this method with one other exported method
+        whose part ``main`` (an :class:`peftspec.formats.hf_peft.HFPeftPart`) has a
+        ``peft_type`` listed in :attr:`hf_peft_beside_types`; return
+        ``context.part(main.peft_type, config_fields, tensors)`` with the
+        fields and tensors to add (a field ``main`` sets already is refused),
+        or ``None`` when this config cannot carry them."""
+        return None
+
+    def from_hf_peft_beside(self, config: dict, context: Any) -> Any:
+        """Read this method's rules out of another method's config (one of
+        :attr:`hf_peft_beside_keys` is set): return ``context.imported(rules,
+        tensors)`` as :meth:`from_hf_peft` does."""
+        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
+
+
+class FreezeMethod(Method):
+    """Base class of a freeze method (``[[freeze]]``): how a frozen weight is stored.
+
+    A freeze method adds no parameters. For each target module that
+    :meth:`check` accepts, :meth:`pack` turns its float ``weight`` into a
+    :class:`peftspec.core.packed.PackedWeight` (stored tensors plus a
+    :class:`~peftspec.core.packed.Codec` that dequantizes them), which replaces the
+    parameter; ``F.linear`` then computes through the codec, dequantizing into
+    a reused buffer on each call. :meth:`stored_bytes` says what the packed
+    weight will occupy, for ``peftspec plan`` (before anything is quantized).
+    A freeze is not undone by removing an adapter: no float copy is kept.
+
+    The compiler refuses, naming them, targets whose weight is tied to another
+    module or trained by ``[[train]]``; :meth:`check` adds the method's own
+    limits (block sizes, module types).
+    """
+
+    family = "freeze"
+    mergeable = False
+    unchanged_at_apply = False
+
+    def stored_bytes(self, module: nn.Module, step: "Step") -> int:
+        """Bytes of the packed weight :meth:`pack` will make for ``module``."""
+        raise NotImplementedError
+
+    def pack(self, weight: torch.Tensor, step: "Step") -> torch.Tensor:
+        """Return ``weight`` (a detached float tensor) in this method's storage."""
+        raise NotImplementedError
+
+    def apply(self, module, step):  # the compiler and apply_plan call pack() instead
+        raise NotImplementedError("freeze methods are applied through peftspec.freeze")

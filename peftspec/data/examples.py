@@ -1,0 +1,335 @@
+"""Training data: files into examples, examples into token ids, ids into batches.
+
+Formats:
+
+* JSONL, one object a line: ``{"text": ...}`` for causal language modelling
+  (every token scored), or ``{"prompt": ..., "completion": ...}`` where only
+  the completion is scored (the prompt's labels are -100; with a tokenizer
+  that has a chat template, the prompt is its user turn with the assistant's
+  turn opened, exactly what ``peftspec generate`` feeds the model, and the
+  completion ends with the end-of-turn token), or
+  ``{"text": ..., "label": ...}`` for sequence classification (the label an
+  integer id or a string name; see :class:`Labels`). A file holds language
+  modelling records or classification records, not both. Blank lines are
+  skipped; anything else that is not such an object is an error naming the
+  file and line.
+* ``.txt``: plain text, one example per paragraph (blank-line separated).
+
+Language modelling examples end with the tokenizer's end-of-text token;
+classification examples are encoded as the tokenizer's model expects them
+(:meth:`~peftspec.models.tokenizer.ByteTokenizer.encode_sequence`). Examples
+are truncated to ``max_length`` tokens and right-padded in a batch (padding is
+masked out of attention and labelled -100; a classification batch's labels
+are one class id per example). The order of an epoch is a seeded
+permutation, a pure function of ``(seed, epoch)``, so a run resumed from a
+checkpoint sees the same batches as one never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftspec.core.errors import PeftspecError
+from peftspec.core.untrusted import BadText, json_loads
+
+IGNORE = -100
+MAX_LABELS = 10_000  # integer labels are class ids below this
+
+
+class DataError(PeftspecError):
+    """A data file is missing or malformed (exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record: ``text`` alone, ``prompt`` + ``completion``, or ``text`` + ``label``."""
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    where: str = ""
+    label: str | int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"classification"`` or ``"language modelling"``."""
+        return "classification" if self.label is not None else "language modelling"
+
+
+def _kind_of(example: Example) -> str:
+    if example.label is not None:
+        return 'a classification record {"text", "label"}'
+    if example.text is not None:
+        return 'a language modelling record {"text"}'
+    return 'a language modelling record {"prompt", "completion"}'
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The classes of a classification data file: ``names[i]`` is class id ``i``.
+
+    String labels get ids in sorted order (``["neg", "pos"]`` -> 0, 1), so the
+    mapping depends only on the set of labels; integer labels are their own
+    ids (``names`` is ``0 .. max``, ids that never occur included). A file
+    uses one type of label. :attr:`names` is what an adapter file records
+    (metadata ``labels``) to map a prediction back to its label.
+    """
+
+    names: tuple[str | int, ...]
+    source: str = ""
+
+    @classmethod
+    def of(cls, examples: list[Example], source: str = "") -> "Labels":
+        first = next(ex for ex in examples if ex.label is not None)
+        is_int = isinstance(first.label, int)
+        for ex in examples:
+            if isinstance(ex.label, int) != is_int:
+                kind = "an integer" if isinstance(ex.label, int) else "a string"
+                other = "an integer" if is_int else "a string"
+                raise DataError(f"{ex.where}: label {ex.label!r} is {kind}, but {first.where} "
+                                f"has {other} label {first.label!r}; use one type of label "
+                                "in a file (integer ids, or string names)")
+        seen = sorted({ex.label for ex in examples})
+        if len(seen) < 2:
+            raise DataError(f"{source or first.where}: every record has label {first.label!r}; "
+                            "classification needs at least two different labels")
+        if is_int:
+            if seen[-1] >= MAX_LABELS:
+                where = next(ex.where for ex in examples if ex.label == seen[-1])
+                raise DataError(f"{where}: label {seen[-1]} would make {seen[-1] + 1} classes "
+                                f"(integer labels are class ids, at most {MAX_LABELS - 1}); "
+                                "number the classes from 0, or use string labels")
+            return cls(tuple(range(seen[-1] + 1)), source)
+        return cls(tuple(seen), source)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id(self, label: str | int, where: str = "") -> int:
+        """The class id of ``label``; a label the training data lacks is an error."""
+        if isinstance(label, int) and self.names and isinstance(self.names[0], int):
+            if label < len(self.names):
+                return label
+        elif isinstance(label, str) and label in self._index:
+            return self._index[label]
+        shown = ", ".join(map(repr, self.names[:20])) + (", ..." if len(self) > 20 else "")
+        raise DataError(f"{where}: label {label!r} is not one of the training data's labels "
+                        f"({self.source}: {shown}); a classifier can only predict the "
+                        "classes it was trained on")
+
+    @property
+    def _index(self) -> dict:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> str:
+        return json.dumps(list(self.names), ensure_ascii=False, separators=(",", ":"))
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, else a DataError naming it as ``what`` (e.g.
+    "data file"): the one reader of the user's text inputs."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc}") from None
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Read and validate every record of ``path`` (JSONL, or ``.txt`` paragraphs)."""
+    path = Path(path)
+    raw = read_text(path, "data file")
+    if path.suffix == ".txt":
+        paras = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n")]
+        examples = [Example(text=p, where=f"{path}") for p in paras if p]
+    else:
+        examples = [_record(path, i, line) for i, line in enumerate(raw.splitlines(), start=1)
+                    if line.strip()]
+    if not examples:
+        raise DataError(f"{path}: no examples in the file")
+    first = examples[0]
+    for ex in examples:
+        if ex.kind != first.kind:
+            raise DataError(f"{ex.where}: {_kind_of(ex)}, but {first.where} is "
+                            f"{_kind_of(first)}; a data file holds classification records "
+                            "or language modelling records, not both")
+    return examples
+
+
+def _record(path: Path, lineno: int, line: str) -> Example:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json_loads(line)
+    except BadText as exc:
+        why = f"{exc.args[0].rsplit(' at line ', 1)[0]} at column {exc.colno}" \
+            if exc.colno is not None else str(exc)
+        raise DataError(f"{where}: not valid JSON ({why})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    has_text, has_pc = "text" in obj, ("prompt" in obj or "completion" in obj)
+    if has_text and has_pc:
+        raise DataError(f"{where}: give either 'text' or 'prompt' and 'completion', not both")
+    if "label" in obj:
+        if has_pc:
+            raise DataError(f"{where}: a classification record is {{\"text\", \"label\"}}; "
+                            "'label' does not go with 'prompt' and 'completion'")
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise DataError(f"{where}: 'label' must be an integer class id or a string, got "
+                            f"{label!r:.40}")
+        if isinstance(label, int) and label < 0:
+            raise DataError(f"{where}: 'label' {label} is negative; integer labels are class "
+                            "ids 0, 1, 2, ...")
+        if isinstance(label, str) and not label:
+            raise DataError(f"{where}: 'label' is an empty string")
+    keys = ("text",) if has_text else ("prompt", "completion")
+    if not has_text and not has_pc:
+        raise DataError(f"{where}: expected a 'text' key, or 'prompt' and 'completion' keys "
+                        f"(got {', '.join(map(repr, obj)) or 'no keys'})")
+    for key in keys:
+        if key not in obj:
+            raise DataError(f"{where}: missing key '{key}'")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: '{key}' must be a string, got {obj[key]!r:.40}")
+    extra = sorted(set(obj) - set(keys) - {"label"})
+    if extra:
+        raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}")
+    return Example(**{k: obj[k] for k in keys}, where=where, label=obj.get("label"))
+
+
+def encode(example: Example, tok, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example (labels -100 where not scored)."""
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    if example.text is not None:
+        ids = tok.encode(example.text) + eos
+        labels = list(ids)
+    else:  # an instruct tokenizer's chat template frames the prompt, as generate does
+        p = tok.encode_chat(example.prompt) if getattr(tok, "has_chat_template", False) \
+            else tok.encode(example.prompt)
+        c = tok.encode(example.completion) + eos
+        ids, labels = p + c, [IGNORE] * len(p) + c
+    return ids[:max_length], labels[:max_length]
+
+
+def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | None = None):
+    """Encode every example, dropping those with no scored token left after
+    truncation (the label of position 0 is never scored: there is no context).
+
+    With ``labels`` (classification), an item is ``(ids, class_id)``, dropped
+    only when the text has no token at all."""
+    kept, dropped = [], 0
+    if labels is not None:
+        for ex in examples:
+            if ex.label is None:
+                raise DataError(f"{ex.where}: not a classification record; the training data "
+                                f"({labels.source}) is {{\"text\", \"label\"}} records")
+            ids = tok.encode_sequence(ex.text, max_length)
+            if not ids:
+                dropped += 1
+                continue
+            kept.append((ids, labels.id(ex.label, ex.where)))
+        return kept, dropped
+    for ex in examples:
+        if ex.label is not None:
+            raise DataError(f"{ex.where}: a classification record, but the training data is "
+                            "language modelling records")
+        ids, labels = encode(ex, tok, max_length)
+        if len(ids) < 2 or all(x == IGNORE for x in labels[1:]):
+            dropped += 1
+            continue
+        kept.append((ids, labels))
+    return kept, dropped
+
+
+def collate(items: list[tuple[list[int], list[int] | int]],
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels.
+
+    Classification items, (ids, class_id), give labels of shape (batch,)."""
+    width = max(len(ids) for ids, _ in items)
+    n = len(items)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    classify = isinstance(items[0][1], int)
+    labels = torch.tensor([lab for _, lab in items], dtype=torch.long) if classify \
+        else torch.full((n, width), IGNORE, dtype=torch.long)
+    for row, (ids, lab) in enumerate(items):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+        if not classify:
+            labels[row, :len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def scored(labels: torch.Tensor, extra: int = 0) -> int:
+    """The count a model's mean loss divides by: for a causal LM, labels other
+    than -100 after the one-position shift, with ``extra`` ignored positions
+    the model prepends itself; for a classifier's ``(batch,)`` labels, the rows."""
+    if labels.dim() == 1:
+        return int((labels != IGNORE).sum())
+    if extra:
+        labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of ``items`` (a seeded choice) for evaluation."""
+    if fraction <= 0:
+        return items, []
+    k = max(1, round(fraction * len(items)))
+    if k >= len(items):
+        raise DataError(f"eval_split {fraction} leaves no training examples "
+                        f"({len(items)} in all)")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[-k:])
+    return ([x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held])
+
+
+class Batches:
+    """Micro-batches in a seeded order per epoch, resumable from ``(epoch, index)``."""
+
+    def __init__(self, items: list, batch_size: int, pad_id: int, seed: int):
+        self.items, self.batch_size, self.pad_id, self.seed = items, batch_size, pad_id, seed
+        self.per_epoch = -(-len(items) // batch_size)
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(len(self.items), generator=gen).tolist()
+        return self._order
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        order = self._epoch_order()
+        chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return collate([self.items[i] for i in chosen], self.pad_id)
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, position: dict[str, int]) -> None:
+        self.epoch, self.index, self._order = int(position["epoch"]), int(position["index"]), None
+
+
+def eval_batches(items: list, batch_size: int, pad_id: int):
+    """The evaluation set in file order."""
+    for start in range(0, len(items), batch_size):
+        yield collate(items[start:start + batch_size], pad_id)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a data file (a resumed run must read the same data)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
