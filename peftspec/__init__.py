@@ -12,14 +12,14 @@ Write a TOML spec, compile it against a model, apply it::
 
 Plugin authors: subclass :class:`Method`, register it from a
 ``register_methods`` hook marked with :data:`hookimpl`, and declare an entry
-point in the ``peftspec`` group.
+point in the ``peftspec`` group; :mod:`peftspec.plugin_api` has everything else
+a plugin may use. This package is the facade over every layer
+(docs/ARCHITECTURE.md): nothing inside peftspec imports it.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from pathlib import Path  # noqa: E402
+from peftspec.core.version import __version__  # noqa: E402
 
 from peftspec.core import quiet as _quiet  # noqa: E402
 
@@ -43,43 +43,15 @@ from peftspec.formats.adapter_file import load_adapter, save_adapter  # noqa: E4
 from peftspec.formats.hf_peft import export_hf_peft, import_hf_peft  # noqa: E402
 from peftspec.formats.gguf_export import export_gguf  # noqa: E402
 from peftspec.merging.combine import CombineError, combine  # noqa: E402
-
-
-def apply(spec: Spec | str | Path, model: nn.Module, registry=None, *, force: bool = False,
-          training: bool = False) -> nn.Module:
-    """Load (if a path), compile and apply ``spec`` to ``model`` in place.
-
-    An adapter larger than the base or than the memory available is refused
-    (:class:`peftspec.core.sizeguard.AdapterTooLarge`) unless ``force``; ``training``
-    counts its gradients and AdamW states in that check too."""
-    if not isinstance(spec, Spec):
-        spec = load_spec(spec, registry=registry)
-    fresh = not is_patched(model)
-    plan, tensors, modules = compile_with_tensors(spec, model, registry=registry)
-    check_fits(plan, force=force, training=training)
-    # Compiled this instant from this very model: apply_plan need not walk it again
-    # to check that the plan fits, nor to find the targets (a patched model's active
-    # adapter moves, so it does).
-    if not fresh:
-        return apply_plan(plan, model, registry=registry, force=force)
-    return apply_plan(plan, model, registry=registry, force=force, _tensors=tensors,
-                      _modules=modules)
-
-
-def load_model(source: str | None = None, registry=None, *,
-               num_labels: int | None = None) -> nn.Module:
-    """Build the model a ``--model`` string names (``None``: the built-in default).
-
-    ``num_labels``: its sequence classification variant, with a new head of
-    that many classes (drawn from torch's global generator)."""
-    return (registry or get_registry()).load_model(source, num_labels=num_labels)
+from peftspec.core.facade import apply, load_model, trainable_parameters  # noqa: E402
+from peftspec.train.hooks import training_hooks as hooks
+from peftspec.train.hooks import init_from_data as init
 
 
 def training_hooks(model: nn.Module, total_steps: int) -> list:
     """The active adapter's :class:`peftspec.core.method.TrainingHooks` (AdaLoRA's rank
     allocation and regularizer), for a hand-written loop: see
     :mod:`peftspec.train.hooks`. ``peftspec train`` calls them itself."""
-    from peftspec.train.hooks import training_hooks as hooks
 
     return hooks(model, total_steps)
 
@@ -90,14 +62,8 @@ def init_from_data(model: nn.Module, batches, report=None) -> None:
     optionally ``attention_mask`` / ``labels``; ``report``: a callable given
     progress lines). ``peftspec train`` calls it itself. EVA may change ranks
     and so rebuild the adapter: build the optimizer after this call."""
-    from peftspec.train.hooks import init_from_data as init
 
     init(model, batches, report)
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters left trainable (what to hand an optimizer)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 __all__ = [

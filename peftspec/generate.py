@@ -40,6 +40,14 @@ from typing import Callable, Sequence
 import torch
 
 from peftspec.core.errors import PeftspecError
+from peftspec.data.examples import DataError, read_text
+from peftspec.formats.adapter_file import load_adapter
+from peftspec.core.registry import registry_or_default
+from peftspec.train.tasks import adapter_labels
+from peftspec.models.tokenizer import tokenizer_for
+from peftspec.core.rows import rows
+from peftspec.core.patching import state_of
+from peftspec.core.patching import active_adapter, disabled, is_patched, use
 
 
 class GenerateError(PeftspecError):
@@ -86,7 +94,6 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from ``path``: JSONL records ``{"prompt": ...}`` (a ``completion``
     or ``expected`` key is kept as the expected answer; training data works as
     is), or any other file as one prompt per non-blank line."""
-    from peftspec.data.examples import DataError, read_text
 
     path = Path(path)
     raw = read_text(path, "prompts file")
@@ -119,12 +126,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 def load(source: str | None, adapters: Sequence[str | Path] = (), *, registry=None) -> Session:
     """Load the model ``source`` names, its tokenizer, and each adapter file
     beside the others (named after its file stem, made unique)."""
-    from peftspec import load_adapter
-    from peftspec.core.registry import get_registry
-    from peftspec.train.tasks import adapter_labels
-    from peftspec.models.tokenizer import tokenizer_for
 
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     for path in adapters:
         if not Path(path).is_file():
             raise GenerateError(f"{path}: no such adapter file")
@@ -185,7 +188,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Prompt], *,
     ids = [prompt_ids(tokenizer, t, chat) for t in texts]
     jobs = [(i, a) for i in range(len(texts)) for a in adapters]
     answers: list[Answer | None] = [None] * len(jobs)
-    hf = _is_transformers(model)
+    hf = is_transformers(model)
     stops = _stop_ids(tokenizer, model)
     if not hf and temperature > 0:
         raise GenerateError(f"{type(model).__name__}'s own generate() is greedy; sampling "
@@ -231,7 +234,9 @@ def _stop_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def _is_transformers(model) -> bool:
+def is_transformers(model) -> bool:
+    """Whether ``model`` is a transformers model that can ``generate()`` (it has a
+    generation config), as opposed to the built-in nanoGPT or a plain module."""
     can = getattr(model, "can_generate", None)
     return callable(can) and getattr(model, "generation_config", None) is not None and \
         bool(can())
@@ -246,12 +251,10 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
     change base tensors in place, which :func:`peftspec.rows` does not
     switch per row (it would silently run such rows as the base), so those
     adapters get a pass of their own through :func:`peftspec.use`."""
-    from peftspec.core.rows import rows
 
     named = [a for a in adapters if a is not None]
     if not named or (len(named) == 1 and None not in adapters):
         return [set(adapters)]
-    from peftspec.core.patching import state_of
 
     state = state_of(model)
     together, alone = [], []
@@ -272,8 +275,6 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
 @contextlib.contextmanager
 def _adapters(model, names: list[str | None]):
     """Row ``i`` through ``names[i]``: one adapter (or none) by switching, several by rows."""
-    from peftspec.core.patching import active_adapter, disabled, is_patched, use
-    from peftspec.core.rows import rows
 
     distinct = set(names)
     if not is_patched(model):

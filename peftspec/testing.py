@@ -51,6 +51,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from peftspec.models.nanogpt import GPT, GPTConfig
+import peftspec
+from peftspec.core.method import adapter_state
+from peftspec.core.method import Method
 
 CHECKS = ("count_params", "unchanged_at_apply", "frozen_base", "save_load", "switching",
           "rows", "remove", "merge", "hf_peft")
@@ -98,7 +102,6 @@ class _Failed(Exception):
 
 
 def _default_model() -> nn.Module:
-    from peftspec.models.nanogpt import GPT, GPTConfig
 
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
 
@@ -174,7 +177,6 @@ def check_method(plugin: object | None, rule: str, *, model: nn.Module | Callabl
             (merge, per-row, HF PEFT); everything else is compared exactly.
         raise_on_failure: raise :class:`ConformanceError` listing failed checks.
     """
-    import peftspec
 
     if registry is None:
         registry = (peftspec.build_registry(autoload=False, plugins=[plugin]) if plugin
@@ -331,7 +333,6 @@ class _Checks:
         ps = self.ps
         ps.save_adapter(self.base, self.file)
         fresh = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
-        from peftspec.core.method import adapter_state  # what the file stores (P-tuning: the prompt)
 
         ours, theirs = adapter_state(self.base), adapter_state(fresh)
         _expect(set(ours) == set(theirs), f"loaded adapter tensors differ in names: "
@@ -434,7 +435,6 @@ class _Checks:
         return f"max |diff| {diff:.2g}"
 
     def hf_peft(self):
-        from peftspec.core.method import Method
 
         undeclared = sorted({m.name for m in self.methods if m.family != "train" and not (
             m.hf_peft_types or type(m).to_hf_peft is not Method.to_hf_peft)})

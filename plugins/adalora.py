@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
-from peftspec.core.method import TrainingHooks
+from peftspec.plugin_api import Method, hookimpl, option, selectors
+from peftspec.plugin_api import TrainingHooks
 
 from .base_layer import base_output
-from .lora import _dims, _kind
+from .lora import linear_dims, module_kind
+from peftspec.plugin_api import PeftspecError
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class SVDLinear(nn.Module):
 
     def __init__(self, base: nn.Module, kind: str, opts: AdaLoRAOptions):
         super().__init__()
-        n_in, n_out = _dims(base, kind)
+        n_in, n_out = linear_dims(base, kind)
         vars(self).update(kind=kind, in_features=n_in, out_features=n_out, r=opts.init_r,
                           alpha=opts.alpha, dropout=opts.dropout)
         if kind == "conv1d":
@@ -215,7 +216,6 @@ class RankAllocator(TrainingHooks):
 
     def resume(self, step: int) -> None:
         if step < self.final_step:
-            from peftspec.core.errors import PeftspecError
 
             raise PeftspecError(
                 f"cannot resume an AdaLoRA run at step {step}: its importance averages (which "
@@ -242,21 +242,21 @@ class AdaLoRA(Method):
         return options
 
     def check(self, module, step):
-        kind = _kind(module)
+        kind = module_kind(module)
         if kind not in ("linear", "conv1d"):
             return "AdaLoRA adapts Linear and Conv1D modules only"
-        n_in, n_out = _dims(module, kind)
+        n_in, n_out = linear_dims(module, kind)
         if step.options.init_r > min(n_in, n_out):
             return (f"init_r = {step.options.init_r} exceeds min(in, out) = "
                     f"{min(n_in, n_out)} of this {n_in}x{n_out} module")
         return None
 
     def count_params(self, module, step):
-        n_in, n_out = _dims(module, _kind(module))
+        n_in, n_out = linear_dims(module, module_kind(module))
         return step.options.init_r * (n_in + n_out + 1)
 
     def apply(self, module, step):
-        return SVDLinear(module, _kind(module), step.options)
+        return SVDLinear(module, module_kind(module), step.options)
 
     def merge(self, installed, original):
         with torch.no_grad():
@@ -293,7 +293,7 @@ class AdaLoRA(Method):
         for rule in rules:
             for target, cls in rule.targets.items():
                 module = ctx.module(target)
-                conv1d |= (_kind(module) if module is not None else cls) in ("conv1d", "Conv1D")
+                conv1d |= (module_kind(module) if module is not None else cls) in ("conv1d", "Conv1D")
                 targets.append(target)
                 mask = rule.tensor(f"{target}.rank_mask").to(torch.bool)
                 pattern[f"{target}.lora_E"] = mask.tolist()
@@ -337,7 +337,7 @@ class AdaLoRA(Method):
                        "lora_E of a targeted module")
         tensors = {}
         for t in targets:
-            kind = _kind(ctx.modules[t])
+            kind = module_kind(ctx.modules[t])
             if kind not in ("linear", "conv1d"):
                 ctx.refuse(f"cannot import: AdaLoRA on '{t}' ({type(ctx.modules[t]).__name__});"
                            " peftspec's adalora adapts Linear and Conv1D modules only")

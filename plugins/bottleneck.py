@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
+from peftspec.plugin_api import Method, hookimpl, option, selectors
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU,
                "tanh": nn.Tanh}

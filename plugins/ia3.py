@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftspec import Method, Problem, hookimpl, selectors
-from peftspec.core.fastmodule import init_module, parameter
+from peftspec.plugin_api import Method, Problem, hookimpl, selectors
+from peftspec.plugin_api import init_module, parameter
 
 from .base_layer import base_output
 

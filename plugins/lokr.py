@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
+from peftspec.plugin_api import Method, hookimpl, option, selectors
 
 from .lycoris import DeltaLinear, export_rules, import_rules, kaiming_, linear_only
 

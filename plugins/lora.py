@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
-from peftspec.core.fastmodule import init_module
-from peftspec.core.packed import dequantized, install_weight
+from peftspec.plugin_api import Method, hookimpl, option, selectors
+from peftspec.plugin_api import init_module
+from peftspec.plugin_api import dequantized, install_weight
 
 from . import lora_eva, lora_eva_apply, lora_init
 from .base_layer import base_output
@@ -63,7 +63,9 @@ class LoRAOptions:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _kind(module: nn.Module) -> str | None:
+def module_kind(module: nn.Module) -> str | None:
+    """What LoRA sees in ``module``: ``"linear"``, ``"embedding"``, ``"conv1d"``
+    (transformers' GPT-2 ``Conv1D``, which stores its weight as (in, out)), or ``None``."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -74,7 +76,7 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
+def linear_dims(module: nn.Module, kind: str) -> tuple[int, int]:
     """(in, out) of the linear map; for embeddings (num_embeddings, dim)."""
     w = module._parameters["weight"]  # not module.weight: nn.Module.__getattr__ is slow
     if kind == "linear":
@@ -95,7 +97,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, kind: str, opts: LoRAOptions):
         init_module(self)  # = super().__init__(), at a quarter of the cost
-        n_in, n_out = _dims(base, kind)
+        n_in, n_out = linear_dims(base, kind)
         # Plain attributes go straight into __dict__: nn.Module.__setattr__ costs
         # microseconds per call, which adds up when a spec patches thousands of modules.
         vars(self).update(kind=kind, in_features=n_in, out_features=n_out, r=opts.r,
@@ -323,7 +325,7 @@ class LoRA(Method):
     unchanged_at_apply = True  # B starts at zero (A, for embeddings); DoRA's m = ||W||
 
     def check(self, module, step):
-        kind = _kind(module)
+        kind = module_kind(module)
         if kind is None:
             return "LoRA adapts Linear, Conv1D and Embedding modules only"
         if kind == "embedding" and step.options.dora:
@@ -337,20 +339,20 @@ class LoRA(Method):
                      if getattr(step.options, k) != v]
             if moved:
                 return f"{moved[0]} is an EVA option: set init = 'eva' or leave it out"
-        n_in, n_out = _dims(module, kind)
+        n_in, n_out = linear_dims(module, kind)
         if step.options.r > min(n_in, n_out):  # B·A has rank <= min(in, out) anyway
             return (f"r = {step.options.r} exceeds min(in, out) = {min(n_in, n_out)} of "
                     f"this {n_in}x{n_out} module; a larger rank only adds parameters")
         return None
 
     def count_params(self, module, step):
-        kind = _kind(module)
-        n_in, n_out = _dims(module, kind)
+        kind = module_kind(module)
+        n_in, n_out = linear_dims(module, kind)
         extra = n_out if step.options.dora else 0
         return step.options.r * (n_in + n_out) + extra
 
     def apply(self, module, step):
-        kind = _kind(module)
+        kind = module_kind(module)
         if kind == "embedding":
             return LoRAEmbedding(module, step.options)
         return LoRALinear(module, kind, step.options)
@@ -401,7 +403,7 @@ class LoRA(Method):
         for rule in rules:
             for target, cls in rule.targets.items():
                 module = ctx.module(target)
-                kind = _kind(module) if module is not None else \
+                kind = module_kind(module) if module is not None else \
                     {"Embedding": "embedding", "Conv1D": "conv1d"}.get(cls, "linear")
                 conv1d |= kind == "conv1d"
                 ranks[target], alphas[target] = rule.options.r, rule.options.alpha
@@ -463,7 +465,7 @@ class LoRA(Method):
             for k in (rk, ak):
                 if k is not None:
                     keys.setdefault(group, {})[k] = None
-            kind = _kind(ctx.modules[t])
+            kind = module_kind(ctx.modules[t])
             if kind == "embedding" and config.get("use_dora"):
                 ctx.refuse(f"cannot import: DoRA on the embedding '{t}'; peftspec's LoRA does "
                            "not support DoRA on Embedding modules")

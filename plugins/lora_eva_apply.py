@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from peftspec.core.errors import PeftspecError
-from peftspec.formats.hf_peft.spec_writer import toml_value
-from peftspec.core.untrusted import toml_loads
+from peftspec.plugin_api import PeftspecError
+from peftspec.plugin_api import toml_value
+from peftspec.plugin_api import toml_loads
 
 from . import lora_eva
+from peftspec.plugin_api import state_of
+from peftspec.plugin_api import apply_plan, remove
+from peftspec.plugin_api import compile_plan
+from peftspec.plugin_api import parse_spec
 
 EVA_KEYS = ("eva_rho", "eva_tau", "eva_whiten", "eva_adjust_scaling", "eva_label_mask")
 
@@ -23,7 +27,6 @@ EVA_KEYS = ("eva_rho", "eva_tau", "eva_whiten", "eva_adjust_scaling", "eva_label
 def init_from_data(model, steps, batches, report) -> dict[str, int]:
     """Initialise the ``init = "eva"`` steps of the active adapter from ``batches``;
     returns each layer's rank."""
-    from peftspec.core.patching import state_of
 
     steps = [s for s in steps if s.options.init == "eva"]
     if not steps:
@@ -60,9 +63,6 @@ def init_from_data(model, steps, batches, report) -> dict[str, int]:
 
 def _rebuild(model, state, steps, ranks: dict[str, int]) -> None:
     """Remove the adapter and apply it again from the spec with EVA's ranks."""
-    from peftspec.core.patching import apply_plan, remove
-    from peftspec.core.plan import compile_plan
-    from peftspec.core.spec import parse_spec
 
     spec = state.plan.spec
     name = state.active

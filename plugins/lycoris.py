@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec.core.fastmodule import init_module, parameter
+from peftspec.plugin_api import init_module, parameter
 
 
 def linear_only(module: nn.Module, method: str) -> str | None:

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, hookimpl, option
+from peftspec.plugin_api import Method, context_length, hookimpl, option
 
 from .kv_cache import CACHE_ARGS, cache_arg, cache_len, describe, with_prefix
+from peftspec.plugin_api import GPT
 
 CHILD = "prompt"
 
@@ -308,17 +309,6 @@ class _Rewriter:
         return with_prefix(pairs, cache, self.model)
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The most positions ``model`` takes (its config's ``max_position_embeddings``,
-    ``n_positions`` or ``block_size``), or ``None`` where it does not say."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "block_size"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 # --- methods ---------------------------------------------------------------------------
 
 class _SoftPromptMethod(Method):
@@ -589,7 +579,6 @@ class PrefixTuning(_SoftPromptMethod):
 
 def _tokenizer(model: nn.Module):
     """A text -> token ids function for the model, or None."""
-    from peftspec.models.nanogpt import GPT
 
     if isinstance(model, GPT):
         return lambda text: list(text.encode("utf-8"))

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import hookimpl, option, selectors
-from peftspec.core.packed import Codec, PackedWeight
-from peftspec.core.method import FreezeMethod
+from peftspec.plugin_api import hookimpl, option, selectors
+from peftspec.plugin_api import Codec, PackedWeight
+from peftspec.plugin_api import FreezeMethod
+from peftspec.plugin_api import quiet_torchao
 
 # The NF4 code book (QLoRA's Appendix E), as torchao writes it.
 NF4_VALUES = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796,
@@ -74,7 +75,6 @@ class NF4Options:
 def _torchao_nf4_tensor():
     """torchao's ``NF4Tensor`` class: imported only here, when a rule asks for nf4,
     with its kernel-loading chatter kept off the terminal (peftspec.core.quiet)."""
-    from peftspec.core.quiet import quiet_torchao
 
     with quiet_torchao():
         try:  # torchao >= 0.15

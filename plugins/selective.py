@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftspec import Method, hookimpl, selectors
+from peftspec.plugin_api import Method, hookimpl, selectors
 
 
 @dataclass(frozen=True)

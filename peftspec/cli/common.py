@@ -17,6 +17,9 @@ from rich.markup import escape
 
 from peftspec.core.atomicio import human_bytes  # noqa: F401 - the commands' byte formatter
 from peftspec.core.errors import PeftspecError
+from peftspec.core.registry import get_registry
+from peftspec.core.plan import compile_plan
+from peftspec.core.spec import load_spec
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -48,7 +51,6 @@ class Group(click.Group):
 
 
 def registry():
-    from peftspec.core.registry import get_registry
     import warnings
 
     with warnings.catch_warnings():
@@ -61,8 +63,6 @@ def registry():
 
 def load(spec: Path, model: str | None):
     """(registry, spec, model, plan) for SPEC on the model source MODEL."""
-    from peftspec.core.plan import compile_plan
-    from peftspec.core.spec import load_spec
 
     reg = registry()
     s = load_spec(spec, registry=reg)

@@ -16,6 +16,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn)
 
 from peftspec.cli.common import MODEL_HELP, err, out
+from peftspec.compare import figures
+from peftspec.compare.runner import read_results
+from peftspec.compare.table import markdown, tables
+from peftspec.compare.runner import compare as run_compare
+from peftspec.compare.settings import DEFAULT_REFERENCE, Settings, entries
 
 
 def _finished_line(record: dict, cached: bool) -> str:
@@ -46,9 +51,6 @@ def _command_line(ctx: click.Context) -> list[str]:
 
 
 def _report(folder: Path, as_json: bool, as_markdown: bool) -> None:
-    from peftspec.compare import figures
-    from peftspec.compare.runner import read_results
-    from peftspec.compare.table import markdown, tables
 
     results = read_results(folder)
     written = figures.draw(results, folder)
@@ -137,10 +139,6 @@ def compare(specs: tuple[Path, ...], model_source, data, eval_path, eval_split, 
                                    "and no --out with it")
         _report(report_dir, as_json, as_markdown)
         return
-    from peftspec.compare import figures
-    from peftspec.compare.runner import compare as run_compare
-    from peftspec.compare.settings import DEFAULT_REFERENCE, Settings, entries
-    from peftspec.compare.table import tables
 
     if as_markdown:
         raise click.UsageError("--markdown goes with --report DIR")

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftspec.cli.common import MODEL_HELP, err, out, registry
+from peftspec.generate import Prompt, generate as run, load, read_prompts
 
 
 @click.command()
@@ -60,7 +61,6 @@ def generate(model_source: str | None, adapters: tuple[Path, ...], no_base: bool
       peftspec generate --model smollm2 --adapter town.safetensors \\
         --prompts data/brindlecombe-heldout.jsonl
     """
-    from peftspec.generate import Prompt, generate as run, load, read_prompts
 
     items = [Prompt(p) for p in prompts]
     for path in prompt_files:

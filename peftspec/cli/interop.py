@@ -12,6 +12,9 @@ import click
 
 from peftspec.formats.hf_peft import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
 from peftspec.cli.common import MODEL_HELP, err, human_bytes, out, registry
+from peftspec.formats.gguf_export import export_gguf
+from peftspec.formats.hf_peft import export_hf_peft
+from peftspec.formats.hf_peft import import_hf_peft
 
 
 @click.command("export")
@@ -55,7 +58,6 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
       peftspec export lora.safetensors --format gguf --out lora.gguf --model smollm2
     """
     if fmt == "gguf":
-        from peftspec.formats.gguf_export import export_gguf
 
         if model is None:
             raise click.UsageError("--format gguf needs --model (the base the adapter was "
@@ -67,7 +69,6 @@ def export_cmd(adapter: Path, fmt: str, out_dir: Path, model: str | None, task_t
         out.print(f"wrote {path} ({human_bytes(path.stat().st_size)}); use it with "
                   f"llama.cpp's --lora {path} or Ollama's ADAPTER line", soft_wrap=True)
         return
-    from peftspec.formats.hf_peft import export_hf_peft
 
     if out_dir.exists() and not out_dir.is_dir():
         raise click.BadParameter(f"{out_dir} is a file; hf-peft writes a folder",
@@ -105,7 +106,6 @@ def import_cmd(src: Path, out_path: Path, spec_out: Path | None, model: str | No
       peftspec import hf-lora/ --out lora.safetensors --spec-out lora.toml \\
           --model hf:./tiny-llama
     """
-    from peftspec.formats.hf_peft import import_hf_peft
 
     adapter, spec = import_hf_peft(src, out_path, spec_out, model=model, registry=registry())
     out.print(f"wrote {adapter} ({human_bytes(adapter.stat().st_size)}) and {spec}",

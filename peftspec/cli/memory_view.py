@@ -11,6 +11,8 @@ from rich.table import Table
 
 from peftspec.core.train_config import OPTIONS
 from peftspec.cli.common import human_bytes, load, out
+from peftspec.core.patching import apply_plan
+from peftspec.train import memory as mem
 
 
 def prompt_tokens(plan) -> int:
@@ -38,8 +40,6 @@ def memory_numbers(spec: Path, model_source: str | None, batch_size: int | None,
     the spec's name; ``loaded``: what ``common.load`` returned, where the caller has it."""
     import torch
 
-    from peftspec.core.patching import apply_plan
-    from peftspec.train import memory as mem
 
     reg, s, model, plan = loaded or load(spec, model_source)
     tc = s.train_config

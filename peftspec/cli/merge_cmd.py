@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from peftspec.cli.common import MODEL_HELP, err, out, registry
+from peftspec.merging.stream import merge_to_dir
+from peftspec.train.loop import peak_rss_mb
 
 
 @click.command()
@@ -40,7 +42,6 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
     """
     from rich.progress import Progress
 
-    from peftspec.merging.stream import merge_to_dir
 
     reg = registry()
     t0 = time.perf_counter()
@@ -50,7 +51,6 @@ def merge(model: str | None, adapter: Path, out_dir: Path, skip_unmergeable: boo
                                allow_nonfinite=allow_nonfinite, registry=reg, onto=onto,
                                progress=lambda done, total: bar.update(task, completed=done,
                                                                        total=total))
-    from peftspec.train.loop import peak_rss_mb
 
     peak_mb = peak_rss_mb()  # this process's own peak, not one inherited from a parent
     summary = {**summary, "out": str(out_dir), "seconds": time.perf_counter() - t0,

@@ -23,8 +23,8 @@ def schema(out_path: Path | None):
     """Write a JSON Schema of the spec format, for editors (Taplo / Even Better TOML).
 
     \b
-    peftspec schema --out peftspec.core.schema.json
-    then start a spec with the line:  #:schema ./peftspec.core.schema.json
+    peftspec schema --out peftspec.schema.json
+    then start a spec with the line:  #:schema ./peftspec.schema.json
     """
     text = json.dumps(spec_schema(registry()), indent=2) + "\n"
     if out_path is None:

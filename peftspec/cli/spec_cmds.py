@@ -12,6 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftspec.cli.common import MODEL_HELP, err, human_bytes, load, memory_options, out, registry
+from peftspec.core.spec import load_spec
+from peftspec.core.sizeguard import AdapterTooLarge, check_fits
+from peftspec.cli.memory_view import memory_numbers, print_memory
+from peftspec.formats.adapter_file import save_adapter
+from peftspec.core.patching import apply_plan
 
 
 @click.command()
@@ -22,7 +27,6 @@ def check(spec: Path, as_json: bool):
 
     Reports every problem at once, each as FILE:LINE: KEY: MESSAGE.
     """
-    from peftspec.core.spec import load_spec
 
     s = load_spec(spec, registry=registry())
     if as_json:
@@ -67,7 +71,6 @@ def _print_plan(plan, verbose: bool) -> None:
                   f"{human_bytes(plan.base_bytes_after)} stored ({ratio:.3f}x; "
                   f"{len(plan.frozen)} module(s) frozen by {escape('[[freeze]]')})",
                   soft_wrap=True)
-    from peftspec.core.sizeguard import AdapterTooLarge, check_fits
 
     try:
         check_fits(plan)
@@ -109,7 +112,6 @@ def plan(spec: Path, model: str | None, as_json: bool, verbose: bool, with_memor
         else:
             _print_plan(p, verbose)
         return
-    from peftspec.cli.memory_view import memory_numbers, print_memory
 
     table = memory_numbers(spec, model, batch_size, seq_len, precision, gradient_checkpointing,
                            loaded=loaded)
@@ -139,8 +141,6 @@ def apply(spec: Path, model: str | None, out_path: Path, seed: int, as_json: boo
     """
     import torch
 
-    from peftspec.formats.adapter_file import save_adapter
-    from peftspec.core.patching import apply_plan
 
     reg, _, m, p = load(spec, model)
     torch.manual_seed(seed)

@@ -23,6 +23,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.cli.common import MODEL_HELP, err, memory_options, out, registry
 from peftspec.cli.memory_view import memory_report
+from peftspec.core.spec import load_spec
+from peftspec.train.loop import train as run_train
+from peftspec.train.report import render
 
 CLI_TYPES = {int: int, float: float, str: str}
 
@@ -122,8 +125,6 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
       torchrun --nproc_per_node=2 --no-python -- peftspec train specs/train-lora.toml \\
         --out lora.safetensors [--fsdp]
     """
-    from peftspec.core.spec import load_spec
-    from peftspec.train.loop import train as run_train
 
     reg = registry()
     s = load_spec(spec, registry=reg)
@@ -242,7 +243,6 @@ def report(metrics: Path, out_path: Path, title: str | None):
     METRICS is the JSONL log `peftspec train --log` writes. Needs matplotlib:
     pip install 'peftspec[plot]'.
     """
-    from peftspec.train.report import render
 
     info = render(metrics, out_path, title=title)
     out.print(f"wrote {escape(str(out_path))} ({info['train_points']} train and "

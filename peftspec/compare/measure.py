@@ -19,6 +19,9 @@ import time
 import torch
 
 from peftspec.data import examples as data
+from peftspec.generate import is_transformers, prompt_ids
+from peftspec.core.version import __version__
+from peftspec.generate import generate
 
 LATENCY_PROMPT = "The capital of France is"
 
@@ -65,9 +68,8 @@ def _generate(model, ids: torch.Tensor, n: int, hf: bool, pad_id: int) -> None:
 @torch.no_grad()
 def token_latency(model, tok, n: int, repeats: int = 2) -> float:
     """Seconds per generated token beyond the first (see the module docstring)."""
-    from peftspec.generate import _is_transformers, prompt_ids
 
-    hf = _is_transformers(model)
+    hf = is_transformers(model)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tok, LATENCY_PROMPT, chat=False)], device=device)
     was_training = model.training
@@ -112,7 +114,6 @@ def rss_mb() -> float | None:
 
 def environment() -> dict:
     """What a figure depends on besides the code: versions, machine, load."""
-    from peftspec import __version__
 
     env = {"peftspec": __version__, "python": sys.version.split()[0],
            "torch": torch.__version__, "platform": platform.platform(),
@@ -134,7 +135,6 @@ def probe(model, tok, prompts: list, adapter: str | None, max_new_tokens: int) -
     """Greedy answers of the base and of ``adapter`` to ``prompts`` (a prompts
     file's :class:`peftspec.generate.Prompt` list), in one batch where the
     methods allow: ``[{"prompt", "expected", "base", "adapter"}]``."""
-    from peftspec.generate import generate
 
     wanted = [None] if adapter is None else [None, adapter]
     answers = generate(model, tok, prompts, adapters=wanted, max_new_tokens=max_new_tokens)

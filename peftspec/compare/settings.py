@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from peftspec.core.errors import PeftspecError
+from peftspec.core.spec import load_spec
+from peftspec.data.examples import read_text
+from peftspec.core.version import __version__
+from peftspec.data.examples import read_examples
+from peftspec.generate import read_prompts
 
 FULL = "full fine-tuning"
 # every original parameter trainable: what --full trains, through [[train]]
@@ -95,8 +100,6 @@ def entries(specs: list[Path], full: bool) -> list[Entry]:
     """One entry per spec file (named after its ``[spec] name``, else its file
     stem, made unique), plus full fine-tuning with ``full``. Every spec is
     loaded first, so a bad one stops the comparison before anything trains."""
-    from peftspec.core.spec import load_spec
-    from peftspec.data.examples import read_text
 
     if not specs and not full:
         raise CompareError("nothing to compare: give one or more SPEC files (and/or --full)")
@@ -129,7 +132,6 @@ def _digest(path: str | None) -> str | None:
 
 def run_key(entry: Entry, settings: Settings) -> str:
     """What decides this run's result, hashed (see the module docstring)."""
-    from peftspec import __version__
 
     parts = {"spec": entry.text, "full": entry.is_full, "settings": settings.to_dict(),
              "data": _digest(settings.data), "eval": _digest(settings.eval),
@@ -148,13 +150,11 @@ def run_key(entry: Entry, settings: Settings) -> str:
 
 def check_inputs(settings: Settings) -> None:
     """Every input file readable, before a run starts (each error names its file)."""
-    from peftspec.data.examples import read_examples
 
     read_examples(settings.data)
     if settings.eval:
         read_examples(settings.eval)
     if settings.probe:
-        from peftspec.generate import read_prompts
 
         read_prompts(settings.probe)
     if settings.reference:

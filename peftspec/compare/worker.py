@@ -26,6 +26,24 @@ import json
 import sys
 import time
 from pathlib import Path
+from peftspec.core.errors import NotMergeableError
+from peftspec.core.patching import merge
+from peftspec.core.atomicio import atomic_write_bytes
+from peftspec.core.plan import compile_plan
+from peftspec.core.registry import get_registry
+from peftspec.core.spec import load_spec
+from peftspec.train import memory as mem
+from peftspec.train import tasks
+from peftspec.core.train_config import TrainConfig
+from peftspec.generate import read_prompts
+from peftspec.data.examples import encode_all, read_examples, split
+from peftspec.core.modelinfo import context_length
+from peftspec.train.loop import peak_rss_mb, train
+from peftspec.models.tokenizer import tokenizer_for
+from peftspec.compare import measure
+from peftspec.compare.settings import CompareError, Settings
+from peftspec.core.patching import active_adapter
+from peftspec.core.errors import PeftspecError
 
 PREFIX = "@@"
 
@@ -66,20 +84,6 @@ def run(job: dict) -> dict:
     """Do the run ``job`` describes (see :mod:`peftspec.compare.runner`); return its record."""
     import torch
 
-    from peftspec import NotMergeableError, merge
-    from peftspec.core.atomicio import atomic_write_bytes
-    from peftspec.core.plan import compile_plan
-    from peftspec.core.registry import get_registry
-    from peftspec.core.spec import load_spec
-    from peftspec.train import memory as mem
-    from peftspec.train import tasks
-    from peftspec.core.train_config import TrainConfig
-    from peftspec.generate import read_prompts
-    from peftspec.data.examples import encode_all, read_examples, split
-    from peftspec.train.loop import _model_max_length, peak_rss_mb, train
-    from peftspec.models.tokenizer import tokenizer_for
-    from peftspec.compare import measure
-    from peftspec.compare.settings import CompareError, Settings
 
     t_start = time.perf_counter()
     s = Settings(**job["settings"])
@@ -106,7 +110,7 @@ def run(job: dict) -> dict:
     model = tasks.load_model(task, s.model, reg, s.seed)
     tok = tokenizer_for(s.model, model)
     rss_loaded = measure.rss_mb()
-    limit = _model_max_length(model)  # as train() truncates
+    limit = context_length(model)  # as train() truncates
     max_len = min(s.max_length, limit) if limit else s.max_length
     # the eval items train() scores (the same encoding, the same seeded split)
     eval_items = encode_all(task.eval, tok, max_len, task.labels)[0] \
@@ -158,7 +162,6 @@ def run(job: dict) -> dict:
     lat_unmerged = measure.token_latency(model, tok, s.gen_tokens) if generates else None
     answers = None
     if prompts:
-        from peftspec.core.patching import active_adapter
 
         emit({"type": "phase", "phase": "answering the probe prompts"})
         answers = measure.probe(model, tok, prompts, active_adapter(model), s.probe_tokens)
@@ -208,8 +211,6 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftspec.core.atomicio import atomic_write_bytes
-    from peftspec.core.errors import PeftspecError
 
     argv = sys.argv[1:] if argv is None else argv
     job_path = Path(argv[0])

@@ -49,7 +49,7 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _required(f: dataclasses.Field) -> bool:
+def is_required(f: dataclasses.Field) -> bool:
     """As :func:`peftspec.core.options.build_options` decides it."""
     has_default, _ = _default(f)
     if "selector" in f.metadata:
@@ -66,7 +66,7 @@ def describe_options(method: Method) -> list[dict[str, Any]]:
     for f in dataclasses.fields(cls):
         has_default, default = _default(f)
         kind = f.metadata.get("selector")
-        required = _required(f)
+        required = is_required(f)
         out.append({
             "name": f.name,
             "type": (f"a list of {kind[:-1]} selectors" if kind else

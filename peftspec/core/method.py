@@ -18,13 +18,13 @@ parameters contributes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from peftspec.core.plan import Step
+from peftspec.core.step import Step
+
 
 FAMILIES = ("freeze", "train", "reparameterize", "augment", "prefix")
 
@@ -55,7 +55,9 @@ def is_adapter_module(module: nn.Module) -> bool:
     return callable(attr)
 
 
-def _adapter_modules(model: nn.Module):
+def adapter_modules(model: nn.Module):
+    """``(prefix, module)`` for every :class:`AdapterModule` in ``model``; ``prefix`` is
+    its dotted path with a trailing dot (empty for the model itself)."""
     for name, module in model.named_modules():
         if is_adapter_module(module):
             yield (f"{name}." if name else ""), module
@@ -63,7 +65,7 @@ def _adapter_modules(model: nn.Module):
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """All adapter parameters of ``model``, keyed by their full dotted name."""
-    return {prefix + key: p for prefix, module in _adapter_modules(model)
+    return {prefix + key: p for prefix, module in adapter_modules(model)
             for key, p in module.adapter_params().items()}
 
 
@@ -80,14 +82,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     needs no encoder) and ``load_adapter_state(tensors)`` to take it back.
     Otherwise its ``adapter_params()`` are stored and copied back.
     """
-    return {prefix + key: t for prefix, module in _adapter_modules(model)
+    return {prefix + key: t for prefix, module in adapter_modules(model)
             for key, t in _module_state(module).items()}
 
 
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put ``tensors`` (named as :func:`adapter_state` names them) back into the modules."""
-    for prefix, module in _adapter_modules(model):
+    for prefix, module in adapter_modules(model):
         mine = {key: tensors[prefix + key] for key in _module_state(module)}
         fn = getattr(module, "load_adapter_state", None)
         if callable(fn):
@@ -180,15 +182,15 @@ class Method:
         conformance kit asks this; PiSSA's residual rounds)."""
         return self.unchanged_at_apply
 
-    def check(self, module: nn.Module, step: "Step") -> str | None:
+    def check(self, module: nn.Module, step: Step) -> str | None:
         """Return why ``module`` cannot take this step, or ``None`` if it can."""
         return None
 
-    def count_params(self, module: nn.Module, step: "Step") -> int:
+    def count_params(self, module: nn.Module, step: Step) -> int:
         """How many parameters :meth:`apply` will add to ``module``."""
         return 0
 
-    def prepare(self, modules: dict[str, nn.Module], steps: list["Step"]) -> None:
+    def prepare(self, modules: dict[str, nn.Module], steps: list[Step]) -> None:
         """Called once per rule, just before the rule's first :meth:`apply`, with
         all of the rule's ``steps`` and the ``modules`` now at their targets (by
         path, plan order).
@@ -202,7 +204,7 @@ class Method:
         module, where a module would be adapted without its rule's others).
         """
 
-    def apply(self, module: nn.Module, step: "Step") -> nn.Module:
+    def apply(self, module: nn.Module, step: Step) -> nn.Module:
         """Patch ``module``; return the module to install at ``step.target``.
 
         ``module`` is what is installed at the path when the step runs: the
@@ -216,7 +218,7 @@ class Method:
         """
         raise NotImplementedError
 
-    def detach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+    def detach(self, installed: nn.Module, original: nn.Module, step: Step) -> None:
         """Undo what :meth:`apply` attached outside ``installed`` (hooks, children
         of ``original``). The caller then puts ``original`` back at the path.
         Called when the adapter is switched off, removed, or merged away.
@@ -225,15 +227,15 @@ class Method:
         original`` (a method that patches in place), it tells which adapter's
         attachment this is, as several adapters may patch the same module."""
 
-    def attach(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+    def attach(self, installed: nn.Module, original: nn.Module, step: Step) -> None:
         """Redo what :meth:`detach` undid, when the adapter is switched on again
         (the caller has put ``installed`` back at the path first)."""
 
-    def release(self, installed: nn.Module, original: nn.Module, step: "Step") -> None:
+    def release(self, installed: nn.Module, original: nn.Module, step: Step) -> None:
         """The adapter is gone for good (removed or merged; already detached):
         drop anything kept for :meth:`attach`."""
 
-    def training(self, model: nn.Module, steps: list["Step"], total_steps: int
+    def training(self, model: nn.Module, steps: list[Step], total_steps: int
                  ) -> TrainingHooks | None:
         """What this method does during training beyond its forward: return a
         :class:`TrainingHooks` (or ``None``, the default: nothing).
@@ -245,7 +247,7 @@ class Method:
         run (AdaLoRA's schedule longer than the run)."""
         return None
 
-    def init_from_data(self, model: nn.Module, steps: list["Step"], batches: list,
+    def init_from_data(self, model: nn.Module, steps: list[Step], batches: list,
                        report: Any) -> None:
         """Initialise this method's parameters from data before training (LoRA's
         EVA); the default does nothing.
@@ -259,7 +261,7 @@ class Method:
         the data cannot serve."""
         return None
 
-    def rows_attach(self, model: nn.Module, steps: dict[str, "Step"], names: list):
+    def rows_attach(self, model: nn.Module, steps: dict[str, Step], names: list):
         """For methods that patch the whole model in place (soft prompts): take
         part in a per-row forward where row ``i`` uses adapter ``names[i]``
         (``steps`` maps each participating adapter to its step). Return an
@@ -346,11 +348,11 @@ class FreezeMethod(Method):
     mergeable = False
     unchanged_at_apply = False
 
-    def stored_bytes(self, module: nn.Module, step: "Step") -> int:
+    def stored_bytes(self, module: nn.Module, step: Step) -> int:
         """Bytes of the packed weight :meth:`pack` will make for ``module``."""
         raise NotImplementedError
 
-    def pack(self, weight: torch.Tensor, step: "Step") -> torch.Tensor:
+    def pack(self, weight: torch.Tensor, step: Step) -> torch.Tensor:
         """Return ``weight`` (a detached float tensor) in this method's storage."""
         raise NotImplementedError
 

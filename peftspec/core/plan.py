@@ -18,12 +18,16 @@ from typing import Any
 from torch import nn
 
 from peftspec.core.fastmodule import gc_paused
-from peftspec.core.errors import PeftspecError, Problem, SpecError, did_you_mean
+from peftspec.core.errors import Problem, SpecError, did_you_mean
 from peftspec.core.fingerprint import named_tensors, tensors_digest
 from peftspec.core.packed import PackedWeight, frozen_modules, is_packed, storage_options, stored_bytes
 from peftspec.core.options import selector_fields
 from peftspec.core.matching import class_names, parse_selector
 from peftspec.core.spec import Rule, Spec
+from peftspec.core.state import base_view
+from peftspec.core.step import Step, new_step as _step  # Step is part of this module's interface
+from peftspec.core.registry import registry_or_default
+from peftspec.core.tomlpos import LineMap
 
 _numel = methodcaller("numel")
 _element_size = methodcaller("element_size")
@@ -32,52 +36,14 @@ APPLY_ORDER = ("freeze", "reparameterize", "augment", "prefix", "train")
 
 
 @dataclass(frozen=True)
-class Step:
-    """One unit of work: apply ``method`` to ``target`` with ``options``.
+class ModelIndex:
+    """What compiling walked on a model: its base ``tensors`` (``(params,
+    buffers)``, each by name) and its ``modules`` by path. Handed to
+    :func:`peftspec.core.patching.apply_plan` by a caller that applies the plan
+    at once, so that the model is walked once, not twice."""
 
-    ``roles`` names the selector options that picked the target (e.g.
-    ``("modules", "feedforward")`` for IA3); ``rule`` and ``line`` say where
-    in the spec it came from.
-    """
-
-    target: str
-    method: str
-    family: str
-    options: Any
-    roles: tuple[str, ...]
-    rule: str
-    line: int | None
-    params_added: int = 0
-    bytes_added: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "method": self.method, "family": self.family,
-                "roles": list(self.roles), "rule": self.rule, "line": self.line,
-                "params_added": self.params_added, "bytes_added": self.bytes_added}
-
-
-_new = object.__new__
-
-
-def _step(target: str, method: str, family: str, options: Any, roles: tuple[str, ...],
-          rule: str, line: int | None) -> Step:
-    """``Step(...)`` for the compiler, which makes one per target (thousands on a deep
-    model): the same fields in the instance ``__dict__`` that the frozen dataclass's
-    ``__init__`` would set one ``object.__setattr__`` call at a time, stored
-    directly (a quarter of the cost). A field added to :class:`Step` must be added
-    here: ``test_compiler_steps_equal_dataclass_steps`` compares the two."""
-    step = _new(Step)
-    d = step.__dict__
-    d["target"] = target
-    d["method"] = method
-    d["family"] = family
-    d["options"] = options
-    d["roles"] = roles
-    d["rule"] = rule
-    d["line"] = line
-    d["params_added"] = 0
-    d["bytes_added"] = 0
-    return step
+    tensors: tuple[dict, dict]
+    modules: dict[str, nn.Module]
 
 
 @dataclass(frozen=True)
@@ -199,14 +165,9 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
     ``dict(model.named_modules())`` it read, ``(plan, (params, buffers), modules)``,
     so that :func:`peftspec.apply`, which applies at once, need not walk the model
     again."""
-    if registry is None:
-        from peftspec.core.registry import get_registry
-
-        registry = get_registry()
+    registry = registry_or_default(registry)
     state = getattr(model, "_peftspec", None)
     if state is not None and state.active is not None:  # compile against the plain base
-        from peftspec.core.patching import base_view
-
         with base_view(model):
             return compile_with_tensors(spec, model, registry)
 
@@ -533,7 +494,6 @@ def _item_line(spec: Spec, rule: Rule, key: str, item: str) -> int | None:
     line in a multi-line list), not the rule's first line; ``None`` when the spec
     text has no such key (a selector a preset expanded to). Only computed for a
     problem, so re-reading the text costs nothing on a good spec."""
-    from peftspec.core.tomlpos import LineMap
 
     path = (rule.family,) if rule.family == "prefix" else (rule.family, rule.index)
     lines = LineMap(spec.text)

@@ -290,6 +290,13 @@ def get_registry() -> Registry:
     return _cached
 
 
+def registry_or_default(registry: Registry | None) -> Registry:
+    """``registry``, or the process-wide one (:func:`get_registry`) when it is
+    ``None``: the one fallback every public entry point uses for its
+    ``registry=None`` argument."""
+    return get_registry() if registry is None else registry
+
+
 def reset_registry() -> None:
     """Forget the cached registry (after installing a plugin at run time)."""
     global _cached

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftspec.core.errors import PeftspecError
-from peftspec.core.patching import _install, state_of, use
+from peftspec.core.state import install, state_of, use
 
 
 class RowContext:
@@ -151,7 +151,7 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     try:
         # deeper paths first: a dispatch must not be installed inside another one
         for path, original in sorted(originals.items(), key=lambda kv: -kv[0].count(".")):
-            _install(model, path, RowDispatch(original, branches[path], ctx))
+            install(model, path, RowDispatch(original, branches[path], ctx))
             installed.append((path, original))
         for method_name, entries in in_place.items():
             method = entries[0][1].method
@@ -162,5 +162,5 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
         for handle in handles:
             handle.remove()
         for path, original in reversed(installed):
-            _install(model, path, original)
+            install(model, path, original)
         use(model, previous)

@@ -26,7 +26,8 @@ DTYPES = {
 }
 
 
-def _raw(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """``t``'s bytes as safetensors stores them: contiguous, on the CPU, in its own dtype."""
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
@@ -64,7 +65,7 @@ def header_and_chunks(tensors: dict[str, torch.Tensor],
                             "in safetensors")
     head = header_bytes(((n, DTYPES[tensors[n].dtype], tuple(tensors[n].shape)) for n in names),
                         metadata)
-    return head, (_raw(tensors[n]) for n in names)
+    return head, (tensor_bytes(tensors[n]) for n in names)
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -1,8 +1,8 @@
 """A JSON Schema of the whole spec format, built from the registered methods.
 
 TOML editors validate and complete with JSON Schema (Taplo, and through it VS
-Code's Even Better TOML): ``peftspec schema --out peftspec.core.schema.json``, then
-``#:schema ./peftspec.core.schema.json`` as a spec's first line, or an association
+Code's Even Better TOML): ``peftspec schema --out peftspec.schema.json``, then
+``#:schema ./peftspec.schema.json`` as a spec's first line, or an association
 in the editor's settings (see ``docs/plugins.md``). The schema is generated,
 never written by hand, so a third-party method installed here appears in it
 with its own options, docs, defaults and bounds.
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftspec import __version__
+from peftspec.core.version import __version__
 from peftspec.core.explain import RULE_KEYS_DOC, option_schema
 from peftspec.core.spec import DEFAULT_METHOD, SECTIONS, SPEC_KEYS
 from peftspec.core.train_config import OPTIONS as TRAIN_OPTIONS
+from peftspec.core.registry import registry_or_default
+from peftspec.core.explain import is_required
 
 DRAFT = "http://json-schema.org/draft-04/schema#"
 
@@ -33,7 +35,6 @@ def _method_schema(method) -> dict[str, Any]:
     import dataclasses
     import typing
 
-    from peftspec.core.explain import _required
 
     cls = method.Options
     hints = typing.get_type_hints(cls)
@@ -47,7 +48,7 @@ def _method_schema(method) -> dict[str, Any]:
     required = []
     for f in dataclasses.fields(cls):
         props[f.name] = option_schema(f, hints[f.name])
-        if _required(f):
+        if is_required(f):
             required.append(f.name)
     out: dict[str, Any] = {"type": "object", "properties": props,
                            "additionalProperties": False}
@@ -90,10 +91,7 @@ def _train_config_schema() -> dict[str, Any]:
 
 def spec_schema(registry=None) -> dict[str, Any]:
     """The JSON Schema (draft 4) of a spec, for the methods ``registry`` holds."""
-    if registry is None:
-        from peftspec.core.registry import get_registry
-
-        registry = get_registry()
+    registry = registry_or_default(registry)
     methods = {n: info.method for n, info in registry.methods.items()}
     defs: dict[str, Any] = {f"method:{n}": _method_schema(m) for n, m in sorted(methods.items())}
     props: dict[str, Any] = {

@@ -36,6 +36,7 @@ from peftspec.core.tomlerrors import syntax_problem, unreadable_problem
 from peftspec.core.untrusted import BadText, toml_loads
 from peftspec.core.tomlpos import LineMap, format_path
 from peftspec.core.train_config import OPTIONS as TRAIN_OPTIONS, check_value as check_train_value
+from peftspec.core.registry import registry_or_default
 
 SECTIONS = {"freeze": "freeze", "train": "train", "reparameterize": "reparameterize",
             "augment": "augment", "prefix": "prefix"}
@@ -98,10 +99,7 @@ def load_spec(path: str | Path, registry=None) -> Spec:
 
 def parse_spec(text: str, *, file: str | None = None, registry=None) -> Spec:
     """Validate TOML ``text`` as a spec; ``file`` is used in messages."""
-    if registry is None:
-        from peftspec.core.registry import get_registry
-
-        registry = get_registry()
+    registry = registry_or_default(registry)
     try:
         doc = toml_loads(text)
     except tomllib.TOMLDecodeError as exc:

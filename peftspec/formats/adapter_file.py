@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from peftspec import __version__
+from peftspec.core.version import __version__
 from peftspec.core.atomicio import atomic_write_bytes
 from peftspec.core.errors import AdapterFileError, PeftspecError, SpecError
 from peftspec.core.packed import storage_options
@@ -161,11 +161,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
     name = name or DEFAULT_NAME
     previous = active_adapter(model)
     with base_view(model):
-        plan = _checked_plan(model, path, registry, freeze=freeze)
+        plan = checked_plan(model, path, registry, freeze=freeze)
     holder: list = []
     with torch.random.fork_rng(devices=[]):  # applying must not move the caller's RNG
         apply_plan(plan, model, name=name, activate=True, registry=registry, force=force,
-                   _freeze_holder=holder)
+                   freeze_log=holder)
     try:
         _copy_tensors(model, Path(path), allow_nonfinite)
     except BaseException:
@@ -205,7 +205,7 @@ def _log_freeze(path, plan, applied: bool) -> None:
         log.info("%s: skipped its [[freeze]] rules; the base stays in full precision", path)
 
 
-def _checked_plan(model: nn.Module, path, registry, freeze: bool = True):
+def checked_plan(model: nn.Module, path, registry, freeze: bool = True):
     """Read ``path``'s header and spec, check the base, compile: touches nothing.
     ``freeze=False`` drops the spec's ``[[freeze]]`` rules from the plan."""
     path = Path(path)

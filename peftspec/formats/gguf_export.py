@@ -45,11 +45,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftspec.formats.adapter_file import _checked_plan, atomic_write_bytes, read_metadata
+from peftspec.formats.adapter_file import checked_plan, atomic_write_bytes, read_metadata
 from peftspec.core.errors import ConversionError
 from peftspec.formats.gguf_file import gguf_bytes
-from peftspec.formats.hf_peft.folder import _read_tensors
+from peftspec.formats.hf_peft.folder import read_tensors
 from peftspec.core.patching import base_view
+from peftspec.core.registry import registry_or_default
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 """The transformers classes peftspec exports, and llama.cpp's architecture name."""
@@ -129,13 +130,11 @@ def gguf_adapter(adapter: str | Path, model: nn.Module, *, registry=None,
                  dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of the llama.cpp adapter for the peftspec file ``adapter``
     on the base ``model`` (a module; patched is fine: its base is used)."""
-    from peftspec.core.registry import get_registry
-
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     adapter = Path(adapter)
     read_metadata(adapter)
     with base_view(model):
-        plan = _checked_plan(model, adapter, registry)
+        plan = checked_plan(model, adapter, registry)
         cls = type(model).__name__
         tied = _tied(model)
     arch = ARCHITECTURES.get(cls)
@@ -170,7 +169,7 @@ def gguf_adapter(adapter: str | Path, model: nn.Module, *, registry=None,
     products = [s.options.scale * s.options.r for s in steps]
     alpha = next((p for p in products if p), 1.0)
     alpha = float(torch.tensor(alpha, dtype=torch.float32))  # as the file stores it
-    tensors = _read_tensors(adapter)
+    tensors = read_tensors(adapter)
     out: dict[str, torch.Tensor] = {}
     for s, product in zip(steps, products):
         name = gguf_tensor_name(s.target)
@@ -210,9 +209,7 @@ def export_gguf(adapter: str | Path, out: str | Path, *, model: nn.Module | str,
     Returns ``out``, written atomically. Raises :class:`ConversionError`
     (exit 2) for what llama.cpp cannot express, naming each rule.
     """
-    from peftspec.core.registry import get_registry
-
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown GGUF outtype '{outtype}'; use one of "
                               f"{', '.join(OUTTYPES)}")

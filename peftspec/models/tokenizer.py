@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from peftspec.core.errors import ModelSourceError
+from peftspec.models.hf import hf_folder
+from peftspec.models.native import folder_of_model
+from peftspec.models.native_tokenizer import NativeTokenizer, pad_id_of  # noqa: F401 (re-exported)
 
 
 class ByteTokenizer:
@@ -37,12 +40,6 @@ class ByteTokenizer:
 
     decode_clean = decode  # end-of-text is not a byte: decode drops it already
     has_chat_template = False
-
-
-def pad_id_of(pad: int | None, eos: int | None) -> int:
-    """The id batches are padded with: the tokenizer's padding token, else its
-    end of sequence, else 0 (padded positions are masked and never learned)."""
-    return pad if pad is not None else eos if eos is not None else 0
 
 
 @dataclass
@@ -104,13 +101,8 @@ def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
     * the default model, or any model whose input embedding has at least 257
       rows: :class:`ByteTokenizer`.
     """
-    from peftspec.models.hf import hf_folder
-    from peftspec.models.native import folder_of_model
-
     native = folder_of_model(model)
     if native is not None:  # built without transformers: so is its tokenizer
-        from peftspec.models.native_tokenizer import NativeTokenizer
-
         return NativeTokenizer(native)
     path = hf_folder(source)
     if path is not None:

@@ -52,6 +52,8 @@ from torch import nn
 
 from peftspec.core.errors import PeftspecError
 from peftspec.data.examples import scored
+from peftspec.train.grad_checkpoint import block_list as largest_module_list
+from peftspec.core.packed import packed_parameters
 
 
 
@@ -86,8 +88,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList | None:
-    from peftspec.train.grad_checkpoint import _blocks as largest_module_list
+def block_list(model: nn.Module) -> nn.ModuleList | None:
 
     return largest_module_list(model)
 
@@ -129,11 +130,9 @@ class World:
         """
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
             return model
-        from peftspec.core.packed import packed_parameters
 
         packed = list(packed_parameters(model))
         if self.fsdp and packed:
-            from peftspec.core.errors import PeftspecError
 
             raise PeftspecError(
                 f"--fsdp with a [[freeze]]-packed base ({len(packed)} weights, e.g. "
@@ -178,7 +177,7 @@ class World:
                     p.copy_(t)
         mesh = init_device_mesh(self.device.type if self.device is not None else "cpu",
                                 (self.size,))
-        for block in _blocks(model) or ():
+        for block in block_list(model) or ():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model

@@ -31,7 +31,9 @@ def _require_grad_hook(module, inputs, output):
         output.requires_grad_(True)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList | None:
+def block_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of blocks: its non-empty ``ModuleList`` holding the most
+    parameters, or ``None`` (what checkpointing and FSDP wrap block by block)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         return None
@@ -52,7 +54,7 @@ def enable(model: nn.Module) -> str:
         if hasattr(model, "config"):
             model.config.use_cache = False
         return "transformers gradient_checkpointing_enable"
-    blocks = _blocks(model)
+    blocks = block_list(model)
     if blocks is None:
         raise PeftspecError("cannot enable gradient checkpointing: the model has no "
                             "nn.ModuleList of blocks to checkpoint")

@@ -36,6 +36,10 @@ from typing import Callable
 import torch
 
 from peftspec.core.errors import PeftspecError
+from peftspec.core.facade import apply
+from peftspec.core.modelinfo import context_length
+from peftspec.core.registry import registry_or_default
+from peftspec.formats.adapter_file import load_adapter
 from peftspec.train import resume as ckpt
 from peftspec.data import examples as data
 from peftspec.train import distributed, hooks, metrics, optim, tasks
@@ -44,6 +48,12 @@ from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.train.metrics import MetricsLog
 from peftspec.train.schedule import lr_at
 from peftspec.models.tokenizer import tokenizer_for
+from peftspec.train.hooks import init_from_data
+from peftspec.core.facade import trainable_parameters
+from peftspec.formats.adapter_file import file_tensors
+from peftspec.formats.adapter_file import save_adapter
+from peftspec.train import allocator
+from peftspec.core.atomicio import check_room
 
 
 @dataclass
@@ -85,15 +95,6 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
-def _model_max_length(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("block_size", "max_position_embeddings", "n_positions"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _loss_of(output) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, dict):
@@ -110,12 +111,10 @@ class Run:
     def __init__(self, spec, cfg: TrainConfig, *, model=None, model_source=None, registry=None,
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None, force: bool = False):
-        from peftspec import apply, get_registry, load_adapter
-
         self.cfg, self.rank0 = cfg, rank0
         self.world = world or distributed.World()
         self.world.check_batch_size(cfg.batch_size)
-        self.registry = registry or get_registry()
+        self.registry = registry_or_default(registry)
         self.task = tasks.read(cfg)  # causal LM or classification, from the data
         self.model = model if model is not None else \
             tasks.load_model(self.task, model_source, self.registry, cfg.seed, spec=spec,
@@ -154,7 +153,6 @@ class Run:
     def _init_from_data(self) -> None:
         """Data-driven initialisation (LoRA's EVA) from the training items, in
         file order, before the optimizer sees the parameters."""
-        from peftspec import init_from_data
 
         device = next(self.model.parameters()).device
         report = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank0 else None
@@ -168,7 +166,7 @@ class Run:
         if not cfg.data:
             raise data.DataError("no training data: give --data FILE (or 'data' in the spec's "
                                  "[train_config])")
-        limit = _model_max_length(self.model)
+        limit = context_length(self.model)
         self.max_length = min(cfg.max_length, limit) if limit else cfg.max_length
         items, self.dropped = data.encode_all(self.task.train, self.tok, self.max_length,
                                               self.task.labels)
@@ -184,7 +182,6 @@ class Run:
         self.data_digest = data.file_digest(cfg.data)
 
     def _build_optimizer(self) -> None:
-        from peftspec import trainable_parameters
 
         params = trainable_parameters(self.model)
         if not params:
@@ -230,7 +227,6 @@ class Run:
 
     def save_checkpoint(self, directory: Path) -> Path:
         """Write a checkpoint (rank 0; every rank calls: FSDP gathers shards first)."""
-        from peftspec.formats.adapter_file import file_tensors
 
         sharded = self.world.fsdp and self.world.distributed
         adapter = self.world.gather(file_tensors(self.model)) if sharded else None
@@ -251,8 +247,6 @@ class Run:
 
     def save_adapter(self, out: str | Path) -> None:
         """Write the adapter to ``out`` (rank 0; every rank calls)."""
-        from peftspec import save_adapter
-        from peftspec.formats.adapter_file import file_tensors
 
         sharded = self.world.fsdp and self.world.distributed
         tensors = self.world.gather(file_tensors(self.model)) if sharded else None
@@ -387,14 +381,11 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     if rank0:
         metrics.check_path(cfg.log)  # a bad --log is refused before the model loads
     if spec.rules_of("freeze"):  # a quantized base: keep glibc from fragmenting the heap
-        from peftspec.train.allocator import fix_mmap_threshold
 
-        fix_mmap_threshold()
+        allocator.fix_mmap_threshold()
     run = Run(spec, cfg, model=model, model_source=model_source, registry=registry,
               resume=Path(resume) if resume else None, rank0=rank0, world=world, force=force)
     if out is not None and rank0:  # a full disk or read-only --out: say so before training
-        from peftspec.formats.adapter_file import file_tensors
-        from peftspec.core.atomicio import check_room
 
         tensors = file_tensors(run.model).values()
         check_room(out, sum(t.numel() * t.element_size() for t in tensors))

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from peftspec.core.packed import stored_bytes
 
 
 def _unique_params(model: nn.Module, trainable_only: bool = False):
@@ -45,7 +46,6 @@ def _unique_params(model: nn.Module, trainable_only: bool = False):
 def tensor_bytes(params) -> int:
     """Bytes the tensors occupy: a weight ``[[freeze]]`` packed (nf4, int8, bf16)
     counts what it stores, not its float shape."""
-    from peftspec.core.packed import stored_bytes
 
     return sum(stored_bytes(p) for p in params)
 

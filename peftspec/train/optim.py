@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftspec.core.method import _adapter_modules
+from peftspec.core.method import adapter_modules
 
 
 def param_roles(model: nn.Module) -> dict[int, str]:
     """``id(parameter) -> role`` for the tensors adapter modules give a role."""
     out: dict[int, str] = {}
-    for _, module in _adapter_modules(model):
+    for _, module in adapter_modules(model):
         fn = getattr(module, "param_roles", None)
         if not callable(fn):
             continue

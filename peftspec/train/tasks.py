@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from peftspec.core.errors import PeftspecError
 from peftspec.core.untrusted import BadText, json_loads
 from peftspec.data import examples as data
+from peftspec.models import native
+from peftspec.formats.adapter_file import read_metadata
+from peftspec.train.resume import CheckpointError
+from peftspec.core.errors import AdapterFileError
 
 CLASSIFICATION = "sequence-classification"
 
@@ -90,7 +94,6 @@ def load_model(task: Task, source: str | None, registry, seed: int, *, spec=None
     built without transformers where that covers the run
     (:mod:`peftspec.models.native`)."""
     if spec is not None:
-        from peftspec.models import native
 
         if native.why_not(source, spec, world_size, task.classify) is None:
             model = native.load_for_training(source)
@@ -145,14 +148,12 @@ def check_head_trained(task: Task, model) -> None:
 
 def check_resume(task: Task, adapter_path: Path) -> None:
     """A resumed run must have the labels (and task) of its checkpoint."""
-    from peftspec.formats.adapter_file import read_metadata
 
     meta = read_metadata(adapter_path)
     saved = _labels_in(meta, adapter_path)
     ours = list(task.labels.names) if task.labels is not None else None
     if saved == ours:
         return
-    from peftspec.train.resume import CheckpointError
 
     def show(labels):
         return "language modelling" if labels is None else \
@@ -173,7 +174,6 @@ def adapter_labels(path: str | Path) -> list[str | int] | None:
         peftspec.load_adapter(model, "clf.safetensors")
         label = labels[int(model(**batch).logits.argmax(-1)[0])]
     """
-    from peftspec.formats.adapter_file import read_metadata
 
     return _labels_in(read_metadata(path), Path(path))
 
@@ -186,7 +186,6 @@ def _labels_in(meta: dict, path: Path) -> list | None:
     except (KeyError, BadText):
         labels = None
     if not isinstance(labels, list):
-        from peftspec.core.errors import AdapterFileError
 
         raise AdapterFileError(f"{path}: a classifier's adapter whose 'labels' metadata is "
                                "missing or not a JSON list")

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from peftspec.core.spec import Rule
-from peftspec.formats.hf_peft.folder import PREFIX, _refuse
+from peftspec.formats.hf_peft.folder import PREFIX, refuse
 from peftspec.core.saferegex import compile_pattern
-from peftspec.formats.hf_peft.matching import _suffixes, hf_pattern_key, hf_selects
+from peftspec.formats.hf_peft.matching import dotted_suffixes, hf_pattern_key, hf_selects
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ExportRule:
     def tensor(self, name: str) -> torch.Tensor:
         """The adapter file's tensor ``name`` (peftspec's name); marks it exported."""
         if name not in self._tensors:
-            _refuse(f"the adapter file has no tensor '{name}', which {self.rule.where} "
+            refuse(f"the adapter file has no tensor '{name}', which {self.rule.where} "
                     f"({self.rule.method}) needs")
         self._used.add(name)
         return self._tensors[name]
@@ -82,7 +82,7 @@ class ExportContext:
         self.base_model_name_or_path = base_model_name_or_path
         self._modules = modules
 
-    refuse = staticmethod(_refuse)
+    refuse = staticmethod(refuse)
 
     @staticmethod
     def key(name: str) -> str:
@@ -103,7 +103,7 @@ class ExportContext:
         (the full name when none is); de-duplicated, in order."""
         out: dict[str, None] = {}
         for name in members:
-            pick = next((s for s in _suffixes(name) if ok(s)), name)
+            pick = next((s for s in dotted_suffixes(name) if ok(s)), name)
             out.setdefault(pick)
         return list(out)
 

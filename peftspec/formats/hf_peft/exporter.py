@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from peftspec.formats.adapter_file import _checked_plan, read_metadata
+from peftspec.formats.adapter_file import checked_plan, read_metadata
 from peftspec.core.atomicio import atomic_write_bytes, replace_dir, staging_dir, writing
 from peftspec.core.errors import AdapterFileError, SpecError
 from peftspec.core.fingerprint import decode
@@ -33,7 +33,8 @@ from peftspec.core.safetensors_io import serialize
 from peftspec.core.spec import parse_spec
 from peftspec.core.untrusted import BadText, json_loads
 from peftspec.formats.hf_peft.export_context import ExportContext, ExportRule, HFPeftPart
-from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, _read_tensors, _refuse
+from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, read_tensors, refuse
+from peftspec.core.registry import registry_or_default
 
 
 # Config keys that HF PEFT added later (the version in brackets), written only when set.
@@ -59,20 +60,20 @@ def _task_type(model: nn.Module | None, fp_names: set[str]) -> str | None:
     return "CAUSAL_LM" if "lm_head.weight" in fp_names else None
 
 
-def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str], registry):
+def steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str], registry):
     """(rule, target, roles, class name) for every step, from the adapter's metadata:
     the selectors re-resolved against the targets it records."""
     raw = meta.get("targets")
     if raw is None:
-        _refuse("the adapter file does not record its targets (written by an older "
+        refuse("the adapter file does not record its targets (written by an older "
                 "peftspec); pass --model so the spec can be resolved against the base")
     try:
         targets: dict[str, str] = json_loads(raw)
     except BadText as exc:
-        _refuse(f"the adapter file's 'targets' metadata is not readable JSON ({exc})")
+        refuse(f"the adapter file's 'targets' metadata is not readable JSON ({exc})")
     if not isinstance(targets, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in targets.items()):
-        _refuse("the adapter file's 'targets' metadata is not a JSON object of strings")
+        refuse("the adapter file's 'targets' metadata is not a JSON object of strings")
     steps, claimed = [], set()
     for rule in spec.rules:
         method = registry.method(rule.method)
@@ -81,7 +82,7 @@ def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str]
             continue
         if rule.family == "train":
             if fp is None:
-                _refuse(f"{rule.where}: the adapter file has no base fingerprint to resolve "
+                refuse(f"{rule.where}: the adapter file has no base fingerprint to resolve "
                         "[[train]] selectors against; pass --model")
             names = [n for n, _, _ in fp if n in file_names]
             pool = {n: frozenset() for n in names}
@@ -92,7 +93,7 @@ def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str]
                 for s in getattr(rule.options, f.name)]
         for key, text in sels + [("exclude", s) for s in rule.exclude]:
             if text.startswith("type:") and rule.family == "train":
-                _refuse(f"{rule.where}: selector '{text}' needs the model's classes; pass --model")
+                refuse(f"{rule.where}: selector '{text}' needs the model's classes; pass --model")
             sel = parse_selector(text)
             for n, types in pool.items():
                 if sel.matches(n, types):
@@ -104,7 +105,7 @@ def _steps_without_model(spec, meta: dict, fp: list | None, file_names: set[str]
                 claimed.add(n)
     unclaimed = [t for t in targets if t and t not in claimed]
     if unclaimed:
-        _refuse(f"cannot tell which rule adapted '{unclaimed[0]}' from the file alone; "
+        refuse(f"cannot tell which rule adapted '{unclaimed[0]}' from the file alone; "
                 "pass --model")
     return steps
 
@@ -125,9 +126,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     ``adapter_model.safetensors``. Raises :class:`ConversionError` (exit 2)
     for what HF PEFT cannot express, naming the rule and option.
     """
-    from peftspec.core.registry import get_registry
-
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     adapter, out_dir = Path(adapter), Path(out_dir)
     meta = read_metadata(adapter)
     base_name = None
@@ -139,7 +138,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     except SpecError as exc:
         raise AdapterFileError(f"{adapter}: its embedded spec does not load here:\n{exc}") \
             from None
-    tensors = _read_tensors(adapter)
+    tensors = read_tensors(adapter)
     try:
         fp = decode(meta["base_fingerprint"]) if "base_fingerprint" in meta else None
     except BadText as exc:
@@ -149,7 +148,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
 
     if model is not None:
         with base_view(model):  # a patched model: its base modules
-            plan = _checked_plan(model, adapter, registry)
+            plan = checked_plan(model, adapter, registry)
             modules = dict(model.named_modules())
             params = {n for n, _ in model.named_parameters()}
         rules = {r.where: r for r in spec.rules}
@@ -160,7 +159,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         options = plan.options
         module_names = [n for n in modules if n]
     else:
-        steps = _steps_without_model(spec, meta, fp, set(tensors), registry)
+        steps = steps_without_model(spec, meta, fp, set(tensors), registry)
         options, modules = {}, {}
         module_names = sorted({n.rsplit(".", k)[0] for n in fp_names
                                for k in range(1, n.count(".") + 1)}) if fp else \
@@ -201,20 +200,20 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         part = method.to_hf_peft(mine, ctx)
         if part is None:
             where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)
-            _refuse(f"cannot export: method '{name}' ({where}) has no HF PEFT counterpart; "
+            refuse(f"cannot export: method '{name}' ({where}) has no HF PEFT counterpart; "
                     "HF PEFT can express lora, loha, lokr, vera, oft, ia3, prompt-tuning, "
                     "p-tuning and prefix-tuning (and [[train]] rules of whole modules)")
         parts.append((name, mine, part))
     if not parts:
-        _refuse("cannot export: HF PEFT needs a PEFT method (LoRA, IA3, a soft prompt); "
+        refuse("cannot export: HF PEFT needs a PEFT method (LoRA, IA3, a soft prompt); "
                 "this spec only has [[train]] rules")
     if len({p.peft_type for _, _, p in parts}) > 1:
         what = "; ".join(f"'{n}' ({', '.join(r.rule.where for r in rs)}) -> {p.peft_type}"
                          for n, rs, p in parts)
-        _refuse(f"cannot export: an HF PEFT adapter has one peft_type, and this spec mixes "
+        refuse(f"cannot export: an HF PEFT adapter has one peft_type, and this spec mixes "
                 f"methods: {what}. Split the spec, one method per adapter")
     if len(parts) > 1:
-        _refuse("cannot export: methods " + ", ".join(repr(n) for n, _, _ in parts) +
+        refuse("cannot export: methods " + ", ".join(repr(n) for n, _, _ in parts) +
                 " both map to HF PEFT's " + parts[0][2].peft_type + "; merge them into one")
     _, main_rules, part = parts[0]
     for name, method, mine in riders:
@@ -227,7 +226,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         out_tensors.update(extra)
     left = sorted(set(tensors) - used)
     if left:
-        _refuse(f"cannot export: tensor '{left[0]}' of the adapter file belongs to no rule "
+        refuse(f"cannot export: tensor '{left[0]}' of the adapter file belongs to no rule "
                 f"that was exported ({len(left)} such tensor(s))")
 
     if task_type == "auto":
@@ -235,7 +234,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         if task_type is None and any(r.family == "prefix" for r in spec.rules):
             task_type = "CAUSAL_LM"
     elif task_type is not None and task_type not in TASK_TYPES:
-        _refuse(f"unknown task type '{task_type}'; HF PEFT's are {', '.join(TASK_TYPES)}")
+        refuse(f"unknown task type '{task_type}'; HF PEFT's are {', '.join(TASK_TYPES)}")
     full = {"peft_type": part.peft_type, "task_type": task_type,
             "base_model_name_or_path": base_name, "revision": None, "inference_mode": True,
             "modules_to_save": None, **config}
@@ -246,7 +245,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     full = dict(sorted((k, v) for k, v in full.items() if not (v is None and k in NEWER_KEYS)))
     data = serialize(out_tensors, {"format": "pt"})
     if out_dir.exists() and not out_dir.is_dir():
-        _refuse(f"{out_dir} exists and is not a folder")
+        refuse(f"{out_dir} exists and is not a folder")
     config_bytes = (json.dumps(full, indent=2) + "\n").encode()
     _write_folder(out_dir, {WEIGHTS_FILE: data, CONFIG_FILE: config_bytes})
     return out_dir
@@ -259,13 +258,13 @@ def _beside(main: HFPeftPart, name: str, method, rules: list[ExportRule],
     extra = method.to_hf_peft_beside(rules, ctx, main) \
         if main.peft_type in method.hf_peft_beside_types else None
     if extra is None:
-        _refuse(f"cannot export: method '{name}' ({where}) goes into one HF PEFT adapter "
+        refuse(f"cannot export: method '{name}' ({where}) goes into one HF PEFT adapter "
                 f"only beside {', '.join(method.hf_peft_beside_types)}, and this spec's other "
                 f"method exports as {main.peft_type}. Split the spec, one method per adapter")
     clash = sorted(k for k in extra.config if main.config.get(k) is not None)
     clash += sorted(set(extra.tensors) & set(main.tensors))
     if clash:
-        _refuse(f"cannot export: method '{name}' ({where}) and the {main.peft_type} rules "
+        refuse(f"cannot export: method '{name}' ({where}) and the {main.peft_type} rules "
                 f"both set '{clash[0]}' in HF PEFT's adapter")
     return HFPeftPart(main.peft_type, {**main.config, **extra.config},
                       {**main.tensors, **extra.tensors})
@@ -305,11 +304,11 @@ def _modules_to_save(trained: list[ExportRule], params: set[str], module_names: 
     for name, rule in names.items():
         owner = name.rpartition(".")[0]
         if not owner:
-            _refuse(f"cannot export {rule.rule.where}: it trains '{name}', a parameter of the "
+            refuse(f"cannot export {rule.rule.where}: it trains '{name}', a parameter of the "
                     "model itself; HF PEFT's modules_to_save holds submodules")
         missing = sorted(p for p in params if p.startswith(owner + ".") and p not in names)
         if missing:
-            _refuse(f"cannot export {rule.rule.where}: it trains '{name}' but not '{missing[0]}'"
+            refuse(f"cannot export {rule.rule.where}: it trains '{name}' but not '{missing[0]}'"
                     f" of the same module '{owner}'; HF PEFT's modules_to_save trains whole "
                     "modules (there is no per-parameter selection such as BitFit's biases)")
         owners.setdefault(owner)
@@ -317,12 +316,12 @@ def _modules_to_save(trained: list[ExportRule], params: set[str], module_names: 
     for m in chosen:
         clash = [n for n in module_names if n != m and n.endswith(m)]
         if clash:
-            _refuse(f"cannot export: module '{m}' for modules_to_save would also match "
+            refuse(f"cannot export: module '{m}' for modules_to_save would also match "
                     f"'{clash[0]}' under HF PEFT's suffix rule")
         for r in main_rules:
             for t in r.targets:
                 if t and (t == m or t.startswith(m + ".") or m.startswith(t + ".")):
-                    _refuse(f"cannot export: '{t}' ({r.rule.where}, {r.rule.method}) overlaps "
+                    refuse(f"cannot export: '{t}' ({r.rule.where}, {r.rule.method}) overlaps "
                             f"'{m}', which a [[train]] rule trains whole; HF PEFT does not "
                             "adapt modules inside modules_to_save")
     tensors = {}

@@ -5,7 +5,7 @@ An HF PEFT adapter is a folder holding ``adapter_config.json`` and
 This module names those files (:data:`CONFIG_FILE`, :data:`WEIGHTS_FILE`,
 :data:`PREFIX`, the task types HF PEFT knows), reads a folder's config and
 checks it is one (:func:`read_hf_adapter`), and reads safetensors files
-(never a pickle: peftspec does not unpickle). It also holds ``_refuse``, the
+(never a pickle: peftspec does not unpickle). It also holds ``refuse``, the
 one way every step of a conversion fails (a :class:`ConversionError`), so
 that the export and import sides share it without depending on each other.
 """
@@ -29,11 +29,14 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
               "FEATURE_EXTRACTION")
 
 
-def _refuse(message: str) -> NoReturn:
+def refuse(message: str) -> NoReturn:
+    """Raise the :class:`ConversionError` every HF PEFT conversion step reports with."""
     raise ConversionError(message)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``; an unreadable file is a
+    :class:`ConversionError` naming it."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -45,23 +48,23 @@ def read_hf_adapter(src: str | Path) -> tuple[dict, Path]:
     """``adapter_config.json`` of an HF PEFT folder, checked, and its weights' path."""
     src = Path(src)
     if not src.is_dir():
-        _refuse(f"{src}: not a folder; an HF PEFT adapter is a folder with {CONFIG_FILE} "
+        refuse(f"{src}: not a folder; an HF PEFT adapter is a folder with {CONFIG_FILE} "
                 f"and {WEIGHTS_FILE}")
     cfg_path, weights = src / CONFIG_FILE, src / WEIGHTS_FILE
     if not cfg_path.is_file():
-        _refuse(f"{src}: no {CONFIG_FILE} here, so this is not an HF PEFT adapter folder")
+        refuse(f"{src}: no {CONFIG_FILE} here, so this is not an HF PEFT adapter folder")
     try:
         config = json_loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, BadText) as exc:
-        _refuse(f"{cfg_path}: not readable JSON ({exc})")
+        refuse(f"{cfg_path}: not readable JSON ({exc})")
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
-        _refuse(f"{cfg_path}: has no 'peft_type' string; not an HF PEFT adapter config")
+        refuse(f"{cfg_path}: has no 'peft_type' string; not an HF PEFT adapter config")
     if not weights.is_file():
         pickles = [p for p in PICKLES if (src / p).is_file()]
         if pickles:
-            _refuse(f"{src}: has only {pickles[0]}, a pickle; peftspec never unpickles (it can "
+            refuse(f"{src}: has only {pickles[0]}, a pickle; peftspec never unpickles (it can "
                     "run code). Re-save it as safetensors where you trust it: "
                     "PeftModel.from_pretrained(base, DIR).save_pretrained(DIR2, "
                     "safe_serialization=True)")
-        _refuse(f"{src}: no {WEIGHTS_FILE} here")
+        refuse(f"{src}: no {WEIGHTS_FILE} here")
     return config, weights

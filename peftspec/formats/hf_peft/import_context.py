@@ -24,9 +24,9 @@ from torch import nn
 
 from peftspec.core.matching import class_names, parse_selector
 from peftspec.formats.hf_peft.export_context import ExportContext
-from peftspec.formats.hf_peft.folder import CONFIG_FILE, _refuse
+from peftspec.formats.hf_peft.folder import CONFIG_FILE, refuse
 from peftspec.core.saferegex import UnsafePattern, escape
-from peftspec.formats.hf_peft.matching import _suffixes, hf_pattern_key, hf_selects
+from peftspec.formats.hf_peft.matching import dotted_suffixes, hf_pattern_key, hf_selects
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ImportContext:
         self._hit_cache: dict[str, frozenset[str]] = {}
         self.dropped: dict[str, str] = {}  # HF tensor -> the HF tensor it must equal
 
-    refuse = staticmethod(_refuse)
+    refuse = staticmethod(refuse)
     key = staticmethod(ExportContext.key)
 
     @staticmethod
@@ -86,7 +86,7 @@ class ImportContext:
         for name, accepted in defaults.items():
             value = self.config.get(name, accepted[0])
             if value not in accepted:
-                _refuse(f"cannot import: {CONFIG_FILE} sets {name} = {json.dumps(value)}, "
+                refuse(f"cannot import: {CONFIG_FILE} sets {name} = {json.dumps(value)}, "
                         f"which peftspec cannot express (accepted: "
                         f"{', '.join(json.dumps(a) for a in accepted)})")
 
@@ -112,7 +112,7 @@ class ImportContext:
         ``kinds`` (``"int|null"``, ``"str|str-list"``, ``"number-dict"``...)."""
         value = self.config.get(name, default)
         if not any(self._KINDS[k](value) for k in kinds.split("|")):
-            _refuse(f"cannot import: {CONFIG_FILE} has {name} = {json.dumps(value)}; expected "
+            refuse(f"cannot import: {CONFIG_FILE} has {name} = {json.dumps(value)}; expected "
                     f"{kinds.replace('|', ' or ').replace('-', ' ')}")
         return value
 
@@ -127,7 +127,7 @@ class ImportContext:
         try:
             return [n for n in self.modules if hf_selects(self.config, n)]
         except UnsafePattern as exc:
-            _refuse(f"cannot import: a module pattern in {CONFIG_FILE} (target_modules, "
+            refuse(f"cannot import: a module pattern in {CONFIG_FILE} (target_modules, "
                     f"exclude_modules, layers_pattern or modules_to_save): {exc}")
 
     @staticmethod
@@ -203,7 +203,7 @@ class ImportContext:
         want = set(members)
         leaves = list(dict.fromkeys(f"**.{n.rsplit('.', 1)[-1]}" for n in members))
         suffixes = list(dict.fromkeys(
-            next((f"**.{s}" for s in _suffixes(n) if self.hits(f"**.{s}") <= want), n)
+            next((f"**.{s}" for s in dotted_suffixes(n) if self.hits(f"**.{s}") <= want), n)
             for n in members if re.fullmatch(r"[\w.\-]+", n)))
         candidates = list(candidates)
         ordered = [c for c in candidates if not c[1]] + [(leaves, [])] + \

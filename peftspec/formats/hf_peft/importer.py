@@ -26,9 +26,10 @@ from peftspec.core.patching import active_adapter, apply_plan, base_view, remove
 from peftspec.core.plan import compile_plan
 from peftspec.core.saferegex import UnsafePattern
 from peftspec.core.spec import parse_spec
-from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, _read_tensors, _refuse, read_hf_adapter
+from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, read_tensors, refuse, read_hf_adapter
 from peftspec.formats.hf_peft.import_context import ImportContext, ImportedRule
 from peftspec.formats.hf_peft.spec_writer import spec_text
+from peftspec.core.registry import registry_or_default
 
 
 def _method_for(peft_type: str, registry):
@@ -37,7 +38,7 @@ def _method_for(peft_type: str, registry):
     if not found:
         known = sorted(f"{t} ({i.method.name})" for i in registry.methods.values()
                        for t in getattr(i.method, "hf_peft_types", ()))
-        _refuse(f"cannot import: unknown peft_type '{peft_type}': no installed method reads "
+        refuse(f"cannot import: unknown peft_type '{peft_type}': no installed method reads "
                 f"it (readable: {', '.join(known) or 'none'})")
     return found[0]
 
@@ -52,19 +53,17 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     ``--model`` string); by default ``base_model_name_or_path`` of the config
     when it is a local transformers folder.
     """
-    from peftspec.core.registry import get_registry
-
-    registry = registry or get_registry()
+    registry = registry_or_default(registry)
     src, out = Path(src), Path(out)
     spec_out = Path(spec_out) if spec_out is not None else out.with_suffix(".toml")
     config, weights = read_hf_adapter(src)
     peft_type = config["peft_type"]
     method = _method_for(peft_type, registry)
-    hf_tensors = _read_tensors(weights)
+    hf_tensors = read_tensors(weights)
     if model is None:
         base = config.get("base_model_name_or_path")
         if not base or not (Path(base) / "config.json").is_file():
-            _refuse(f"cannot import: need the base model; base_model_name_or_path is "
+            refuse(f"cannot import: need the base model; base_model_name_or_path is "
                     f"{json.dumps(base)}, not a local transformers folder: pass --model")
         model = f"hf:{base}"
     if isinstance(model, str):
@@ -86,7 +85,7 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
                 rules += extra.rules
                 mapping.update(extra.tensors)
         except UnsafePattern as exc:
-            _refuse(f"cannot import: a pattern in {CONFIG_FILE}: {exc}")
+            refuse(f"cannot import: a pattern in {CONFIG_FILE}: {exc}")
         if config.get("modules_to_save"):
             rules.append(_train_rule(ctx, ctx.get("modules_to_save", "str|str-list"), mapping))
         wanted = {hf for hf, _ in mapping.values()}
@@ -108,10 +107,10 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     missing = sorted(wanted - set(hf_tensors))
     extra = sorted(set(hf_tensors) - wanted)
     if missing:
-        _refuse(f"cannot import: {weights.name} lacks tensor '{missing[0]}', which "
+        refuse(f"cannot import: {weights.name} lacks tensor '{missing[0]}', which "
                 f"{CONFIG_FILE} implies ({len(missing)} missing)")
     if extra:
-        _refuse(f"cannot import: tensor '{extra[0]}' in {weights.name} does not match "
+        refuse(f"cannot import: tensor '{extra[0]}' in {weights.name} does not match "
                 f"{CONFIG_FILE} (no module it configures holds it; {len(extra)} such)")
     converted = {}
     for ours, (hf, convert) in mapping.items():
@@ -119,9 +118,9 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         try:
             t = convert(t) if convert else t
         except ValueError as exc:
-            _refuse(f"cannot import: tensor '{hf}': {exc}")
+            refuse(f"cannot import: tensor '{hf}': {exc}")
         if t.is_floating_point() and not torch.isfinite(t).all():
-            _refuse(f"cannot import: tensor '{hf}' holds NaN or Inf values")
+            refuse(f"cannot import: tensor '{hf}' holds NaN or Inf values")
         converted[ours] = t
 
     previous = active_adapter(model)
@@ -132,12 +131,12 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         expected = file_tensors(model)
         if set(expected) != set(converted):  # pragma: no cover - a plugin's naming bug
             odd = sorted(set(expected) ^ set(converted))
-            _refuse(f"cannot import: method '{method.name}' mapped tensors that its module "
+            refuse(f"cannot import: method '{method.name}' mapped tensors that its module "
                     f"does not hold (or missed some): {', '.join(odd[:5])}")
         for ours, target in expected.items():
             t = converted[ours]
             if tuple(t.shape) != tuple(target.shape):
-                _refuse(f"cannot import: tensor '{mapping[ours][0]}' has shape {list(t.shape)}"
+                refuse(f"cannot import: tensor '{mapping[ours][0]}' has shape {list(t.shape)}"
                         f", the model expects {list(target.shape)} for '{ours}'")
         in_state = set(adapter_state(model))
         load_adapter_state(model, {k: v for k, v in converted.items() if k in in_state})
@@ -177,7 +176,7 @@ def _drop_copies(hf_tensors: dict, dropped: dict[str, str]) -> None:
             continue
         a, b = hf_tensors[name], hf_tensors.get(original)
         if b is None or a.shape != b.shape or not torch.equal(a, b):
-            _refuse(f"cannot import: tensor '{name}' should be a copy of '{original}' (a "
+            refuse(f"cannot import: tensor '{name}' should be a copy of '{original}' (a "
                     "tied weight) but differs from it")
         del hf_tensors[name]
 
@@ -193,7 +192,7 @@ def _drop_base_copies(hf_tensors: dict, wanted: set, model: nn.Module) -> None:
             continue
         t = hf_tensors[name]
         if tuple(t.shape) != tuple(base.shape) or not torch.equal(t.to(base.dtype), base.detach()):
-            _refuse(f"cannot import: tensor '{name}' is a copy of the base weight '{ours}' "
+            refuse(f"cannot import: tensor '{name}' is a copy of the base weight '{ours}' "
                     "that differs from this base's (a resized vocabulary or a trained "
                     "table?); peftspec adapters do not carry base weights")
         del hf_tensors[name]
@@ -206,7 +205,7 @@ def _train_rule(ctx: ImportContext, saved: list, mapping: dict) -> ImportedRule:
     wrapped = [n for n in ctx.modules if any(n.endswith(m) for m in saved)]
     wrapped = [n for n in wrapped if not any(n.startswith(o + ".") for o in wrapped)]
     if not wrapped:
-        _refuse(f"cannot import: modules_to_save {json.dumps(saved)} names no module of this "
+        refuse(f"cannot import: modules_to_save {json.dumps(saved)} names no module of this "
                 "model")
     params = [n for n, _ in ctx.model.named_parameters()
               if any(n.startswith(m + ".") for m in wrapped)]

@@ -75,6 +75,8 @@ def hf_pattern_key(keys: Iterable[str], key: str) -> str | None:
     return None
 
 
-def _suffixes(name: str) -> list[str]:
+def dotted_suffixes(name: str) -> list[str]:
+    """Every dotted suffix of ``name``, shortest first (``a.b.c`` -> ``c``, ``b.c``, ``a.b.c``):
+    the names HF PEFT's ``target_modules`` strings are matched against."""
     parts = name.split(".")
     return [".".join(parts[-k:]) for k in range(1, len(parts) + 1)]

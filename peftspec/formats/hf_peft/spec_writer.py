@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from peftspec.formats.hf_peft.folder import _refuse
+from peftspec.formats.hf_peft.folder import refuse
 from peftspec.formats.hf_peft.import_context import ImportedRule
 
 
@@ -25,7 +25,7 @@ def toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            _refuse(f"cannot write {value} in a spec")
+            refuse(f"cannot write {value} in a spec")
         return repr(value)
     if isinstance(value, str):
         if "\\" in value and "'" not in value and "\n" not in value:
