@@ -1,20 +1,22 @@
 """Training a spec's adapter: ``peftspec train`` and its Python entry point.
 
-Modules, one job each:
+Modules, one job each (the options themselves are
+:mod:`peftspec.core.train_config`, which the spec loader reads; the data
+readers :mod:`peftspec.data.examples`; the tokenizers :mod:`peftspec.models.tokenizer`):
 
-* :mod:`.config`: the options and their schema (no torch; the spec loader uses it);
-* :mod:`.tokenizer`: the byte-level tokenizer of the default model, and hf: tokenizers;
-* :mod:`.data`: JSONL / text files into token ids, labels and batches;
 * :mod:`.tasks`: causal LM or sequence classification, as the data says (the
   classifier's model, its head, labels and accuracy);
 * :mod:`.schedule`: the learning-rate schedule (warmup, cosine), a pure function of the step;
-* :mod:`.checkpointing`: gradient checkpointing for transformers and plain models;
-* :mod:`.checkpoint`: resumable training checkpoints (safetensors + JSON, nothing pickled);
+* :mod:`.optim`: AdamW over the adapter's parameters, LoRA+ groups by role;
+* :mod:`.hooks`: the methods' training hooks and data-driven init (AdaLoRA, EVA);
+* :mod:`.grad_checkpoint`: gradient checkpointing for transformers and plain models;
+* :mod:`.resume`: resumable training checkpoints (safetensors + JSON, nothing pickled);
+* :mod:`.distributed`: torchrun, DDP and FSDP;
 * :mod:`.loop`: the training loop itself;
 * :mod:`.memory`: the memory table (weights, gradients, optimizer states, activations);
-* :mod:`.report`: loss and learning-rate curves from a metrics log.
+* :mod:`.metrics`, :mod:`.report`: the metrics log, and curves from it.
 
-This package imports torch lazily: ``peftspec.core.spec`` imports :mod:`.config`.
+An application: imports the core, formats, models and data, never the CLI.
 """
 
 from __future__ import annotations
