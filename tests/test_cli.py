@@ -128,6 +128,23 @@ def test_selector_matching_nothing_names_it(tmp_path):
            "(did you mean '**.q_proj'?)" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["plan", "apply"])
+def test_a_rule_excluding_all_it_selects_exits_2_at_its_exclude_line(tmp_path, command):
+    # (as `type:Linear` with `exclude = ["lm_head"]` on GPT-2, whose projections are Conv1D)
+    p = write(tmp_path, '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\n'
+                        'exclude = ["blocks.*.attn.*"]\n')
+    out = tmp_path / "a.safetensors"
+    r = invoke(command, p, *(["--out", out] if command == "apply" else []))
+    assert r.exit_code == 2
+    assert f"{p}:4: reparameterize[0].exclude: every module this rule's selectors match " \
+           "(4: 'blocks.0.attn.q_proj'," in " ".join(r.stderr.split())
+    assert "is removed by its own 'exclude'" in " ".join(r.stderr.split())
+    assert not out.exists()
+    p.write_text(p.read_text() + "optional = true\n")
+    r = invoke(command, p, *(["--out", out] if command == "apply" else []))
+    assert r.exit_code == 0, r.stderr
+
+
 def test_method_on_unsupported_module(tmp_path):
     p = write(tmp_path, '[[reparameterize]]\nmethod = "lora"\nmodules = ["type:LayerNorm"]\n')
     r = invoke("apply", p, "--out", tmp_path / "a.safetensors")

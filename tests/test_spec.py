@@ -186,6 +186,58 @@ def test_optional_rule_tolerates_unmatched_selectors(tiny_gpt, registry):
     assert [s.target for s in plan.steps] == ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj"]
 
 
+def test_a_rule_whose_exclude_removes_every_match_is_an_error(tiny_gpt, registry):
+    # the same error as a selector that matches nothing: the rule would do nothing
+    msgs = compile_problems("""
+        [[reparameterize]]
+        method = "lora"
+        modules = ["**.q_proj"]
+        exclude = ["blocks.*.attn.q_proj"]
+        """, tiny_gpt, registry)
+    assert msgs == ["s.toml:5: reparameterize[0].exclude: every module this rule's selectors "
+                    "match (2: 'blocks.0.attn.q_proj', 'blocks.1.attn.q_proj') is removed by "
+                    "its own 'exclude'; the rule would change nothing (narrow 'exclude' or the "
+                    "selectors, or set 'optional = true' to allow an empty rule)"]
+    msgs = compile_problems("""
+        [[train]]
+        params = ["**.bias"]
+        exclude = ["**"]
+        """, tiny_gpt, registry)
+    assert len(msgs) == 1 and msgs[0].startswith("s.toml:4: train[0].exclude: every parameter")
+
+
+def test_type_linear_minus_lm_head_on_gpt2_is_that_error(registry):
+    # GPT-2's projections are Conv1D: `type:Linear` there is lm_head alone
+    pytest.importorskip("transformers")
+    from hf_tiny import gpt2
+
+    msgs = compile_problems("""
+        [[reparameterize]]
+        method = "lora"
+        modules = ["type:Linear"]
+        exclude = ["lm_head"]
+        """, gpt2(), registry)
+    assert len(msgs) == 1 and msgs[0].startswith(
+        "s.toml:5: reparameterize[0].exclude: every module this rule's selectors match "
+        "(1: 'lm_head')")
+
+
+def test_an_optional_rule_may_exclude_every_match(tiny_gpt, registry):
+    spec = parse("""
+        [[reparameterize]]
+        method = "lora"
+        modules = ["**.v_proj"]
+
+        [[reparameterize]]
+        method = "lora"
+        modules = ["**.q_proj"]
+        exclude = ["**.q_proj"]
+        optional = true
+        """, registry)
+    plan = peftspec.compile_plan(spec, tiny_gpt, registry=registry)
+    assert [s.target for s in plan.steps] == ["blocks.0.attn.v_proj", "blocks.1.attn.v_proj"]
+
+
 def test_lora_on_layernorm_is_refused(tiny_gpt, registry):
     msgs = compile_problems("""
         [[reparameterize]]

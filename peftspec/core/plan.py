@@ -208,13 +208,17 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
             excluded = _resolve_all(rule, "exclude", rule.exclude,
                                     "params" if rule.family == "train" else "modules", modules,
                                     types, params, problem, leaves)
+            matched: set[str] = set()
             for f in fields:
                 names = _resolve_all(rule, f.name, getattr(options, f.name),
                                      f.metadata["selector"], modules, types, params,
                                      problem, leaves)
+                matched |= names
                 for n in names:
                     if n not in excluded:
                         chosen.setdefault(n, []).append(f.name)
+            if matched and not chosen and not rule.optional:
+                _all_excluded(rule, matched, problem)
         order = params if rule.family == "train" else modules
         where = rule.where  # a property that formats a string: once per rule, not per target
         for target in [n for n in order if n in chosen]:
@@ -487,6 +491,19 @@ def _resolve_all(rule, key, selectors, kind, modules, types: _Types, params, pro
                     item=text)
         found.update(hits)
     return found
+
+
+def _all_excluded(rule: Rule, matched: set[str], problem) -> None:
+    """Report a rule whose selectors match only names its own ``exclude`` removes:
+    the same error as a selector that matches nothing (the rule would do nothing),
+    at the ``exclude`` list's line."""
+    what = "parameter" if rule.family == "train" else "module"
+    shown = ", ".join(f"'{n}'" for n in sorted(matched)[:3]) + (", ..." if len(matched) > 3 else "")
+    problem(rule, f"every {what} this rule's selectors match ({len(matched)}: {shown}) is "
+                  "removed by its own 'exclude'; the rule would change nothing",
+            key="exclude", item=rule.exclude[0],
+            hint="narrow 'exclude' or the selectors, or set 'optional = true' to allow an "
+                 "empty rule")
 
 
 def _item_line(spec: Spec, rule: Rule, key: str, item: str) -> int | None:
