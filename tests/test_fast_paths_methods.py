@@ -14,7 +14,8 @@ from torch import nn
 import peftspec
 from peftspec.core.fastmodule import gc_paused, parameter
 from peftspec.core.fingerprint import digest, fingerprint, named_tensors, tensors_digest
-from peftspec.core.plan import _by_leaf, _resolve_all, _Types, _walk
+from peftspec.core.model_walk import walk as _walk
+from peftspec.core.resolve import ModuleTypes as _Types, by_leaf as _by_leaf, resolve_all as _resolve_all
 from peftspec.core.spec import Rule
 from toymodels import ToyConfig, ToyNet
 
@@ -208,7 +209,7 @@ def test_vera_adapt_equals_the_old_formula():
 def test_compiler_steps_equal_dataclass_steps():
     from dataclasses import fields
 
-    from peftspec.core.plan import Step, _step
+    from peftspec.core.step import Step, new_step as _step
 
     args = ("blocks.0.attn.q", "lora", "reparameterize", object(), ("modules",),
             "reparameterize[0]", 3)
@@ -219,7 +220,7 @@ def test_compiler_steps_equal_dataclass_steps():
 
 
 def test_base_bytes_fast_path_equals_the_general_loop():
-    from peftspec.core.plan import _base_bytes
+    from peftspec.core.model_walk import base_bytes as _base_bytes
 
     model = ToyNet(ToyConfig(n_blocks=2))
     model.blocks[0].attn["o"].to(torch.float16)  # two dtypes: bytes are per element size

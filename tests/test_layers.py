@@ -19,7 +19,6 @@ MAX_LINES = 400
 # Files still over MAX_LINES, with the most lines each may keep until it is split
 # (issue 23, point 5): the list may only shrink, and no entry may grow.
 OVER_LIMIT = {
-    "peftspec/core/plan.py": 560,
     "peftspec/testing.py": 470,
     "peftspec/train/loop.py": 460,
     "plugins/lora.py": 515,
@@ -187,3 +186,17 @@ def test_the_architecture_doc_names_only_modules_that_exist():
 def test_each_package_says_what_lives_there(name):
     doc = ast.get_docstring(ast.parse(MODULES[name].read_text()))
     assert doc and len(doc) > 80 and "TODO" not in doc
+
+
+@pytest.mark.parametrize("old, new, name", [("peftspec.method", "peftspec.core.method",
+                                             "FreezeMethod"),
+                                            ("peftspec.frozen", "peftspec.core.packed",
+                                             "PackedWeight")])
+def test_documented_old_paths_still_work_and_warn(old, new, name):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {new}.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError):
+        getattr(importlib.import_module(old), "no_such_name")

@@ -11,23 +11,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import repeat
-from operator import methodcaller, mul
+from operator import methodcaller
 from typing import Any
 
 from torch import nn
 
 from peftspec.core.fastmodule import gc_paused
-from peftspec.core.errors import Problem, SpecError, did_you_mean
-from peftspec.core.fingerprint import named_tensors, tensors_digest
-from peftspec.core.packed import PackedWeight, frozen_modules, is_packed, storage_options, stored_bytes
+from peftspec.core.errors import Problem, SpecError
+from peftspec.core.fingerprint import tensors_digest
 from peftspec.core.options import selector_fields
-from peftspec.core.matching import class_names, parse_selector
 from peftspec.core.spec import Rule, Spec
 from peftspec.core.state import base_view
 from peftspec.core.step import Step, new_step as _step  # Step is part of this module's interface
 from peftspec.core.registry import registry_or_default
-from peftspec.core.tomlpos import LineMap
+from peftspec.core.model_walk import walk, find_weight_owners, freeze_problem, stored_after, base_bytes, itemsize
+from peftspec.core.resolve import ModuleTypes, resolve_all, all_excluded, item_line
 
 _numel = methodcaller("numel")
 _element_size = methodcaller("element_size")
@@ -171,14 +169,14 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         with base_view(model):
             return compile_with_tensors(spec, model, registry)
 
-    leaves: dict[str, dict[str, list[str]]] = {}  # _resolve_all's index (by kind)
-    modules, params, buffers = _walk(model, leaves)
-    types = _Types(modules, params)  # class names, for type: selectors only
+    leaves: dict[str, dict[str, list[str]]] = {}  # resolve_all's index (by kind)
+    modules, params, buffers = walk(model, leaves)
+    types = ModuleTypes(modules, params)  # class names, for type: selectors only
     problems: list[Problem] = []
 
     def problem(rule: Rule, message: str, key: str | None = None, hint: str | None = None,
                 item: str | None = None):
-        line = _item_line(spec, rule, key, item) if item is not None else None
+        line = item_line(spec, rule, key, item) if item is not None else None
         problems.append(Problem(message, file=spec.file, line=line or rule.line,
                                 key=f"{rule.where}.{key}" if key else rule.where, hint=hint))
 
@@ -205,12 +203,12 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         if rule.family == "prefix":  # a soft prompt acts on the whole model
             chosen[""] = ["model"]
         else:
-            excluded = _resolve_all(rule, "exclude", rule.exclude,
+            excluded = resolve_all(rule, "exclude", rule.exclude,
                                     "params" if rule.family == "train" else "modules", modules,
                                     types, params, problem, leaves)
             matched: set[str] = set()
             for f in fields:
-                names = _resolve_all(rule, f.name, getattr(options, f.name),
+                names = resolve_all(rule, f.name, getattr(options, f.name),
                                      f.metadata["selector"], modules, types, params,
                                      problem, leaves)
                 matched |= names
@@ -218,7 +216,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                     if n not in excluded:
                         chosen.setdefault(n, []).append(f.name)
             if matched and not chosen and not rule.optional:
-                _all_excluded(rule, matched, problem)
+                all_excluded(rule, matched, problem)
         order = params if rule.family == "train" else modules
         where = rule.where  # a property that formats a string: once per rule, not per target
         for target in [n for n in order if n in chosen]:
@@ -232,8 +230,8 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
             module = modules[target]
             if rule.family == "freeze":
                 if weight_owners is None:
-                    weight_owners = _weight_owners(modules)
-                reason = _freeze_problem(model, target, module, method, step, weight_owners)
+                    weight_owners = find_weight_owners(modules)
+                reason = freeze_problem(model, target, module, method, step, weight_owners)
                 if reason and rule.optional:  # optional: freeze what can be, skip the rest
                     continue
                 if reason:
@@ -249,7 +247,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                 freeze_owner[target] = rule
                 w = module._parameters["weight"]
                 frozen[target] = (w.numel() * w.element_size(),
-                                  _stored_after(w, method, module, step))
+                                  stored_after(w, method, module, step))
                 steps.append(step)
                 continue
             reason = method.check(module, step)
@@ -279,7 +277,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
             # second Step: thousands of targets make a frozen dataclass's init count).
             fields = step.__dict__  # (what _step fills: a frozen dataclass's own fields)
             fields["params_added"] = n_added
-            fields["bytes_added"] = n_added * _itemsize(module)
+            fields["bytes_added"] = n_added * itemsize(module)
             steps.append(step)
 
     for name in trained_base:  # a frozen weight is stored compactly; it cannot train
@@ -305,262 +303,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         if note:
             n = sum(1 for s in steps if s.rule == where)
             notes[where] = note.format(n=n, **vars(resolved[where]))
-    base_params, before, after = _base_bytes(params, frozen)
+    base_params, before, after = base_bytes(params, frozen)
     return Plan(spec, tuple(steps), tensors_digest((params, buffers)),
                 base_params, trained_base, resolved, notes, frozen, before, after), \
         (params, buffers), modules
-
-
-def _walk(model: nn.Module, leaves: dict | None = None
-          ) -> tuple[dict[str, nn.Module], dict, dict]:
-    """``dict(model.named_modules())``, ``dict(model.named_parameters())`` and
-    ``dict(model.named_buffers())``: the same names, order and de-duplication
-    (pre-order, each module and tensor once under its first name), in one walk
-    without torch's recursive generators, which cost a third of the time on a
-    model of thousands of modules. A model whose class overrides
-    ``named_modules`` gets its own. ``leaves``: filled with ``"modules"``:
-    :func:`_by_leaf` of the module names, on the way."""
-    if type(model).named_modules is not nn.Module.named_modules:
-        modules = dict(model.named_modules())
-        return (modules, *named_tensors(model, modules))
-    by_leaf: dict[str, list[str]] = {}
-    if leaves is not None:
-        leaves["modules"] = by_leaf
-    modules: dict[str, nn.Module] = {}
-    params: dict[str, Any] = {}
-    buffers: dict[str, Any] = {}
-    seen: set[int] = set()
-    seen_params: set[int] = set()  # by id(): what torch's de-duplication compares
-    seen_buffers: set[int] = set()
-    stack = [("", "", model)]  # (path, its last atom, module)
-    pop, push = stack.pop, stack.append
-    while stack:
-        prefix, leaf, module = pop()
-        if id(module) in seen:  # marked when visited, not when pushed: as torch does
-            continue
-        seen.add(id(module))
-        modules[prefix] = module
-        if prefix:
-            group = by_leaf.get(leaf)
-            if group is None:
-                by_leaf[leaf] = [prefix]
-            else:
-                group.append(prefix)
-            dot = prefix + "."
-        else:
-            dot = ""
-        for key, t in module._parameters.items():
-            if t is not None and id(t) not in seen_params:
-                seen_params.add(id(t))
-                params[dot + key] = t
-        if module._buffers:
-            for key, t in module._buffers.items():
-                if t is not None and id(t) not in seen_buffers:
-                    seen_buffers.add(id(t))
-                    buffers[dot + key] = t
-        children = module._modules
-        if children:
-            for name, child in reversed(children.items()):  # first child on top
-                if child is not None and id(child) not in seen:
-                    # (a name with a dot, put into _modules by hand: its last atom)
-                    push((dot + name, name.rpartition(".")[2] if "." in name else name,
-                          child))
-    return modules, params, buffers
-
-
-def _weight_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
-    """id of each ``weight`` parameter -> the module paths holding it (ties)."""
-    owners: dict[int, list[str]] = {}
-    for path, m in modules.items():
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(path)
-    return owners
-
-
-def _freeze_problem(model, target, module, method, step, weight_owners) -> str | None:
-    """Why ``module`` cannot be frozen by ``step``, or None. A module frozen
-    already (by an adapter loaded earlier) passes when the storage is the same."""
-    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    if w is None:
-        return "it has no 'weight' parameter"
-    others = [p for p in weight_owners.get(id(w), []) if p != target]
-    if others:
-        return (f"its weight is tied to '{others[0]}'; freezing it would change that module "
-                "too (untie the weights, or exclude one of them)")
-    if is_packed(w):
-        entry = frozen_modules(model).get(target)
-        wanted = (step.method, storage_options(step.options))
-        if entry is not None and (entry.method, entry.options) == wanted:
-            return None
-        have = f"{entry.method} {entry.options}" if entry else w.codec.name
-        return (f"it is stored as {have} already (frozen by an adapter loaded earlier); a "
-                "base has one storage: load this adapter onto a fresh copy of the base")
-    return method.check(module, step)
-
-
-def _stored_after(w, method, module, step) -> int:
-    return stored_bytes(w) if is_packed(w) else int(method.stored_bytes(module, step))
-
-
-def _base_bytes(params, frozen) -> tuple[int, int, int]:
-    """The base's parameter count, its bytes in float storage, and its bytes after
-    the plan's freeze (one pass: a deep model has thousands of parameters)."""
-    tensors = list(params.values())
-    if not frozen and not any(map(isinstance, tensors, repeat(PackedWeight))):  # in C
-        numels = list(map(_numel, tensors))
-        dense = sum(map(mul, numels, map(_element_size, tensors)))
-        return sum(numels), dense, dense
-    count = before = after = 0
-    for name, p in params.items():
-        n = p.numel()
-        count += n
-        dense = n * p.element_size()  # a packed weight reports the original dtype
-        before += dense
-        if not frozen and not isinstance(p, PackedWeight):  # the common case
-            after += dense
-            continue
-        owner = name[:-len(".weight")] if name.endswith(".weight") else \
-            ("" if name == "weight" else None)
-        if owner is not None and owner in frozen:
-            after += frozen[owner][1]
-        elif isinstance(p, PackedWeight):
-            after += stored_bytes(p)
-        else:
-            after += dense
-    return count, before, after
-
-
-def _itemsize(module: nn.Module) -> int:
-    """Bytes per element of ``module``'s first parameter (4 if it has none)."""
-    for p in module._parameters.values():  # its own come first; much cheaper than parameters()
-        if p is not None:
-            return p.element_size()
-    return next((p.element_size() for p in module.parameters()), 4)
-
-
-def _by_leaf(names) -> dict[str, list[str]]:
-    """Names grouped by their last dotted atom, in the given (model) order."""
-    out: dict[str, list[str]] = {}
-    for n in names:
-        if n:
-            out.setdefault(n.rpartition(".")[2], []).append(n)
-    return out
-
-
-class _Types:
-    """Class names (:func:`class_names`) by module path and, for parameters, of the
-    module that owns each; built on first use, as only ``type:`` selectors (and a
-    near-miss hint) read them."""
-
-    def __init__(self, modules: dict[str, nn.Module], params: dict[str, Any]):
-        self._modules, self._params = modules, params
-
-    @cached_property
-    def modules(self) -> dict[str, frozenset[str]]:
-        return {name: class_names(m) for name, m in self._modules.items()}
-
-    @cached_property
-    def params(self) -> dict[str, frozenset[str]]:
-        mt = self.modules
-        return {n: mt.get(n.rpartition(".")[0], frozenset()) for n in self._params}
-
-
-def _resolve_all(rule, key, selectors, kind, modules, types: _Types, params, problem,
-                 leaves: dict | None = None) -> set[str]:
-    """The names ``selectors`` pick. ``leaves``: a cache (by kind) of :func:`_by_leaf`,
-    shared across a compile: a ``**.name`` selector (nearly every selector) only
-    tests the names ending in its last atom, not every module of a deep model."""
-    found: set[str] = set()
-    for text in selectors:
-        sel = parse_selector(text)
-        pool = params if kind == "params" else modules
-        if sel.literal is not None and sel.literal[0] == "suffix" and leaves is not None:
-            if kind not in leaves:
-                leaves[kind] = _by_leaf(pool)
-            pool = leaves[kind].get(sel.literal[1].rpartition(".")[2], ())
-        if sel.kind == "type":
-            owners = types.params if kind == "params" else types.modules
-            hits = [n for n in pool if n and sel.matches(n, owners[n])]
-        else:  # globs and regular expressions read the name only
-            hits = [n for n in pool if n and sel.matches(n)]
-        if not hits and not rule.optional:
-            pool = params if kind == "params" else modules
-            problem(rule, f"selector '{text}' matched no {'parameter' if kind == 'params' else 'module'}",
-                    key=key, hint=_near_miss(text, pool, types.modules, kind),
-                    item=text)
-        found.update(hits)
-    return found
-
-
-def _all_excluded(rule: Rule, matched: set[str], problem) -> None:
-    """Report a rule whose selectors match only names its own ``exclude`` removes:
-    the same error as a selector that matches nothing (the rule would do nothing),
-    at the ``exclude`` list's line."""
-    what = "parameter" if rule.family == "train" else "module"
-    shown = ", ".join(f"'{n}'" for n in sorted(matched)[:3]) + (", ..." if len(matched) > 3 else "")
-    problem(rule, f"every {what} this rule's selectors match ({len(matched)}: {shown}) is "
-                  "removed by its own 'exclude'; the rule would change nothing",
-            key="exclude", item=rule.exclude[0],
-            hint="narrow 'exclude' or the selectors, or set 'optional = true' to allow an "
-                 "empty rule")
-
-
-def _item_line(spec: Spec, rule: Rule, key: str, item: str) -> int | None:
-    """The line that holds selector ``item`` of ``rule``'s ``key`` (the item's own
-    line in a multi-line list), not the rule's first line; ``None`` when the spec
-    text has no such key (a selector a preset expanded to). Only computed for a
-    problem, so re-reading the text costs nothing on a good spec."""
-
-    path = (rule.family,) if rule.family == "prefix" else (rule.family, rule.index)
-    lines = LineMap(spec.text)
-    if path + (key,) not in lines.lines:
-        return None
-    return lines.line_of_item(path + (key,), item)
-
-
-def _fix_segments(text: str, names) -> str | None:
-    """``text`` with each misspelt literal segment replaced by the closest name
-    segment of the model, if the result matches something (wildcards kept)."""
-    import difflib
-
-    atoms = sorted({a for n in names if n for a in n.split(".")})
-    known = set(atoms)
-    segments = text.split(".")
-    changed = False
-    for i, seg in enumerate(segments):
-        if not seg or any(c in seg for c in "*?") or seg in known:
-            continue
-        close = difflib.get_close_matches(seg, atoms, n=1, cutoff=0.6)
-        if not close:
-            return None
-        segments[i], changed = close[0], True
-    if not changed:
-        return None
-    fixed = ".".join(segments)
-    try:
-        sel = parse_selector(fixed)
-    except ValueError:
-        return None
-    return fixed if any(n and sel.matches(n) for n in names) else None
-
-
-def _near_miss(text: str, names, module_types, kind: str) -> str:
-    """A hint in the selector's own form: ``**.v_prj`` gets ``did you mean
-    '**.v_proj'?`` (a selector that matches), not the bare leaf name."""
-    if text.startswith("type:"):
-        types = sorted({t for ts in module_types.values() for t in ts
-                        if t not in ("Module", "object")})
-        close = did_you_mean(text[5:], types)
-        return (f"did you mean 'type:{close.split(chr(39))[1]}'?" if close else
-                f"module types here: {', '.join(types[:12])}")
-    fixed = None if text.startswith("re:") else _fix_segments(text, names)
-    if fixed:
-        return f"did you mean '{fixed}'?"
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    hint = did_you_mean(text.rsplit(".", 1)[-1], leaves)
-    if hint:
-        return hint
-    sample = [n for n in names if n][:6]
-    return (f"no {kind} name ends like that; `peftspec plan` lists names, e.g. "
-            f"{', '.join(sample)}")
