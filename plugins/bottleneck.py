@@ -216,7 +216,6 @@ class BottleneckMethod(Method):
     family = "augment"
     Options = BottleneckOptions
     summary = "bottleneck adapters after or beside modules (Houlsby, Pfeiffer, parallel)"
-    mergeable = False
     unchanged_at_apply = True  # the up-projection starts at zero
     example = """
 [[augment]]

@@ -17,13 +17,12 @@ Like every built-in, this module uses only peftspec's public plugin API.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from peftspec.plugin_api import Method, Problem, hookimpl, selectors
+from peftspec.plugin_api import Method, Problem, hookimpl, module_kind, selectors
 from peftspec.plugin_api import init_module, parameter
 
 from .base_layer import base_output
@@ -38,14 +37,9 @@ class IA3Options:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    # transformers' Conv1D (GPT-2), detected by shape rather than imported:
-    # a plugin should not need transformers to load.
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-            and module.weight.dim() == 2 and hasattr(module, "nf"):
-        return "conv1d"
-    return None
+    """``"linear"`` or ``"conv1d"`` (GPT-2), the maps (IA)^3 scales; else ``None``."""
+    kind = module_kind(module)
+    return kind if kind in ("linear", "conv1d") else None
 
 
 class IA3Linear(nn.Module):
@@ -125,7 +119,6 @@ class IA3(Method):
     family = "augment"
     Options = IA3Options
     summary = "(IA)^3: learned vectors rescale outputs (inputs for feedforward); Linear, Conv1D"
-    mergeable = True
     unchanged_at_apply = True  # the vectors start at exactly 1.0
 
     def check(self, module, step):
@@ -149,68 +142,6 @@ class IA3(Method):
     def merge(self, installed, original):
         installed.merge_into(original)
         return original
-
-    # --- HF PEFT's format: IA3Config; HF stores the vector as (out, 1), or (1, in) for
-    # feedforward modules, and lists feedforward_modules as a subset of target_modules
-    hf_peft_types = ("IA3",)
-
-    def to_hf_peft(self, rules, ctx):
-        targets, ff, tensors, conv1d = [], [], {}, False
-        for rule in rules:
-            for t, cls in rule.targets.items():
-                vec = rule.tensor(f"{t}.ia3_l")
-                is_ff = "feedforward" in rule.roles[t]
-                tensors[ctx.key(f"{t}.ia3_l")] = vec.reshape(1, -1) if is_ff else vec.reshape(-1, 1)
-                targets.append(t)
-                ff += [t] if is_ff else []
-                conv1d |= cls == "Conv1D"
-        names, tset, fset = ctx.module_names, set(targets), set(ff)
-
-        def picks(s, pool, boundary=True):
-            return [n for n in pool if n == s or n.endswith(("." if boundary else "") + s)]
-
-        ff_keys = ctx.shortest_suffixes(ff, lambda s: set(picks(s, targets, False)) <= fset and
-                                        set(picks(s, names)) <= tset)
-        rest = ctx.shortest_suffixes([t for t in targets if t not in fset],
-                                     lambda s: set(picks(s, names)) <= tset and
-                                     not set(picks(s, targets, False)) & fset)
-        keys = list(dict.fromkeys(rest + ff_keys))
-        if {n for n in names if any(n == k or n.endswith("." + k) for k in keys)} != tset or \
-                {t for t in targets if any(t.endswith(k) for k in ff_keys)} != fset:
-            ctx.refuse("cannot export: no target_modules / feedforward_modules lists select "
-                       "exactly these (IA)^3 modules under HF PEFT's suffix rules")
-        return ctx.part("IA3", {"target_modules": keys, "feedforward_modules": ff_keys,
-                                "fan_in_fan_out": conv1d, "exclude_modules": None,
-                                "init_ia3_weights": True}, tensors)
-
-    def from_hf_peft(self, config, ctx):
-        targets = ctx.targets()
-        if not targets:
-            ctx.refuse(f"cannot import: target_modules {config.get('target_modules')!r} "
-                       "matches no module of this model")
-        spec_ff = config.get("feedforward_modules") or []
-        ff = [t for t in targets if (re.fullmatch(spec_ff, t) if isinstance(spec_ff, str)
-                                     else any(t.endswith(k) for k in spec_ff))]
-        modules, exclude = ctx.selectors(targets, ctx.base_candidates())
-        table = {"method": self.name, "modules": modules}
-        if ff:
-            table["feedforward"] = ctx.selectors(
-                ff, [(ctx.name_selectors(spec_ff), [])], allow_exclude=False)[0]
-        if exclude:
-            table["exclude"] = exclude
-
-        def vector(feedforward):
-            def convert(t):
-                want = "(1, in)" if feedforward else "(out, 1)"
-                if t.dim() != 2 or t.shape[0 if feedforward else 1] != 1:
-                    raise ValueError(f"has shape {list(t.shape)}; HF PEFT stores {want} for "
-                                     f"{'a feedforward' if feedforward else 'this'} module")
-                return t.reshape(-1)
-            return convert
-
-        tensors = {f"{t}.ia3_l": (ctx.key(f"{t}.ia3_l"), vector(t in ff)) for t in targets}
-        return ctx.imported([ctx.rule("augment", table)], tensors)
-
 
 @hookimpl
 def register_methods(register):

@@ -18,7 +18,7 @@ from torch import nn
 
 from peftspec.plugin_api import Method, hookimpl, option, selectors
 
-from .lycoris import DeltaLinear, export_rules, import_rules, kaiming_, linear_only
+from .lycoris import DeltaLinear, kaiming_, linear_only
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -63,7 +63,6 @@ class LoHa(Method):
     family = "reparameterize"
     Options = LoHaOptions
     summary = "low-rank Hadamard product update (LyCORIS LoHa); Linear"
-    mergeable = True
     unchanged_at_apply = True  # hada_w2_b = 0
 
     def check(self, module, step):
@@ -79,19 +78,6 @@ class LoHa(Method):
     def merge(self, installed, original):
         installed.merge_into(original)
         return original
-
-    # --- HF PEFT's format: LoHaConfig; rules of other r / alpha become rank/alpha_pattern
-    hf_peft_types = ("LOHA",)
-
-    def to_hf_peft(self, rules, ctx):
-        return export_rules(rules, ctx, peft_type="LOHA", same={},
-                            names=lambda target, rule: NAMES, config={})
-
-    def from_hf_peft(self, config, ctx):
-        return import_rules(config, ctx, method=self.name,
-                            require={"use_effective_conv2d": (False, True)},
-                            names=lambda t, module, r: NAMES, table={})
-
 
 @hookimpl
 def register_methods(register):

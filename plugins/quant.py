@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftspec.plugin_api import hookimpl, option, selectors

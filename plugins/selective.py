@@ -24,7 +24,6 @@ class Select(Method):
     family = "train"
     Options = SelectOptions
     summary = "train chosen original parameters (BitFit biases, norms, whole layers)"
-    mergeable = True  # nothing to fold: the trained tensors are the base's own
     unchanged_at_apply = True  # it only unfreezes
 
 

@@ -14,7 +14,7 @@ PEFT; mergeable (``W += ΔW``).
 The projections live in one plain object that every VeRA module of the rule
 holds (:class:`VeRAProjections`): not parameters, not buffers, not in the
 state dict; they follow the input to its device. The rule
-sees all its modules before any is built through ``Method.prepare``. With
+sees all its modules before any is built through ``prepare`` (the ``SharesRuleState`` capability). With
 ``save_projection = true`` (HF PEFT's default) the adapter file stores them
 once, under the rule's first module (``<first>.vera_A`` / ``.vera_B``), and
 loading takes them from the file; with ``false`` they are drawn again from
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftspec.plugin_api import Method, hookimpl, option, selectors
+from peftspec.plugin_api import Method, hookimpl, linear_dims, module_kind, option, selectors
 from peftspec.plugin_api import init_module, parameter
 
 from .base_layer import base_output
@@ -49,20 +49,9 @@ class VeRAOptions:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    # transformers' Conv1D (GPT-2), recognised by shape: no transformers import needed
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-            and module.weight.dim() == 2 and hasattr(module, "nf"):
-        return "conv1d"
-    return None
-
-
-def _dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of the module's linear map (Conv1D stores its weight (in, out))."""
-    w = module._parameters["weight"]  # not module.weight: nn.Module.__getattr__ is slow
-    n0, n1 = w.shape
-    return (n1, n0) if isinstance(module, nn.Linear) else (n0, n1)
+    """``"linear"`` or ``"conv1d"`` (GPT-2), the maps VeRA adapts; else ``None``."""
+    kind = module_kind(module)
+    return kind if kind in ("linear", "conv1d") else None
 
 
 def draw_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -189,7 +178,6 @@ class VeRA(Method):
     family = "reparameterize"
     Options = VeRAOptions
     summary = "shared frozen random projections, trained scaling vectors (VeRA); Linear, Conv1D"
-    mergeable = True
     unchanged_at_apply = True  # vera_lambda_b = 0
 
     def __init__(self):
@@ -199,12 +187,12 @@ class VeRA(Method):
         return None if _kind(module) else "VeRA adapts Linear and GPT-2 Conv1D modules only"
 
     def count_params(self, module, step):
-        return _dims(module)[1] + step.options.r
+        return linear_dims(module)[1] + step.options.r
 
     def prepare(self, modules, steps):
         """Draw the rule's projections, sized to its largest module, once for all."""
         self._pending.clear()  # left by an apply that failed half-way: stale
-        dims = [_dims(modules[s.target]) for s in steps]
+        dims = [linear_dims(modules[s.target]) for s in steps]
         opts = steps[0].options
         a, b = draw_projections(opts.r, max(i for i, _ in dims), max(o for _, o in dims),
                                 opts.seed)
@@ -221,59 +209,6 @@ class VeRA(Method):
     def merge(self, installed, original):
         installed.merge_into(original)
         return original
-
-    # --- HF PEFT's format: VeraConfig; one rule (HF PEFT has one pair of projections
-    # per adapter), the projections as base_model.vera_A / vera_B
-    hf_peft_types = ("VERA",)
-
-    def to_hf_peft(self, rules, ctx):
-        if len(rules) > 1:
-            ctx.refuse("cannot export: " + ", ".join(r.rule.where for r in rules) + " are "
-                       "several vera rules; HF PEFT's VeRA has one pair of projections for all "
-                       "modules: write one rule")
-        (rule,) = rules
-        o = rule.options
-        tensors, conv1d = {}, False
-        targets = list(rule.targets)
-        for t, cls in rule.targets.items():
-            conv1d |= cls == "Conv1D"
-            for n in ("vera_lambda_b", "vera_lambda_d"):
-                tensors[ctx.key(f"{t}.{n}")] = rule.tensor(f"{t}.{n}")
-        if o.save_projection:
-            for n in ("vera_A", "vera_B"):
-                tensors[f"base_model.{n}"] = rule.tensor(f"{targets[0]}.{n}")
-        config = {"r": o.r, "target_modules": ctx.target_modules(targets),
-                  "projection_prng_key": o.seed, "save_projection": o.save_projection,
-                  "vera_dropout": o.dropout, "d_initial": o.d_initial, "fan_in_fan_out": conv1d,
-                  "bias": "none", "init_weights": True, "layers_to_transform": None,
-                  "layers_pattern": None}
-        return ctx.part("VERA", config, tensors)
-
-    def from_hf_peft(self, config, ctx):
-        ctx.require({"bias": ("none",), "init_weights": (True, False)})
-        targets = ctx.targets()
-        if not targets:
-            ctx.refuse(f"cannot import: target_modules {config.get('target_modules')!r} "
-                       "matches no module of this model")
-        for t in targets:
-            if _kind(ctx.modules[t]) is None:
-                ctx.refuse(f"cannot import: '{t}' is a {type(ctx.modules[t]).__name__}; VeRA "
-                           "adapts Linear and Conv1D modules only")
-        save = ctx.get("save_projection", "bool", True)
-        modules, exclude = ctx.selectors(targets, ctx.base_candidates())
-        rule = {"method": self.name, "modules": modules}
-        if exclude:
-            rule["exclude"] = exclude
-        rule.update(r=ctx.get("r", "int", 256), seed=ctx.get("projection_prng_key", "int", 0),
-                    save_projection=save, dropout=ctx.get("vera_dropout", "number", 0.0),
-                    d_initial=ctx.get("d_initial", "number", 0.1))
-        tensors = {f"{t}.{n}": (ctx.key(f"{t}.{n}"), None) for t in targets
-                   for n in ("vera_lambda_b", "vera_lambda_d")}
-        if save:
-            for n in ("vera_A", "vera_B"):
-                tensors[f"{targets[0]}.{n}"] = (f"base_model.{n}", None)
-        return ctx.imported([ctx.rule("reparameterize", rule)], tensors)
-
 
 @hookimpl
 def register_methods(register):

@@ -11,7 +11,7 @@ import peftspec
 from peftspec.core import fastmodule as _fastmodule
 from peftspec.core.fastmodule import all_modules, init_module
 from peftspec.core.patching import set_child
-from peftspec_plugins.lora import LoRALinear, LoRAOptions, _kaiming_bound
+from peftspec_plugins.lora import LoRALinear, LoRAOptions, kaiming_bound as _kaiming_bound
 
 
 class Fast(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import peftspec
-from peftspec_plugins import kv_cache
+from peftspec_plugins.prompts import kv_cache
 
 
 class Embedder(nn.Module):

@@ -1,4 +1,4 @@
-"""LoRA's ``init = "eva"`` (plugins/lora_eva.py) against HF PEFT's EVA on the same
+"""LoRA's ``init = "eva"`` (plugins/lora/eva.py) against HF PEFT's EVA on the same
 model and batches; its HF PEFT export; ``peftspec train`` starting from it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA inits (plugins/lora_init.py) against HF PEFT, and the promise
+"""PiSSA and OLoRA inits (plugins/lora/init.py) against HF PEFT, and the promise
 they change: the base weights become the residual W − s·B₀A₀, which then stays
 bit-identical, while the original comes back whenever the adapter is off."""
 

@@ -31,17 +31,27 @@ def register_methods(register):
     methods still register. A plugin that registers nothing at all (typically
     this function without ``@hookimpl``) is listed by ``peftspec plugins`` with
     a warning. The contract of a method, hook by hook: ``docs/plugins.md``.
-    Among its optional parts: HF PEFT's format (``hf_peft_types``,
-    ``to_hf_peft`` / ``from_hf_peft``, and for a method HF PEFT stores inside
-    another method's config, ``hf_peft_beside_types`` / ``hf_peft_beside_keys``
-    with ``to_hf_peft_beside`` / ``from_hf_peft_beside``), and
-    ``init_from_data(model, steps, batches, report)``, which ``peftspec train``
-    calls before the first step (LoRA's EVA).
+    Its optional capabilities (merge, training hooks, initialisation from
+    data, per-row batches, state shared by a rule's modules) are protocols of
+    :mod:`peftspec.core.capabilities`, declared by implementing them.
 
     A freeze method (``[[freeze]]``: how the frozen base is stored, e.g. HQQ or
     GPTQ) is a :class:`peftspec.core.method.FreezeMethod` registered the same way:
     its ``pack(weight, step)`` returns a :class:`peftspec.core.packed.PackedWeight`
     whose codec dequantizes on each matmul.
+    """
+
+
+@hookspec
+def register_hf_peft_codecs(register):
+    """Register HF PEFT codecs: call ``register(codec)`` once per codec.
+
+    ``codec`` is an instance of a :class:`peftspec.plugin_api.HFPeftCodec`
+    subclass whose ``method`` names an installed method (any plugin's, this
+    one's or another's); it converts that method's rules to and from HF PEFT's
+    format (``peftspec export`` / ``import``, see
+    :mod:`peftspec.formats.hf_peft.codec`). One codec per method: a second is
+    reported against the plugin that registered it, as a method clash is.
     """
 
 

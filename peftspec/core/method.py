@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from peftspec.core.capabilities import Mergeable, capabilities_of
 from peftspec.core.step import Step
 
 
@@ -137,13 +138,20 @@ class NoOptions:
 class Method:
     """Base class of a method plugin. Subclass it and register an instance.
 
+    This is the whole required contract: the class attributes, ``check``,
+    ``count_params`` and ``apply``, with ``detach`` / ``attach`` / ``release``
+    for a method that attaches anything outside the module it returns. What a
+    method may do beyond it (merge, shared state per rule, training hooks,
+    initialisation from data, per-row batches) is a protocol of
+    :mod:`peftspec.core.capabilities`, declared by implementing its method; HF
+    PEFT's format is a codec (:mod:`peftspec.formats.hf_peft.codec`).
+
     Class attributes:
         name: the spec's ``method = "..."`` value; unique across plugins.
         family: one of ``train``, ``reparameterize``, ``augment``, ``prefix``.
         Options: a frozen dataclass (see :mod:`peftspec.core.options`); unknown
             keys in a rule are errors.
         summary: one line for ``peftspec plugins``.
-        mergeable: whether :meth:`merge` folds the method into base weights.
         unchanged_at_apply: whether the model's outputs are exactly the base's
             right after :meth:`apply` (LoRA's ``B = 0``); the conformance kit
             (:mod:`peftspec.testing`) holds the method to it.
@@ -156,7 +164,6 @@ class Method:
     family: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = False
     unchanged_at_apply: ClassVar[bool] = False
     example: ClassVar[str] = ""
 
@@ -190,20 +197,6 @@ class Method:
         """How many parameters :meth:`apply` will add to ``module``."""
         return 0
 
-    def prepare(self, modules: dict[str, nn.Module], steps: list[Step]) -> None:
-        """Called once per rule, just before the rule's first :meth:`apply`, with
-        all of the rule's ``steps`` and the ``modules`` now at their targets (by
-        path, plan order).
-
-        For state that the modules of one rule share and that depends on all of
-        them: VeRA's random projections, sized to the rule's largest module and
-        drawn once. Keep it on the method keyed by ``id(step)`` (the very objects
-        :meth:`apply` then receives) and take it from there in :meth:`apply`.
-        The default does nothing. A method that overrides this is merged with the
-        whole model in memory (``peftspec merge`` does not stream it module by
-        module, where a module would be adapted without its rule's others).
-        """
-
     def apply(self, module: nn.Module, step: Step) -> nn.Module:
         """Patch ``module``; return the module to install at ``step.target``.
 
@@ -235,96 +228,19 @@ class Method:
         """The adapter is gone for good (removed or merged; already detached):
         drop anything kept for :meth:`attach`."""
 
-    def training(self, model: nn.Module, steps: list[Step], total_steps: int
-                 ) -> TrainingHooks | None:
-        """What this method does during training beyond its forward: return a
-        :class:`TrainingHooks` (or ``None``, the default: nothing).
-
-        ``model`` carries the applied adapter; ``steps`` are this method's steps
-        of it (``model.get_submodule(step.target)`` is the installed module);
-        ``total_steps`` is the run's number of optimizer steps. Raise
-        ``ValueError`` with a readable reason when the options do not fit the
-        run (AdaLoRA's schedule longer than the run)."""
-        return None
-
-    def init_from_data(self, model: nn.Module, steps: list[Step], batches: list,
-                       report: Any) -> None:
-        """Initialise this method's parameters from data before training (LoRA's
-        EVA); the default does nothing.
-
-        Called by :func:`peftspec.init_from_data` (``peftspec train`` calls it
-        before the first step) with this method's steps of the active adapter,
-        ``batches`` (dicts of ``input_ids``, ``attention_mask``, ``labels``, or
-        ``input_ids`` tensors) and ``report(message)`` for progress lines. It
-        must not write base weights; it may re-apply the adapter (as EVA does
-        when it changes ranks). Raise ``ValueError`` with a readable reason when
-        the data cannot serve."""
-        return None
-
-    def rows_attach(self, model: nn.Module, steps: dict[str, Step], names: list):
-        """For methods that patch the whole model in place (soft prompts): take
-        part in a per-row forward where row ``i`` uses adapter ``names[i]``
-        (``steps`` maps each participating adapter to its step). Return an
-        object with ``remove()``. Module-replacing methods need nothing here."""
-        raise NotImplementedError(f"method {self.name!r} does not support per-row adapters")
-
-    def merge(self, installed: nn.Module, original: nn.Module) -> nn.Module:
-        """Fold the adapter into ``original``'s weights; return the plain module."""
-        raise NotImplementedError(f"method {self.name!r} cannot be merged")
+    @property
+    def mergeable(self) -> bool:
+        """Whether :func:`peftspec.merge` can fold this method into base weights: it
+        implements ``merge`` (:class:`~peftspec.core.capabilities.Mergeable`), or it
+        trains base parameters themselves (``[[train]]``: nothing to fold). A
+        subclass may still set ``mergeable = True`` as a class attribute, as
+        earlier releases asked; registration refuses it without a ``merge``."""
+        return isinstance(self, Mergeable) or self.family == "train"
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "summary": self.summary,
-                "mergeable": self.mergeable, "unchanged_at_apply": self.unchanged_at_apply}
-
-    # --- HF PEFT's format (optional; `peftspec export` / `import`, see peftspec.formats.hf_peft) ---
-
-    #: HF PEFT ``peft_type`` values :meth:`from_hf_peft` reads (e.g. ``("LORA",)``).
-    hf_peft_types: ClassVar[tuple[str, ...]] = ()
-
-    def to_hf_peft(self, rules: list, context: Any) -> Any:
-        """Describe this method's rules of one adapter in HF PEFT's terms.
-
-        ``rules`` are :class:`peftspec.formats.hf_peft.ExportRule` (options, targets,
-        ``rule.tensor(name)``); return ``context.part(peft_type, config,
-        tensors)`` with HF PEFT's config fields and tensor names, or ``None``
-        (the default) when HF PEFT has no counterpart. Call
-        ``context.refuse(message)`` for options it cannot express."""
-        return None
-
-    def from_hf_peft(self, config: dict, context: Any) -> Any:
-        """Turn HF PEFT's ``adapter_config.json`` (a ``peft_type`` listed in
-        :attr:`hf_peft_types`) into spec rules and a tensor mapping: return
-        ``context.imported(rules, tensors)`` (see
-        :class:`peftspec.formats.hf_peft.ImportContext`)."""
-        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
-
-    # A method that HF PEFT expresses as fields of *another* method's config
-    # (trainable tokens beside LoRA: ``LoraConfig(trainable_token_indices=...)``)
-    # rides along that config, so one adapter holds both.
-
-    #: ``peft_type`` values of other methods' configs that can carry this
-    #: method's rules (:meth:`to_hf_peft_beside`), e.g. ``("LORA",)``.
-    hf_peft_beside_types: ClassVar[tuple[str, ...]] = ()
-    #: the config keys that carry it (:meth:`from_hf_peft_beside` reads a
-    #: config where one of them is set; the main method sees them as ``None``).
-    hf_peft_beside_keys: ClassVar[tuple[str, ...]] = ()
-
-    def to_hf_peft_beside(self, rules: list, context: Any, main: Any) -> Any:
-        """Add this method's rules to another method's HF PEFT config.
-
-        Called when a spec mixes this method with one other exported method
-        whose part ``main`` (an :class:`peftspec.formats.hf_peft.HFPeftPart`) has a
-        ``peft_type`` listed in :attr:`hf_peft_beside_types`; return
-        ``context.part(main.peft_type, config_fields, tensors)`` with the
-        fields and tensors to add (a field ``main`` sets already is refused),
-        or ``None`` when this config cannot carry them."""
-        return None
-
-    def from_hf_peft_beside(self, config: dict, context: Any) -> Any:
-        """Read this method's rules out of another method's config (one of
-        :attr:`hf_peft_beside_keys` is set): return ``context.imported(rules,
-        tensors)`` as :meth:`from_hf_peft` does."""
-        raise NotImplementedError(f"method {self.name!r} does not read HF PEFT adapters")
+                "mergeable": self.mergeable, "unchanged_at_apply": self.unchanged_at_apply,
+                "capabilities": capabilities_of(self)}
 
 
 class FreezeMethod(Method):

@@ -24,6 +24,7 @@ from torch import nn
 from peftspec.core.fastmodule import gc_paused
 from peftspec.core.errors import NotMergeableError, PeftspecError
 from peftspec.core.fingerprint import named_tensors, tensors_digest
+from peftspec.core.capabilities import SharesRuleState
 from peftspec.core.method import Method
 from peftspec.core.sizeguard import check_fits
 from peftspec.core.plan import ModelIndex, Plan
@@ -120,7 +121,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             method = methods.get(step.method)
             if method is None:
                 method = methods[step.method] = registry.method(step.method)
-            if step.rule not in prepared and type(method).prepare is not Method.prepare:
+            if step.rule not in prepared and isinstance(method, SharesRuleState):
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
                 method.prepare({s.target: _module_at(model, parent_of, s.target)

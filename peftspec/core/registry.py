@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from peftspec.core import hookspecs
+from peftspec.core.capabilities import Mergeable
 from peftspec.core.errors import ModelSourceError, PluginError, did_you_mean
 from peftspec.core.method import FAMILIES, Method
 from peftspec.core.options import options_problem
@@ -40,6 +41,12 @@ DISABLE_ENV = "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD"
 class MethodInfo:
     method: Method
     dist: str  # distribution that provides it ("<local>" for in-process plugins)
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    codec: Any  # a peftspec.formats.hf_peft.codec.HFPeftCodec
+    dist: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Registry:
     pm: pluggy.PluginManager
     methods: dict[str, MethodInfo] = field(default_factory=dict)
     sources: dict[str, SourceInfo] = field(default_factory=dict)
+    codecs: dict[str, CodecInfo] = field(default_factory=dict)  # by method name
     failures: list[LoadFailure] = field(default_factory=list)
     empty: list[EmptyPlugin] = field(default_factory=list)
 
@@ -160,6 +168,10 @@ def build_registry(*, autoload: bool | None = None, plugins: Iterable[object] = 
         dist = dist_of.get(id(impl.plugin), "<unknown>")
         _call_register(reg, impl, dist, lambda m, dist=dist, impl=impl: _counted(
             reg, impl, added, lambda: _add_method(reg, m, dist)))
+    for impl in pm.hook.register_hf_peft_codecs.get_hookimpls():  # after every method
+        dist = dist_of.get(id(impl.plugin), "<unknown>")
+        _call_register(reg, impl, dist, lambda c, dist=dist, impl=impl: _counted(
+            reg, impl, added, lambda: _add_codec(reg, c, dist)))
     for impl in pm.hook.register_model_sources.get_hookimpls():
         dist = dist_of.get(id(impl.plugin), "<unknown>")
         _call_register(reg, impl, dist,
@@ -189,7 +201,7 @@ def _entry_point(impl) -> str:
     return impl.plugin_name.split(":", 1)[-1]
 
 
-_REGISTERING = ("register_methods", "register_model_sources")
+_REGISTERING = ("register_methods", "register_hf_peft_codecs", "register_model_sources")
 
 
 def _find_empty(reg: Registry, dist_of: dict, added: dict) -> None:
@@ -261,13 +273,31 @@ def _add_method(reg: Registry, method: Method, dist: str) -> None:
     why = options_problem(method.Options)
     if why:
         raise PluginError(f"method {name!r}: {why}")
-    if method.mergeable and type(method).merge is Method.merge and method.family != "train":
+    if method.mergeable and not isinstance(method, Mergeable) and method.family != "train":
         raise PluginError(f"method {name!r} says mergeable = True but does not implement "
                           "merge(installed, original)")
     if name in reg.methods:
         raise PluginError(f"method {name!r} is already provided by "
                           f"{reg.methods[name].dist!r}")
     reg.methods[name] = MethodInfo(method, dist)
+
+
+def _add_codec(reg: Registry, codec: Any, dist: str) -> None:
+    if isinstance(codec, type):
+        raise PluginError(f"register() takes a codec instance, got the class {codec!r} "
+                          "(register an instance, MyCodec())")
+    name = getattr(codec, "method", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"codec {codec!r} names no method (set its class attribute "
+                          "method = 'NAME')")
+    if name not in reg.methods:
+        hint = did_you_mean(name, reg.methods)
+        raise PluginError(f"codec {codec!r} is for method {name!r}, which no installed "
+                          "plugin provides" + (f" ({hint})" if hint else ""))
+    if name in reg.codecs:
+        raise PluginError(f"an HF PEFT codec for method {name!r} is already provided by "
+                          f"{reg.codecs[name].dist!r}")
+    reg.codecs[name] = CodecInfo(codec, dist)
 
 
 def _add_source(reg: Registry, prefix: str, loader: Callable, help: str, dist: str) -> None:

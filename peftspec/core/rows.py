@@ -10,7 +10,7 @@ stood in for by a :class:`RowDispatch`, which runs each row group through
 that adapter's module (``None`` rows through the original). Modules that can
 adapt a precomputed base output (LoRA's ``adapt(x, base_out)``) share one base
 computation for all rows. Methods that patch the whole model in place (soft
-prompts) take part through :meth:`Method.rows_attach`. Outputs equal running
+prompts) take part through :class:`~peftspec.core.capabilities.PerRow`. Outputs equal running
 each row alone. The batch must have ``len(names)`` rows.
 """
 
@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from peftspec.core.capabilities import PerRow
 from peftspec.core.errors import PeftspecError
 from peftspec.core.state import install, state_of, use
 
@@ -155,6 +156,9 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             installed.append((path, original))
         for method_name, entries in in_place.items():
             method = entries[0][1].method
+            if not isinstance(method, PerRow):
+                raise NotImplementedError(f"method {method_name!r} does not support per-row "
+                                          "adapters")
             handles.append(method.rows_attach(model, {n: rec.step for n, rec in entries},
                                               list(names)))
         yield model

@@ -30,22 +30,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from peftspec.formats.adapter_file import checked_plan
 from peftspec.core.atomicio import replace_dir, staging_dir, writing
+from peftspec.core.capabilities import SharesRuleState
 from peftspec.core.errors import AdapterFileError, NotMergeableError
 from peftspec.core.method import load_adapter_state
-from peftspec.models.hf import config_and_class, hf_folder
-from peftspec.core.patching import refuse_tied
-from peftspec.core.safetensors_io import DTYPES, tensor_bytes, header_bytes
+from peftspec.core.packed import dequantized, thaw
+from peftspec.core.patching import merge, refuse_tied
 from peftspec.core.registry import registry_or_default
-from peftspec.formats.adapter_file import read_metadata
-from peftspec.core.method import Method
+from peftspec.core.safetensors_io import (DTYPES, header_and_chunks, header_bytes, tensor_bytes,
+                                          write_chunks)
 from peftspec.core.spec import parse_spec
-from peftspec.core.packed import dequantized
-from peftspec.formats.adapter_file import load_adapter
-from peftspec.core.packed import thaw
-from peftspec.core.patching import merge
-from peftspec.core.safetensors_io import header_and_chunks, write_chunks
+from peftspec.formats.adapter_file import checked_plan, load_adapter, read_metadata
+from peftspec.models.hf import config_and_class, hf_folder
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -81,7 +77,7 @@ def merge_to_dir(source: str | None, adapter: str | os.PathLike, out: str | os.P
     folder = hf_folder(source)  # hf:PATH, or a gguf: file's cache folder
     in_memory_from = None
     if folder is not None and _prepares(Path(adapter), registry):
-        # a rule's modules share state (Method.prepare): merge in memory, and take
+        # a rule's modules share state (SharesRuleState): merge in memory, and take
         # the folder's config and tokenizer files along as the streamed merge does
         in_memory_from, folder = folder, None
     needed = _output_bytes(folder) if folder is not None else None
@@ -120,15 +116,14 @@ def _copy_side_files(folder: Path, out: Path, source: str) -> None:
 
 def _prepares(adapter: Path, registry) -> bool:
     """Whether a method of the adapter's spec shares state across a rule's modules
-    (overrides ``Method.prepare``, as VeRA does): module-by-module streaming would
+    (implements ``SharesRuleState.prepare``, as VeRA does): module-by-module streaming would
     adapt each module without the others, so such adapters are merged in memory."""
 
     try:
         spec = parse_spec(read_metadata(adapter)["spec"], registry=registry)
     except Exception:  # noqa: BLE001 - the streaming path reports a bad file itself
         return False
-    return any(type(registry.method(r.method)).prepare is not Method.prepare
-               for r in spec.rules)
+    return any(isinstance(registry.method(r.method), SharesRuleState) for r in spec.rules)
 
 
 def _output_bytes(path: Path) -> int | None:

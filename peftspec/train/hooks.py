@@ -1,4 +1,4 @@
-"""The training hooks of the active adapter's methods (:meth:`Method.training`).
+"""The training hooks of the active adapter's methods (:class:`~peftspec.core.capabilities.Trains`).
 
 :func:`training_hooks` asks each method of the active adapter, once, with all
 of its steps, for a :class:`peftspec.core.method.TrainingHooks`; the loop then adds
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftspec.core.capabilities import InitFromData, Trains
 from peftspec.core.errors import PeftspecError
 from peftspec.core.method import TrainingHooks
 from peftspec.core.patching import state_of
@@ -33,6 +34,8 @@ def training_hooks(model: nn.Module, total_steps: int) -> list[TrainingHooks]:
         by_method.setdefault(rec.step.method, (rec.method, []))[1].append(rec.step)
     out = []
     for name, (method, steps) in by_method.items():
+        if not isinstance(method, Trains):
+            continue
         try:
             hooks = method.training(model, steps, total_steps)
         except ValueError as exc:
@@ -56,7 +59,7 @@ def extra_loss(hooks: list[TrainingHooks]) -> torch.Tensor | None:
 
 def init_from_data(model: nn.Module, batches, report=None) -> None:
     """Let each method of the active adapter initialise itself from ``batches``
-    (:meth:`Method.init_from_data`; LoRA's ``init = "eva"``), in plan order.
+    (:class:`~peftspec.core.capabilities.InitFromData`; LoRA's ``init = "eva"``), in plan order.
 
     ``batches`` is iterated only by methods that need data, maybe more than
     once (a list, or a :class:`Reiterable`)."""
@@ -64,6 +67,8 @@ def init_from_data(model: nn.Module, batches, report=None) -> None:
     for rec in state_of(model).records:
         by_method.setdefault(rec.step.method, (rec.method, []))[1].append(rec.step)
     for name, (method, steps) in by_method.items():
+        if not isinstance(method, InitFromData):
+            continue
         try:
             method.init_from_data(model, steps, batches, report)
         except ValueError as exc:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec import Method, Problem, hookimpl, selectors
+from peftspec.plugin_api import HFPeftCodec
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,15 @@ class IA3(Method):
         installed.merge_into(original)
         return original
 
-    # --- HF PEFT's format: IA3Config; HF stores the vector as (out, 1), or (1, in) for
-    # feedforward modules, and lists feedforward_modules as a subset of target_modules
-    hf_peft_types = ("IA3",)
+
+class IA3Codec(HFPeftCodec):
+    """HF PEFT's format, ``IA3Config``: HF stores the vector as (out, 1), or (1, in) for
+    feedforward modules, and lists feedforward_modules as a subset of target_modules.
+    A codec of its own, registered beside the method: the method knows nothing of
+    HF PEFT."""
+
+    method = "ia3-example"
+    peft_types = ("IA3",)
 
     def to_hf_peft(self, rules, ctx):
         targets, ff, tensors, conv1d = [], [], {}, False
@@ -189,7 +196,7 @@ class IA3(Method):
         ff = [t for t in targets if (re.fullmatch(spec_ff, t) if isinstance(spec_ff, str)
                                      else any(t.endswith(k) for k in spec_ff))]
         modules, exclude = ctx.selectors(targets, ctx.base_candidates())
-        table = {"method": self.name, "modules": modules}
+        table = {"method": self.method, "modules": modules}
         if ff:
             table["feedforward"] = ctx.selectors(
                 ff, [(ctx.name_selectors(spec_ff), [])], allow_exclude=False)[0]
@@ -212,6 +219,11 @@ class IA3(Method):
 @hookimpl
 def register_methods(register):
     register(IA3())
+
+
+@hookimpl
+def register_hf_peft_codecs(register):
+    register(IA3Codec())
 
 
 @hookimpl

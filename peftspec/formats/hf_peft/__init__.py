@@ -8,23 +8,9 @@ many rules. This package does what every method shares: reading both formats,
 resolving which rule owns which module and tensor, ``[[train]]`` rules <->
 ``modules_to_save``, the task type, writing readable TOML, the checks, and
 atomic writes. What a method's rules *mean* in HF PEFT's terms is the
-method's business, so a third-party method can take part:
-
-* export: ``Method.to_hf_peft(rules, context)`` gets all rules of that method
-  as :class:`ExportRule` and returns ``context.part(peft_type, config,
-  tensors)``, or ``None`` (the default) when HF PEFT has no counterpart;
-* import: ``Method.hf_peft_types`` lists the ``peft_type`` values it reads,
-  ``Method.from_hf_peft(config, context)`` returns ``context.imported(rules,
-  tensors)``: TOML tables for the spec, and where each of its tensors comes
-  from in HF PEFT's file.
-* beside another method: a method HF PEFT expresses as fields of another
-  method's config (trainable tokens: LoRA's ``trainable_token_indices``)
-  lists those ``peft_type`` values in ``Method.hf_peft_beside_types`` and the
-  keys in ``Method.hf_peft_beside_keys``; a spec of it and exactly one other
-  exported method then exports as one adapter (``to_hf_peft_beside`` adds
-  fields and tensors to the other's part), and an import whose config sets
-  one of the keys calls its ``from_hf_peft_beside`` while the main method
-  sees the keys unset.
+business of that method's codec (:class:`HFPeftCodec`, :mod:`.codec`),
+registered through the ``register_hf_peft_codecs`` hook, so a third-party
+method can take part; the built-in codecs are ``peftspec_plugins.hf_peft``.
 
 :class:`ExportContext` and :class:`ImportContext` carry HF PEFT's matching
 rules (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
@@ -35,8 +21,8 @@ is checked by name and shape before anything is written. Errors are
 :class:`~peftspec.core.errors.ConversionError` (exit code 2) naming the method,
 option or tensor. Nothing is ever unpickled.
 
-Modules: :mod:`.folder` (file names, reading a folder), :mod:`.matching`
-(HF PEFT's target rules), :mod:`.export_context` and :mod:`.exporter`
+Modules: :mod:`.codec` (the codec contract and lookup), :mod:`.folder` (file
+names, reading a folder), :mod:`.matching` (HF PEFT's target rules), :mod:`.export_context` and :mod:`.exporter`
 (peftspec -> HF PEFT), :mod:`.import_context`, :mod:`.importer` and
 :mod:`.spec_writer` (HF PEFT -> peftspec). This module re-exports their
 public names, so ``from peftspec.formats.hf_peft import ...`` is unchanged.
@@ -44,6 +30,7 @@ public names, so ``from peftspec.formats.hf_peft import ...`` is unchanged.
 
 from __future__ import annotations
 
+from peftspec.formats.hf_peft.codec import HFPeftCodec, codec_for
 from peftspec.formats.hf_peft.export_context import ExportContext, ExportRule, HFPeftPart
 from peftspec.formats.hf_peft.exporter import export_hf_peft
 from peftspec.formats.hf_peft.folder import (CONFIG_FILE, PICKLES, PREFIX, TASK_TYPES, WEIGHTS_FILE,  # noqa: F401
@@ -53,6 +40,6 @@ from peftspec.formats.hf_peft.importer import import_hf_peft
 from peftspec.formats.hf_peft.matching import hf_pattern_key, hf_selects
 from peftspec.formats.hf_peft.spec_writer import spec_text, toml_value  # noqa: F401
 
-__all__ = ["ExportContext", "ExportRule", "HFPeftImport", "HFPeftPart", "ImportContext",
-           "ImportedRule", "export_hf_peft", "hf_pattern_key", "hf_selects", "import_hf_peft",
+__all__ = ["ExportContext", "ExportRule", "HFPeftCodec", "HFPeftImport", "HFPeftPart", "ImportContext",
+           "ImportedRule", "codec_for", "export_hf_peft", "hf_pattern_key", "hf_selects", "import_hf_peft",
            "read_hf_adapter"]

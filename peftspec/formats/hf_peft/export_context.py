@@ -1,6 +1,6 @@
-"""What a method's ``to_hf_peft`` sees when peftspec exports to HF PEFT.
+"""What a codec's ``to_hf_peft`` sees when peftspec exports to HF PEFT.
 
-A method's rules reach its ``Method.to_hf_peft(rules, context)`` as
+A method's rules reach its codec's ``HFPeftCodec.to_hf_peft(rules, context)`` as
 :class:`ExportRule` (options, targets, the tensors of the adapter file); it
 returns ``context.part(peft_type, config, tensors)``, an :class:`HFPeftPart`.
 :class:`ExportContext` carries the base's module names and HF PEFT's matching
@@ -26,7 +26,7 @@ from peftspec.formats.hf_peft.matching import dotted_suffixes, hf_pattern_key, h
 
 @dataclass
 class ExportRule:
-    """One rule of the adapter's spec, as a method's ``to_hf_peft`` sees it.
+    """One rule of the adapter's spec, as a codec's ``to_hf_peft`` sees it.
 
     Attributes:
         rule: the spec's rule (``rule.where`` names it in messages).
@@ -35,27 +35,31 @@ class ExportRule:
             soft prompt) -> the base module's class name, in model order.
         roles: target -> the selector options that picked it (IA3's
             ``feedforward``).
+        file_tensors: the adapter file's tensors, by peftspec's names (read them
+            through :meth:`tensor`, which records what was exported).
+        exported: the names :meth:`tensor` handed out; the exporter refuses a
+            file whose tensors no rule exported.
     """
 
     rule: Rule
     options: Any
     targets: dict[str, str] = field(default_factory=dict)
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _used: set[str] = field(default_factory=set, repr=False)
+    file_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    exported: set[str] = field(default_factory=set, repr=False)
 
     def has_tensor(self, name: str) -> bool:
         """Whether the adapter file holds tensor ``name`` (e.g. to tell which of a
         method's optional tensors a target has when no ``--model`` is given)."""
-        return name in self._tensors
+        return name in self.file_tensors
 
     def tensor(self, name: str) -> torch.Tensor:
         """The adapter file's tensor ``name`` (peftspec's name); marks it exported."""
-        if name not in self._tensors:
+        if name not in self.file_tensors:
             refuse(f"the adapter file has no tensor '{name}', which {self.rule.where} "
                     f"({self.rule.method}) needs")
-        self._used.add(name)
-        return self._tensors[name]
+        self.exported.add(name)
+        return self.file_tensors[name]
 
 
 @dataclass

@@ -3,11 +3,11 @@
 :func:`export_hf_peft` reads the adapter file and its embedded spec,
 resolves which rule adapted which module (against the base model when given,
 else from the targets and fingerprint the file records), hands each method's
-rules to its ``to_hf_peft``, turns ``[[train]]`` rules into
+rules to its codec's ``to_hf_peft`` (:mod:`.codec`), turns ``[[train]]`` rules into
 ``modules_to_save``, folds a method that rides along another's config into
 it (trainable tokens as LoRA's ``trainable_token_indices``:
-``Method.to_hf_peft_beside``), settles the task type, and writes ``adapter_config.json``
-and ``adapter_model.safetensors`` atomically. It refuses (a
+``HFPeftCodec.to_hf_peft_beside``), settles the task type, and writes
+``adapter_config.json`` and ``adapter_model.safetensors`` atomically. It refuses (a
 :class:`ConversionError`) what HF PEFT cannot express: methods without a
 counterpart, mixed ``peft_type`` values, per-parameter training, tensors no
 exported rule owns.
@@ -32,6 +32,7 @@ from peftspec.core.patching import base_view
 from peftspec.core.safetensors_io import serialize
 from peftspec.core.spec import parse_spec
 from peftspec.core.untrusted import BadText, json_loads
+from peftspec.formats.hf_peft.codec import HFPeftCodec, codec_for
 from peftspec.formats.hf_peft.export_context import ExportContext, ExportRule, HFPeftPart
 from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, read_tensors, refuse
 from peftspec.core.registry import registry_or_default
@@ -170,7 +171,7 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     used: set[str] = set()
     for rule, target, roles, cls in steps:
         er = by_rule.setdefault(rule.where, ExportRule(
-            rule, options.get(rule.where, rule.options), _tensors=tensors, _used=used))
+            rule, options.get(rule.where, rule.options), file_tensors=tensors, exported=used))
         er.targets[target] = cls
         er.roles[target] = tuple(roles)
     ctx = ExportContext(model, modules, module_names, base_name)
@@ -187,17 +188,18 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
             continue
         if method.family == "freeze":  # how the base is stored is no part of the adapter:
             continue                   # a QLoRA spec exports as the plain LoRA it trained
-        exported.append((name, method, mine))
+        exported.append((name, codec_for(registry, name), mine))
     # Methods that ride along another's config (trainable tokens beside LoRA) do so
     # when exactly one other method is exported; alone, they export on their own.
-    riders = [e for e in exported if e[1].hf_peft_beside_types] if len(exported) > 1 else []
+    riders = [e for e in exported if e[1] is not None and e[1].beside_types] \
+        if len(exported) > 1 else []
     if len(exported) - len(riders) != 1:
         riders = []
     parts: list[tuple[str, list[ExportRule], HFPeftPart]] = []
-    for name, method, mine in exported:
+    for name, codec, mine in exported:
         if any(name == r[0] for r in riders):
             continue
-        part = method.to_hf_peft(mine, ctx)
+        part = codec.to_hf_peft(mine, ctx) if codec is not None else None
         if part is None:
             where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in mine)
             refuse(f"cannot export: method '{name}' ({where}) has no HF PEFT counterpart; "
@@ -216,8 +218,8 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
         refuse("cannot export: methods " + ", ".join(repr(n) for n, _, _ in parts) +
                 " both map to HF PEFT's " + parts[0][2].peft_type + "; merge them into one")
     _, main_rules, part = parts[0]
-    for name, method, mine in riders:
-        part = _beside(part, name, method, mine, ctx)
+    for name, codec, mine in riders:
+        part = _beside(part, name, codec, mine, ctx)
     config = dict(part.config)
     out_tensors = dict(part.tensors)
     if trained:
@@ -251,15 +253,15 @@ def export_hf_peft(adapter: str | Path, out_dir: str | Path, *,
     return out_dir
 
 
-def _beside(main: HFPeftPart, name: str, method, rules: list[ExportRule],
+def _beside(main: HFPeftPart, name: str, codec: HFPeftCodec, rules: list[ExportRule],
             ctx: ExportContext) -> HFPeftPart:
     """``main`` with the config fields and tensors of a method riding along it."""
     where = ", ".join(f"{r.rule.where} (line {r.rule.line})" for r in rules)
-    extra = method.to_hf_peft_beside(rules, ctx, main) \
-        if main.peft_type in method.hf_peft_beside_types else None
+    extra = codec.to_hf_peft_beside(rules, ctx, main) \
+        if main.peft_type in codec.beside_types else None
     if extra is None:
         refuse(f"cannot export: method '{name}' ({where}) goes into one HF PEFT adapter "
-                f"only beside {', '.join(method.hf_peft_beside_types)}, and this spec's other "
+                f"only beside {', '.join(codec.beside_types)}, and this spec's other "
                 f"method exports as {main.peft_type}. Split the spec, one method per adapter")
     clash = sorted(k for k in extra.config if main.config.get(k) is not None)
     clash += sorted(set(extra.tensors) & set(main.tensors))

@@ -1,7 +1,7 @@
-"""What a method's ``from_hf_peft`` sees when peftspec imports from HF PEFT.
+"""What a codec's ``from_hf_peft`` sees when peftspec imports from HF PEFT.
 
-A method listing a ``peft_type`` in ``Method.hf_peft_types`` gets that
-config in ``Method.from_hf_peft(config, context)`` and returns
+A codec listing a ``peft_type`` in ``HFPeftCodec.peft_types`` gets that
+config in ``HFPeftCodec.from_hf_peft(config, context)`` and returns
 ``context.imported(rules, tensors)``, an :class:`HFPeftImport`: the spec's
 rules as :class:`ImportedRule` (TOML tables) and where each tensor of
 peftspec's patched model comes from in HF PEFT's file. :class:`ImportContext`
@@ -40,7 +40,7 @@ class ImportedRule:
 
 @dataclass
 class HFPeftImport:
-    """What a method's ``from_hf_peft`` returns.
+    """What a codec's ``from_hf_peft`` returns.
 
     ``tensors`` maps each tensor peftspec's patched model holds (its adapter
     file name, e.g. ``model.layers.0.self_attn.q_proj.lora_A``) to the name of

@@ -2,7 +2,8 @@
 
 :func:`import_hf_peft` reads the folder (:mod:`.folder`), finds the installed
 method that reads its ``peft_type``, lets it translate the config
-(``from_hf_peft``), adds ``modules_to_save`` as a ``[[train]]`` rule, and
+(its codec's ``from_hf_peft``, :mod:`.codec`), adds ``modules_to_save`` as a
+``[[train]]`` rule, and
 writes a readable TOML spec (:mod:`.spec_writer`). Before anything is
 written, the spec is compiled against the base and every tensor is checked
 by name, shape and finiteness; the adapter is applied to the base only
@@ -27,20 +28,19 @@ from peftspec.core.plan import compile_plan
 from peftspec.core.saferegex import UnsafePattern
 from peftspec.core.spec import parse_spec
 from peftspec.formats.hf_peft.folder import CONFIG_FILE, PREFIX, read_tensors, refuse, read_hf_adapter
+from peftspec.formats.hf_peft.codec import HFPeftCodec, all_codecs, codec_reading
 from peftspec.formats.hf_peft.import_context import ImportContext, ImportedRule
 from peftspec.formats.hf_peft.spec_writer import spec_text
 from peftspec.core.registry import registry_or_default
 
 
-def _method_for(peft_type: str, registry):
-    found = [info.method for info in registry.methods.values()
-             if peft_type in getattr(info.method, "hf_peft_types", ())]
-    if not found:
-        known = sorted(f"{t} ({i.method.name})" for i in registry.methods.values()
-                       for t in getattr(i.method, "hf_peft_types", ()))
+def _codec_for(peft_type: str, registry) -> HFPeftCodec:
+    codec = codec_reading(registry, peft_type)
+    if codec is None:
+        known = sorted(f"{t} ({c.method})" for c in all_codecs(registry) for t in c.peft_types)
         refuse(f"cannot import: unknown peft_type '{peft_type}': no installed method reads "
                 f"it (readable: {', '.join(known) or 'none'})")
-    return found[0]
+    return codec
 
 
 def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None = None, *,
@@ -58,7 +58,7 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     spec_out = Path(spec_out) if spec_out is not None else out.with_suffix(".toml")
     config, weights = read_hf_adapter(src)
     peft_type = config["peft_type"]
-    method = _method_for(peft_type, registry)
+    codec = _codec_for(peft_type, registry)
     hf_tensors = read_tensors(weights)
     if model is None:
         base = config.get("base_model_name_or_path")
@@ -74,10 +74,10 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     with base_view(model):  # a model carrying adapters already: read its base
         # the main method sees the riders' keys as unset; each rider reads its own
         ctx = ImportContext({**config, **{k: None for r in riders
-                                          for k in r.hf_peft_beside_keys}}, model, shapes)
+                                          for k in r.beside_keys}}, model, shapes)
         contexts = [ctx]
         try:
-            result = method.from_hf_peft(ctx.config, ctx)
+            result = codec.from_hf_peft(ctx.config, ctx)
             rules, mapping = list(result.rules), dict(result.tensors)
             for rider in riders:
                 contexts.append(ImportContext(config, model, shapes))
@@ -131,7 +131,7 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
         expected = file_tensors(model)
         if set(expected) != set(converted):  # pragma: no cover - a plugin's naming bug
             odd = sorted(set(expected) ^ set(converted))
-            refuse(f"cannot import: method '{method.name}' mapped tensors that its module "
+            refuse(f"cannot import: the codec of '{codec.method}' mapped tensors that its module "
                     f"does not hold (or missed some): {', '.join(odd[:5])}")
         for ours, target in expected.items():
             t = converted[ours]
@@ -156,16 +156,14 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     return out, spec_out
 
 
-def _riders(config: dict, peft_type: str, registry) -> list:
-    """Methods whose rules ride along this config (``Method.hf_peft_beside_keys``
-    set in it, e.g. LoRA's ``trainable_token_indices``), one per key."""
-    out = []
-    for info in registry.methods.values():
-        m = info.method
-        if peft_type in getattr(m, "hf_peft_beside_types", ()) and \
-                any(config.get(k) is not None for k in getattr(m, "hf_peft_beside_keys", ())):
-            if not any(set(m.hf_peft_beside_keys) & set(o.hf_peft_beside_keys) for o in out):
-                out.append(m)
+def _riders(config: dict, peft_type: str, registry) -> list[HFPeftCodec]:
+    """Codecs whose rules ride along this config (``HFPeftCodec.beside_keys`` set
+    in it, e.g. LoRA's ``trainable_token_indices``), one per key."""
+    out: list[HFPeftCodec] = []
+    for c in all_codecs(registry):
+        if peft_type in c.beside_types and any(config.get(k) is not None for k in c.beside_keys):
+            if not any(set(c.beside_keys) & set(o.beside_keys) for o in out):
+                out.append(c)
     return out
 
 

@@ -1,4 +1,4 @@
-"""EVA on an applied adapter: run :mod:`.lora_eva` and put its result in place.
+"""EVA on an applied adapter: run :mod:`.eva` and put its result in place.
 
 Where every layer keeps its rank, ``A`` is copied in and ``B`` zeroed. Where
 ranks moved, the adapter is rebuilt from a rewritten spec (one rule per new
@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from peftspec.plugin_api import PeftspecError
-from peftspec.plugin_api import toml_value
-from peftspec.plugin_api import toml_loads
+from peftspec.plugin_api import (PeftspecError, apply_plan, compile_plan, parse_spec, remove,
+                                 state_of, toml_loads, toml_value)
 
-from . import lora_eva
-from peftspec.plugin_api import state_of
-from peftspec.plugin_api import apply_plan, remove
-from peftspec.plugin_api import compile_plan
-from peftspec.plugin_api import parse_spec
+from . import eva as lora_eva
 
 EVA_KEYS = ("eva_rho", "eva_tau", "eva_whiten", "eva_adjust_scaling", "eva_label_mask")
 

@@ -1,109 +1,19 @@
-"""A conformance kit for method plugins: call it from your plugin's tests.
-
-::
-
-    from peftspec.testing import check_method
-    import my_plugin
-
-    def test_conformance():
-        check_method(my_plugin, '''
-            [[augment]]
-            method = "my-method"
-            modules = ["**.v_proj"]
-            ''')                                   # the built-in model
-        check_method(my_plugin, RULE_FOR_GPT2, model=make_gpt2, inputs=ids)
-
-The plugin is registered in-process (``build_registry(autoload=False,
-plugins=[plugin])``, so it need not be installed) beside the built-ins. Every
-promise peftspec makes about an adapter is checked, on the built-in model or
-on any model you pass; each check is reported, and :class:`ConformanceError`
-(an ``AssertionError``) lists every one that failed:
-
-* ``count_params``: the plan's count equals the parameters ``adapter_params()``
-  exposes, and exactly those (plus ``[[train]]`` picks) are trainable;
-* ``unchanged_at_apply``: outputs equal the base's, exactly, where the method
-  claims it (``Method.unchanged_at_apply``);
-* ``frozen_base``: base parameters are the same objects under the same names,
-  and bit-identical through optimizer steps (AdamW), which do change the
-  adapter;
-* ``save_load``: the saved file recreates the trained outputs exactly on a fresh
-  base;
-* ``switching``: two adapters, ``use`` / ``disabled`` give each one's outputs
-  and the base's, exactly;
-* ``rows``: a per-row batch equals each row run alone (skipped where the method
-  says it does not support per-row batches);
-* ``remove``: the original modules, tensors, ``requires_grad`` flags and
-  outputs come back, exactly;
-* ``merge``: merged outputs equal unmerged ones when every method is
-  ``mergeable``, and merge refuses otherwise;
-* ``hf_peft``: export to HF PEFT's format and import back gives the same
-  outputs, when the method declares HF PEFT support (and, for transformers
-  models with ``peft`` installed, ``PeftModel.from_pretrained`` agrees).
-"""
+"""The conformance checks, in an order where each builds on the last."""
 
 from __future__ import annotations
 
-import copy
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from peftspec.models.nanogpt import GPT, GPTConfig
-import peftspec
+
 from peftspec.core.method import adapter_state
-from peftspec.core.method import Method
-
-CHECKS = ("count_params", "unchanged_at_apply", "frozen_base", "save_load", "switching",
-          "rows", "remove", "merge", "hf_peft")
-
-
-@dataclass(frozen=True)
-class Result:
-    check: str
-    status: str  # "passed", "failed" or "skipped"
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.check}: {self.status}" + (f" ({self.detail})" if self.detail else "")
-
-
-@dataclass
-class Report:
-    """What :func:`check_method` found, one :class:`Result` per check."""
-
-    results: list[Result] = field(default_factory=list)
-
-    @property
-    def failures(self) -> list[Result]:
-        return [r for r in self.results if r.status == "failed"]
-
-    def status(self, check: str) -> str:
-        return next(r.status for r in self.results if r.check == check)
-
-    def __str__(self) -> str:
-        return "\n".join(str(r) for r in self.results)
-
-
-class ConformanceError(AssertionError):
-    """One or more conformance checks failed; ``report`` has them all."""
-
-    def __init__(self, report: Report):
-        self.report = report
-        super().__init__("conformance checks failed:\n" + "\n".join(
-            f"  {r}" for r in report.failures) + "\nall checks:\n" + "\n".join(
-            f"  {r}" for r in report.results))
+from peftspec.formats.hf_peft.codec import codec_for
+from peftspec.testing.report import Result
 
 
 class _Failed(Exception):
     pass
-
-
-def _default_model() -> nn.Module:
-
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
 
 
 def _output(out: Any) -> torch.Tensor:
@@ -117,7 +27,7 @@ def _output(out: Any) -> torch.Tensor:
                     "as a callable returning a tensor")
 
 
-def _runner(inputs) -> Callable[[nn.Module, slice | None], torch.Tensor]:
+def runner(inputs) -> Callable[[nn.Module, slice | None], torch.Tensor]:
     """``run(model, rows)``: the model's output tensor for ``inputs`` (rows sliced)."""
 
     def pick(x, rows):
@@ -139,7 +49,7 @@ class _Skip(Exception):
     pass
 
 
-def _batch_size(inputs) -> int | None:
+def batch_size(inputs) -> int | None:
     if isinstance(inputs, torch.Tensor):
         return inputs.shape[0]
     if isinstance(inputs, dict):
@@ -157,49 +67,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.shape == b.shape else float("inf")
 
 
-def check_method(plugin: object | None, rule: str, *, model: nn.Module | Callable | None = None,
-                 inputs: Any = None, registry=None, steps: int = 3, lr: float = 1e-2,
-                 seed: int = 0, atol: float = 1e-5, raise_on_failure: bool = True) -> Report:
-    """Run every conformance check of the methods in ``rule`` (TOML: one or more rules).
+class Checks:
+    """The checks of one :func:`peftspec.testing.check_method` call, run in order by
+    :meth:`run_all`; each records a :class:`~peftspec.testing.report.Result`."""
 
-    Args:
-        plugin: the plugin module or object (registered in-process beside the
-            built-ins), or ``None`` to use ``registry`` (default: the installed
-            plugins).
-        model: a factory returning a fresh base model, or a model (deep-copied for
-            each fresh base); default: a small built-in nanoGPT.
-        inputs: what to feed the model: a tensor (``model(x)``), a dict
-            (``model(**x)``), or a callable ``f(model) -> output``; default: token
-            ids of shape (3, 10) for the built-in model. Row-sliceable inputs with
-            three or more rows also exercise per-row batches.
-        steps, lr: AdamW steps for the frozen-base check.
-        atol: tolerance where results are equal only up to float rounding
-            (merge, per-row, HF PEFT); everything else is compared exactly.
-        raise_on_failure: raise :class:`ConformanceError` listing failed checks.
-    """
-
-    if registry is None:
-        registry = (peftspec.build_registry(autoload=False, plugins=[plugin]) if plugin
-                    is not None else peftspec.get_registry())
-    if model is None:
-        factory = _default_model
-    elif isinstance(model, nn.Module):
-        factory = lambda: copy.deepcopy(model)  # noqa: E731
-    else:
-        factory = model
-    if inputs is None:
-        inputs = torch.randint(0, 257, (3, 10), generator=torch.Generator().manual_seed(seed))
-    run = _runner(inputs)
-    report = Report()
-    with tempfile.TemporaryDirectory(prefix="peftspec-conformance-") as tmp:
-        _Checks(peftspec, registry, rule, factory, run, inputs, steps, lr, seed, atol,
-                Path(tmp), report).run_all()
-    if raise_on_failure and report.failures:
-        raise ConformanceError(report)
-    return report
-
-
-class _Checks:
     def __init__(self, ps, registry, rule, factory, run, inputs, steps, lr, seed, atol, tmp,
                  report):
         self.ps, self.reg, self.factory, self.run_model = ps, registry, factory, run
@@ -244,6 +115,7 @@ class _Checks:
         self.base_values = {n: p.detach().clone() for n, p in self.base_params.items()}
         self.base_flags = {n: p.requires_grad for n, p in self.base_params.items()}
         self.base_types = {n: type(m) for n, m in base.named_modules()}
+        self.base_modules = [m for _, m in base.named_modules()]
         self.base_keys = set(base.state_dict())
         try:
             self.plan = ps.compile_plan(self.spec, base, registry=self.reg)
@@ -258,6 +130,7 @@ class _Checks:
         self.check("count_params", self.count_params)
         self.check("unchanged_at_apply", self.unchanged_at_apply)
         self.check("frozen_base", self.frozen_base)
+        self.check("modules", self.modules)
         self.file = self.tmp / "adapter.safetensors"
         self.check("save_load", self.save_load)
         self.check("switching", self.switching)
@@ -329,6 +202,28 @@ class _Checks:
         self.trained_out = self.out(model)
         return f"{self.steps} AdamW steps; {len(moved)} adapter tensors trained"
 
+    def modules(self):
+        """The modules apply built are whole ``nn.Module`` objects: every attribute
+        ``nn.Module.__init__`` sets is there, and no two modules share a container
+        (what :func:`peftspec.plugin_api.init_module` must give, like the real
+        ``__init__``)."""
+        before = {id(m) for m in self.base_modules}
+        new = [(n, m) for n, m in self.base.named_modules() if id(m) not in before]
+        expected = set(vars(nn.Module()))
+        owner: dict[int, str] = {}
+        for name, module in new:
+            missing = sorted(expected - set(vars(module)))
+            _expect(not missing, f"module '{name}' ({type(module).__name__}) lacks "
+                                 f"{', '.join(missing[:3])}: build it with "
+                                 "super().__init__() or init_module(self) first")
+            for key in ("_parameters", "_buffers", "_modules", "_forward_hooks",
+                        "_forward_pre_hooks", "_state_dict_hooks"):
+                other = owner.setdefault(id(vars(module)[key]), name)
+                _expect(other == name, f"modules '{other}' and '{name}' share one {key} dict "
+                                       "(a class-level container, or one reused across "
+                                       "modules)")
+        return f"{len(new)} new module(s)"
+
     def save_load(self):
         ps = self.ps
         ps.save_adapter(self.base, self.file)
@@ -369,7 +264,7 @@ class _Checks:
         ps, model = self.ps, getattr(self, "switch_model", None)
         if model is None:
             raise _Skip("needs the switching check's two adapters")
-        n = _batch_size(self.inputs)
+        n = batch_size(self.inputs)
         if n is None or n < 3:
             raise _Skip("needs tensor or dict inputs with at least 3 rows")
         # a soft prompt's row and a plain row have outputs of different lengths:
@@ -436,8 +331,8 @@ class _Checks:
 
     def hf_peft(self):
 
-        undeclared = sorted({m.name for m in self.methods if m.family != "train" and not (
-            m.hf_peft_types or type(m).to_hf_peft is not Method.to_hf_peft)})
+        undeclared = sorted({m.name for m in self.methods if m.family != "train" and
+                             codec_for(self.reg, m.name) is None})
         if undeclared or all(m.family == "train" for m in self.methods):
             raise _Skip(f"{', '.join(undeclared) or 'the spec'} declares no HF PEFT support")
         ps = self.ps
