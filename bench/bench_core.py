@@ -51,7 +51,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import peftspec  # noqa: E402
 from benchenv import cpu_name, header, loadavg  # noqa: E402
-from peftspec.train.loop import peak_rss_mb  # noqa: E402
+from peftspec.train.memory import peak_rss_mb  # noqa: E402
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]

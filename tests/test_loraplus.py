@@ -17,7 +17,7 @@ import peftspec
 from peftspec.core.errors import SpecError
 from peftspec.models.nanogpt import GPT, GPTConfig
 from peftspec.core.train_config import TrainConfig
-from peftspec.train.loop import Run
+from peftspec.train.run import Run
 from peftspec.train.optim import param_groups
 
 SPEC = """

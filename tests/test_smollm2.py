@@ -26,7 +26,7 @@ import peftspec  # noqa: E402
 from peftspec.generate import generate  # noqa: E402
 from peftspec.models import cache, gguf as gguf_source  # noqa: E402
 from peftspec.core.train_config import TrainConfig  # noqa: E402
-from peftspec.train.loop import Run  # noqa: E402
+from peftspec.train.run import Run  # noqa: E402
 from peftspec.models.tokenizer import tokenizer_for  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import click
 
 from peftspec.cli.common import MODEL_HELP, err, out, registry
 from peftspec.merging.stream import merge_to_dir
-from peftspec.train.loop import peak_rss_mb
+from peftspec.train.memory import peak_rss_mb
 
 
 @click.command()

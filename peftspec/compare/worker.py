@@ -38,7 +38,8 @@ from peftspec.core.train_config import TrainConfig
 from peftspec.generate import read_prompts
 from peftspec.data.examples import encode_all, read_examples, split
 from peftspec.core.modelinfo import context_length
-from peftspec.train.loop import peak_rss_mb, train
+from peftspec.train.loop import train
+from peftspec.train.memory import peak_rss_mb
 from peftspec.models.tokenizer import tokenizer_for
 from peftspec.compare import measure
 from peftspec.compare.settings import CompareError, Settings

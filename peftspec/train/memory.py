@@ -28,6 +28,8 @@ lengthen keys and values, so counting them in s over-estimates a little).
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -133,3 +135,21 @@ def memory_table(base: dict, spec: dict, dims: Dims | None, *, batch: int, seq: 
             "spec_extra_tokens": spec_extra_tokens,
             "gradient_checkpointing": checkpointing,
             "dims": dims.__dict__ if dims else None}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's ``VmHWM`` (from ``/proc/self/status``), which starts afresh at
+    exec; ``ru_maxrss`` instead carries a parent's peak over fork and exec, so a
+    run launched from a notebook that once held 2 GB would report 2 GB. Where
+    there is no ``/proc``, ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
