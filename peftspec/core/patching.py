@@ -113,15 +113,19 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         kept: bool | None = True
         done: set[str] = set()  # the targets installed so far
         prepared: set[str] = set()
-        methods: dict[str, Method] = {}  # looked up once per method, not per step
+        # looked up once per method, not per step; with whether it shares state
+        # across a rule (a protocol isinstance costs microseconds: not per target)
+        methods: dict[str, tuple[Method, bool]] = {}
         hooks = registration_hooks()
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue
-            method = methods.get(step.method)
-            if method is None:
-                method = methods[step.method] = registry.method(step.method)
-            if step.rule not in prepared and isinstance(method, SharesRuleState):
+            known_method = methods.get(step.method)
+            if known_method is None:
+                m = registry.method(step.method)
+                known_method = methods[step.method] = (m, isinstance(m, SharesRuleState))
+            method, shares_state = known_method
+            if shares_state and step.rule not in prepared:
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
                 method.prepare({s.target: _module_at(model, parent_of, s.target)
