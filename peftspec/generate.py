@@ -40,6 +40,8 @@ from typing import Callable, Sequence
 import torch
 
 from peftspec.core.errors import PeftspecError
+from peftspec.data import reading
+from peftspec.data.chat import NO_TEMPLATE
 from peftspec.data.examples import DataError, read_text
 from peftspec.formats.adapter_file import load_adapter
 from peftspec.core.registry import registry_or_default
@@ -58,10 +60,15 @@ class GenerateError(PeftspecError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt, with the answer a prompts file expects when it gives one."""
+    """A prompt, with the answer a prompts file expects when it gives one.
+
+    With ``messages`` (a conversation up to its last user turn), generation
+    answers that turn with the whole history rendered by the chat template;
+    ``text`` is then the last user turn, for display."""
 
     text: str
     expected: str | None = None
+    messages: tuple[dict, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,23 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def read_conversations(data) -> list[Prompt]:
+    """Conversations to answer (``generate --messages``): each record of
+    ``data`` (any format ``train`` reads) up to its last user turn; the
+    assistant turn after it, when there is one, is the expected answer."""
+    prompts = []
+    for ex in reading.read(data).examples:
+        messages = ex.conversation() if ex.text is None else None
+        last = max((i for i, m in enumerate(messages or []) if m["role"] == "user"),
+                   default=None)
+        if last is None:
+            raise DataError(f"{ex.where}: no user turn to answer")
+        after = messages[last + 1] if last + 1 < len(messages) else None
+        expected = after["content"] if after and after["role"] == "assistant" else None
+        prompts.append(Prompt(messages[last]["content"], expected, tuple(messages[:last + 1])))
+    return prompts
+
+
 def load(source: str | None, adapters: Sequence[str | Path] = (), *, registry=None) -> Session:
     """Load the model ``source`` names, its tokenizer, and each adapter file
     beside the others (named after its file stem, made unique)."""
@@ -151,9 +175,16 @@ def load(source: str | None, adapters: Sequence[str | Path] = (), *, registry=No
     return Session(model, tokenizer, names)
 
 
-def prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
+def prompt_ids(tokenizer, text: str | Prompt, chat: bool = True) -> list[int]:
     """The token ids generation starts from: the chat template's user turn
-    with the assistant's turn opened, or the raw text's tokens."""
+    (or a :class:`Prompt`'s whole conversation) with the assistant's turn
+    opened, or the raw text's tokens."""
+    if isinstance(text, Prompt) and text.messages is not None:
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise GenerateError(NO_TEMPLATE)
+        return tokenizer.encode(tokenizer.render_chat(list(text.messages),
+                                                      add_generation_prompt=True))
+    text = text.text if isinstance(text, Prompt) else text
     if chat and getattr(tokenizer, "has_chat_template", False):
         return tokenizer.encode_chat(text)
     ids = tokenizer.encode(text)
@@ -185,7 +216,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Prompt], *,
     if not texts or not adapters:
         raise GenerateError("nothing to generate: give at least one prompt and one model "
                             "(the base, or an adapter)")
-    ids = [prompt_ids(tokenizer, t, chat) for t in texts]
+    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
     jobs = [(i, a) for i in range(len(texts)) for a in adapters]
     answers: list[Answer | None] = [None] * len(jobs)
     hf = is_transformers(model)

@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftspec.cli.common import MODEL_HELP, err, out, registry
-from peftspec.generate import Prompt, generate as run, load, read_prompts
+from peftspec.generate import (Prompt, generate as run, load, read_conversations,
+                               read_prompts)
 
 
 @click.command()
@@ -31,6 +32,10 @@ from peftspec.generate import Prompt, generate as run, load, read_prompts
               type=click.Path(dir_okay=False, path_type=Path),
               help='a file of prompts (repeatable): JSONL {"prompt": ...} records (a '
                    '"completion" is shown as the expected answer), or one prompt per line')
+@click.option("--messages", "message_files", multiple=True, metavar="DATA",
+              help='conversations to answer (repeatable; any format train reads): each '
+                   '{"messages": [...]} record is answered at its last user turn, with '
+                   'the history before it; an assistant turn after it is the expected answer')
 @click.option("--raw", is_flag=True,
               help="feed the prompt as it is, without the tokenizer's chat template")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
@@ -43,7 +48,8 @@ from peftspec.generate import Prompt, generate as run, load, read_prompts
               help="rows (prompt x model) per batch")
 @click.option("--json", "as_json", is_flag=True, help="print the answers as JSON")
 def generate(model_source: str | None, adapters: tuple[Path, ...], no_base: bool,
-             prompts: tuple[str, ...], prompt_files: tuple[Path, ...], raw: bool,
+             prompts: tuple[str, ...], prompt_files: tuple[Path, ...],
+             message_files: tuple[str, ...], raw: bool,
              max_new_tokens: int, temperature: float, top_p: float, seed: int,
              batch_size: int, as_json: bool):
     """Generate answers to prompts with the base model and each --adapter.
@@ -60,13 +66,18 @@ def generate(model_source: str | None, adapters: tuple[Path, ...], no_base: bool
       peftspec generate --model smollm2 -p "What is the capital of France?"
       peftspec generate --model smollm2 --adapter town.safetensors \\
         --prompts data/brindlecombe-heldout.jsonl
+      peftspec generate --model smollm2 --adapter chat.safetensors \\
+        --messages data/brindlecombe-chat.jsonl
     """
 
     items = [Prompt(p) for p in prompts]
     for path in prompt_files:
         items += read_prompts(path)
+    if message_files:
+        items += read_conversations(list(message_files))
     if not items:
-        raise click.UsageError("give --prompt TEXT (repeatable) or --prompts FILE")
+        raise click.UsageError("give --prompt TEXT (repeatable), --prompts FILE or "
+                               "--messages FILE")
     if no_base and not adapters:
         raise click.UsageError("--no-base leaves nothing to run: give an --adapter too")
     reg = registry()

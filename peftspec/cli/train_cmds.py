@@ -40,7 +40,11 @@ def _train_option(key: str):
     ptype = click.Choice(opt.choices) if opt.choices else CLI_TYPES[opt.type]
     metavar = key.upper() if opt.type is str and not opt.choices else None
     return click.option(name, key, type=ptype, default=None, metavar=metavar,
-                        help=opt.help + shown)
+                        multiple=opt.several, help=opt.help + shown)
+
+
+def _skipped(e: dict) -> str:
+    return f", {e['skipped_bad']} bad records skipped" if e.get("skipped_bad") else ""
 
 
 def _options(f):
@@ -98,10 +102,15 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
     """Train SPEC's adapter on a data file and write it to --out.
 
     \b
-    Data: JSONL with {"text": ...} (every token scored) or {"prompt": ...,
-    "completion": ...} (only the completion scored), or a .txt file (one
-    example per paragraph). The default model trains on bytes, with no
-    download; hf: models use their directory's tokenizer.
+    Data (--data, repeatable, globs too): JSONL, JSON, CSV/TSV, Parquet, a
+    datasets folder, .txt. Conversations {"messages": [{"role", "content"},
+    ...]} are rendered with the model's chat template and only the assistant
+    turns scored (--loss-on); {"prompt", "completion"} scores the completion;
+    {"text"} every token. A bad record stops the run before training, named
+    FILE:LINE (--skip-bad-records to leave such records out). See what a run
+    would train on first: peftspec data inspect DATA --model M --show 2.
+    The default model trains on bytes, with no download; hf: models use
+    their directory's tokenizer.
     \b
     {"text": ..., "label": ...} records (label: a class id, or a string)
     train a sequence classifier: the model's classification variant with a
@@ -155,8 +164,8 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
                 resumed = f", resumed from {e['resumed_from']}" if e["resumed_from"] else ""
                 err.print(f"training {e['trainable']:,} parameters on {e['examples']} examples "
                           f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
-                          f"{e['dropped']} dropped with nothing to learn) for "
-                          f"{e['total_steps']} steps{escape(resumed)}")
+                          f"{e['dropped']} dropped, {e['truncated']} truncated"
+                          f"{_skipped(e)}) for {e['total_steps']} steps{escape(resumed)}")
                 if e.get("labels"):
                     names = ", ".join(map(str, e["labels"][:10])) + \
                         (", ..." if len(e["labels"]) > 10 else "")

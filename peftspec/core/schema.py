@@ -84,6 +84,10 @@ def _train_config_schema() -> dict[str, Any]:
             s["enum"] = list(opt.choices)
         if opt.default is not None:
             s["default"] = opt.default
+        if opt.several:  # one value, or a list of them
+            one = {k: v for k, v in s.items() if k != "description"}
+            s = {"description": opt.help,
+                 "anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
         props[key] = s
     return {"type": "object", "properties": props, "additionalProperties": False,
             "description": "defaults for `peftspec train` (the command line wins)"}

@@ -25,13 +25,26 @@ class Opt:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
+    several: bool = False  # a list of values, or one (the CLI option may repeat)
 
 
 OPTIONS: dict[str, Opt] = {
-    "data": Opt(str, None, "training data: JSONL ({\"text\"} or {\"prompt\",\"completion\"}; "
-                           "{\"text\",\"label\"} to classify), or a .txt file (one "
-                           "example per paragraph)"),
-    "eval": Opt(str, None, "evaluation data, same formats as --data"),
+    "data": Opt(str, None, "training data: files or globs (repeat the option for several): "
+                           "JSONL, JSON, CSV/TSV, Parquet, a datasets folder, or .txt; "
+                           "records {\"messages\"}, {\"prompt\",\"completion\"}, "
+                           "{\"text\"} or {\"text\",\"label\"} (docs/data.md)",
+                several=True),
+    "eval": Opt(str, None, "evaluation data, same formats as --data", several=True),
+    "loss_on": Opt(str, "assistant", "which tokens of a conversation are scored: every "
+                                     "assistant turn, the last one, or all tokens",
+                   choices=("assistant", "last_assistant", "all")),
+    "chat_template": Opt(str, None, "a jinja chat template file to render conversations "
+                                    "with, instead of the tokenizer's own"),
+    "truncation": Opt(str, "right", "an example longer than max_length: cut it (right), "
+                                    "leave it out (drop), or stop (error)",
+                      choices=("right", "drop", "error")),
+    "skip_bad_records": Opt(bool, False, "leave malformed records out (counted) instead of "
+                                         "stopping"),
     "eval_split": Opt(float, 0.0, "hold out this fraction of --data for evaluation", 0.0, 0.9),
     "eval_every": Opt(int, 0, "evaluate every N optimizer steps (0: only at the end)", 0),
     "epochs": Opt(int, 1, "passes over the data (ignored when steps is given)", 1),
@@ -59,12 +72,18 @@ OPTIONS: dict[str, Opt] = {
                                               "embeddings (only with loraplus_lr_ratio)", 0.0),
 }
 
-PATH_KEYS = ("data", "eval", "checkpoint_dir", "log")
+PATH_KEYS = ("data", "eval", "checkpoint_dir", "log", "chat_template")
 
 
 def check_value(key: str, value: Any) -> str | None:
     """Why ``value`` is not valid for option ``key`` (None when it is)."""
     opt = OPTIONS[key]
+    if opt.several and isinstance(value, (list, tuple)):
+        if not value:
+            return "expected a string or a non-empty list of strings, got []"
+        return next((p for p in (check_value(key, v) for v in value) if p), None) \
+            if all(isinstance(v, str) for v in value) else \
+            f"expected a string or a list of strings, got {value!r}"
     if opt.type is bool:
         if not isinstance(value, bool):
             return f"expected true or false, got {value!r}"
@@ -92,8 +111,8 @@ def check_value(key: str, value: Any) -> str | None:
 class TrainConfig:
     """Every training option, resolved (defaults < spec ``[train_config]`` < CLI)."""
 
-    data: str | None = None
-    eval: str | None = None
+    data: str | tuple[str, ...] | None = None  # several: a tuple
+    eval: str | tuple[str, ...] | None = None
     eval_split: float = 0.0
     eval_every: int = 0
     epochs: int = 1
@@ -114,11 +133,15 @@ class TrainConfig:
     log: str | None = None
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
+    loss_on: str = "assistant"
+    chat_template: str | None = None
+    truncation: str = "right"
+    skip_bad_records: bool = False
 
     # options that change the trajectory: a resumed run must keep them
     TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                   "clip", "seed", "max_length", "precision", "eval_split",
-                  "loraplus_lr_ratio", "loraplus_lr_embedding")
+                  "loraplus_lr_ratio", "loraplus_lr_embedding", "loss_on", "truncation")
 
     @classmethod
     def resolve(cls, spec_table: dict | None = None, spec_dir: Path | None = None,
@@ -128,9 +151,10 @@ class TrainConfig:
         values: dict[str, Any] = {}
         for key, value in (spec_table or {}).items():
             if key in PATH_KEYS and value is not None and spec_dir is not None:
-                value = str(spec_dir / value)
+                value = [str(spec_dir / v) for v in value] if isinstance(value, list) \
+                    else str(spec_dir / value)
             values[key] = value
-        values.update({k: v for k, v in cli.items() if v is not None})
+        values.update({k: v for k, v in cli.items() if v is not None and v != ()})
         unknown = set(values) - set(OPTIONS)
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
@@ -140,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"{key}: {problem}")
             if OPTIONS[key].type is float:
                 values[key] = float(value)
+            if OPTIONS[key].several and isinstance(value, (list, tuple)):
+                values[key] = value[0] if len(value) == 1 else tuple(value)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,12 @@
-"""Training data: example records read from files (``examples``: JSONL and
-plain text, with file and line in every error), encoded to token ids and label
-masks, split and batched.
+"""Training data: the files people have, into scored token ids and batches.
+
+``readers`` (JSONL, JSON, CSV/TSV, Parquet, Arrow, datasets folders, text:
+``(where, record)`` pairs), ``records`` (a record checked into an
+``Example``), ``reading`` (files into examples, every bad record reported),
+``chat`` (conversations through the model's chat template, the scored spans),
+``encoding`` (ids, labels, truncation and its counts), ``examples`` (labels of
+a classifier, batches, splits), ``inspect`` (``peftspec data inspect``).
+docs/data.md is the user's side of it.
 
 Imports: :mod:`peftspec.core` and the layers beside it (formats, models); used
 by training, generation and the study.

@@ -1,74 +1,34 @@
-"""Training data: files into examples, examples into token ids, ids into batches.
+"""Training data: examples into batches (and the labels of a classifier).
 
-Formats:
-
-* JSONL, one object a line: ``{"text": ...}`` for causal language modelling
-  (every token scored), or ``{"prompt": ..., "completion": ...}`` where only
-  the completion is scored (the prompt's labels are -100; with a tokenizer
-  that has a chat template, the prompt is its user turn with the assistant's
-  turn opened, exactly what ``peftspec generate`` feeds the model, and the
-  completion ends with the end-of-turn token), or
-  ``{"text": ..., "label": ...}`` for sequence classification (the label an
-  integer id or a string name; see :class:`Labels`). A file holds language
-  modelling records or classification records, not both. Blank lines are
-  skipped; anything else that is not such an object is an error naming the
-  file and line.
-* ``.txt``: plain text, one example per paragraph (blank-line separated).
-
-Language modelling examples end with the tokenizer's end-of-text token;
-classification examples are encoded as the tokenizer's model expects them
-(:meth:`~peftspec.models.tokenizer.ByteTokenizer.encode_sequence`). Examples
-are truncated to ``max_length`` tokens and right-padded in a batch (padding is
-masked out of attention and labelled -100; a classification batch's labels
-are one class id per example). The order of an epoch is a seeded
-permutation, a pure function of ``(seed, epoch)``, so a run resumed from a
-checkpoint sees the same batches as one never stopped.
+Reading files (:mod:`peftspec.data.readers`, :mod:`peftspec.data.reading`),
+validating records (:mod:`peftspec.data.records`), rendering conversations
+(:mod:`peftspec.data.chat`) and encoding them (:mod:`peftspec.data.encoding`)
+have modules of their own; their public names are re-exported here. This
+module holds what comes after: the labels of a classification set
+(:class:`Labels`), padding into batches (:func:`collate`; padding is masked
+out of attention and labelled -100; a classification batch's labels are one
+class id per example), the held-out split, and the order of an epoch: a
+seeded permutation, a pure function of ``(seed, epoch)``, so a run resumed
+from a checkpoint sees the same batches as one never stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from peftspec.core.errors import PeftspecError
-from peftspec.core.untrusted import BadText, json_loads
+from peftspec.data import reading
+from peftspec.data.encoding import IGNORE, encode, encode_lm
+from peftspec.data.records import DataError, Example
 
-IGNORE = -100
+__all__ = ["IGNORE", "DataError", "Example", "Labels", "Batches", "collate", "encode",
+           "encode_all", "eval_batches", "file_digest", "read_examples", "read_text",
+           "scored", "split"]
+
 MAX_LABELS = 10_000  # integer labels are class ids below this
-
-
-class DataError(PeftspecError):
-    """A data file is missing or malformed (exit code 2)."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class Example:
-    """One record: ``text`` alone, ``prompt`` + ``completion``, or ``text`` + ``label``."""
-
-    text: str | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    where: str = ""
-    label: str | int | None = None
-
-    @property
-    def kind(self) -> str:
-        """``"classification"`` or ``"language modelling"``."""
-        return "classification" if self.label is not None else "language modelling"
-
-
-def _kind_of(example: Example) -> str:
-    if example.label is not None:
-        return 'a classification record {"text", "label"}'
-    if example.text is not None:
-        return 'a language modelling record {"text"}'
-    return 'a language modelling record {"prompt", "completion"}'
 
 
 @dataclass(frozen=True)
@@ -143,83 +103,14 @@ def read_text(path: Path, what: str) -> str:
         raise DataError(f"{path}: cannot read {what}: {exc}") from None
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Read and validate every record of ``path`` (JSONL, or ``.txt`` paragraphs)."""
-    path = Path(path)
-    raw = read_text(path, "data file")
-    if path.suffix == ".txt":
-        paras = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n")]
-        examples = [Example(text=p, where=f"{path}") for p in paras if p]
-    else:
-        examples = [_record(path, i, line) for i, line in enumerate(raw.splitlines(), start=1)
-                    if line.strip()]
-    if not examples:
-        raise DataError(f"{path}: no examples in the file")
-    first = examples[0]
-    for ex in examples:
-        if ex.kind != first.kind:
-            raise DataError(f"{ex.where}: {_kind_of(ex)}, but {first.where} is "
-                            f"{_kind_of(first)}; a data file holds classification records "
-                            "or language modelling records, not both")
-    return examples
+def read_examples(data, *, skip_bad: bool = False) -> list[Example]:
+    """Read and validate every record of ``data`` (a file, a glob, or a list of
+    them; :func:`peftspec.data.reading.read`)."""
+    return reading.read(data, skip_bad=skip_bad).examples
 
 
-def _record(path: Path, lineno: int, line: str) -> Example:
-    where = f"{path}:{lineno}"
-    try:
-        obj = json_loads(line)
-    except BadText as exc:
-        why = f"{exc.args[0].rsplit(' at line ', 1)[0]} at column {exc.colno}" \
-            if exc.colno is not None else str(exc)
-        raise DataError(f"{where}: not valid JSON ({why})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    has_text, has_pc = "text" in obj, ("prompt" in obj or "completion" in obj)
-    if has_text and has_pc:
-        raise DataError(f"{where}: give either 'text' or 'prompt' and 'completion', not both")
-    if "label" in obj:
-        if has_pc:
-            raise DataError(f"{where}: a classification record is {{\"text\", \"label\"}}; "
-                            "'label' does not go with 'prompt' and 'completion'")
-        label = obj["label"]
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f"{where}: 'label' must be an integer class id or a string, got "
-                            f"{label!r:.40}")
-        if isinstance(label, int) and label < 0:
-            raise DataError(f"{where}: 'label' {label} is negative; integer labels are class "
-                            "ids 0, 1, 2, ...")
-        if isinstance(label, str) and not label:
-            raise DataError(f"{where}: 'label' is an empty string")
-    keys = ("text",) if has_text else ("prompt", "completion")
-    if not has_text and not has_pc:
-        raise DataError(f"{where}: expected a 'text' key, or 'prompt' and 'completion' keys "
-                        f"(got {', '.join(map(repr, obj)) or 'no keys'})")
-    for key in keys:
-        if key not in obj:
-            raise DataError(f"{where}: missing key '{key}'")
-        if not isinstance(obj[key], str):
-            raise DataError(f"{where}: '{key}' must be a string, got {obj[key]!r:.40}")
-    extra = sorted(set(obj) - set(keys) - {"label"})
-    if extra:
-        raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}")
-    return Example(**{k: obj[k] for k in keys}, where=where, label=obj.get("label"))
-
-
-def encode(example: Example, tok, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example (labels -100 where not scored)."""
-    eos = [tok.eos_id] if tok.eos_id is not None else []
-    if example.text is not None:
-        ids = tok.encode(example.text) + eos
-        labels = list(ids)
-    else:  # an instruct tokenizer's chat template frames the prompt, as generate does
-        p = tok.encode_chat(example.prompt) if getattr(tok, "has_chat_template", False) \
-            else tok.encode(example.prompt)
-        c = tok.encode(example.completion) + eos
-        ids, labels = p + c, [IGNORE] * len(p) + c
-    return ids[:max_length], labels[:max_length]
-
-
-def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | None = None):
+def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | None = None,
+               *, loss_on: str = "assistant", truncation: str = "right"):
     """Encode every example, dropping those with no scored token left after
     truncation (the label of position 0 is never scored: there is no context).
 
@@ -237,16 +128,8 @@ def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | N
                 continue
             kept.append((ids, labels.id(ex.label, ex.where)))
         return kept, dropped
-    for ex in examples:
-        if ex.label is not None:
-            raise DataError(f"{ex.where}: a classification record, but the training data is "
-                            "language modelling records")
-        ids, labels = encode(ex, tok, max_length)
-        if len(ids) < 2 or all(x == IGNORE for x in labels[1:]):
-            dropped += 1
-            continue
-        kept.append((ids, labels))
-    return kept, dropped
+    kept, counts = encode_lm(examples, tok, max_length, loss_on=loss_on, truncation=truncation)
+    return kept, counts.dropped
 
 
 def collate(items: list[tuple[list[int], list[int] | int]],
@@ -330,6 +213,6 @@ def eval_batches(items: list, batch_size: int, pad_id: int):
         yield collate(items[start:start + batch_size], pad_id)
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a data file (a resumed run must read the same data)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_digest(data) -> str:
+    """SHA-256 of the data files (a resumed run must read the same data)."""
+    return reading.digest(data)

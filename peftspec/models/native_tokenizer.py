@@ -109,6 +109,17 @@ class NativeTokenizer:
         text = self.render_chat([{"role": "user", "content": prompt}])
         return self.encode(text)
 
+    @property
+    def end_of_turn(self) -> str | None:
+        return self.special.get("eos_token")
+
+    def use_chat_template(self, template: str) -> None:
+        self.chat_template, self._compiled = template, None
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, list(enc.offsets)
+
 
 def _compile(template: str):
     import jinja2

@@ -40,6 +40,19 @@ class ByteTokenizer:
 
     decode_clean = decode  # end-of-text is not a byte: decode drops it already
     has_chat_template = False
+    end_of_turn = None
+
+    def use_chat_template(self, template: str) -> None:
+        raise ModelSourceError("the built-in byte-level model has no chat template and takes "
+                               "none; train conversations on an hf:, gguf: or smollm2 model")
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = [], []
+        for i, ch in enumerate(text):
+            for b in ch.encode("utf-8"):
+                ids.append(b)
+                offsets.append((i, i + 1))
+        return ids, offsets
 
 
 @dataclass
@@ -47,6 +60,7 @@ class HFTokenizer:
     """A transformers tokenizer, loaded from the model's own directory (offline)."""
 
     tok: object
+    chat_template: str | None = None  # a template that replaces the tokenizer's own
 
     @property
     def eos_id(self) -> int | None:
@@ -79,14 +93,33 @@ class HFTokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.tok, "chat_template", None))
+        return bool(self.chat_template or getattr(self.tok, "chat_template", None))
+
+    @property
+    def end_of_turn(self) -> str | None:
+        """The text that ends an assistant turn (the end-of-sequence token)."""
+        return self.tok.eos_token
+
+    def use_chat_template(self, template: str) -> None:
+        """Render conversations with ``template`` (jinja) instead of the tokenizer's."""
+        self.chat_template = template
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template's text of ``messages`` (``apply_chat_template``,
+        untokenized)."""
+        return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            tokenize=False, chat_template=self.chat_template)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and each token's character span in it."""
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def encode_chat(self, prompt: str) -> list[int]:
         """``prompt`` as one user turn of the chat template, the assistant's
-        turn opened: what an instruct model answers after. Training formats
-        prompt/completion records this way, and generation starts from it."""
-        text = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=False)
+        turn opened: what an instruct model answers after, and where
+        generation starts."""
+        text = self.render_chat([{"role": "user", "content": prompt}])
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -106,17 +139,7 @@ def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
         return NativeTokenizer(native)
     path = hf_folder(source)
     if path is not None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:  # pragma: no cover - load_hf already needs it
-            raise ModelSourceError("hf: models need transformers: pip install "
-                                   "'peftspec[hf]'") from None
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is bad input
-            raise ModelSourceError(f"'{source}' has no usable tokenizer to train with: "
-                                   f"{exc}") from None
-        return HFTokenizer(tok)
+        return _transformers_tokenizer(source, path)
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
     rows = getattr(emb, "num_embeddings", None)
@@ -125,3 +148,37 @@ def tokenizer_for(source: str | None, model) -> ByteTokenizer | HFTokenizer:
                                f"tokenizer needs {ByteTokenizer.vocab_size} (train hf: models "
                                "with their own tokenizer)")
     return ByteTokenizer()
+
+
+def tokenizer_of_source(source: str | None) -> ByteTokenizer | HFTokenizer | NativeTokenizer:
+    """The tokenizer a causal-LM run on ``source`` trains with, without loading
+    the model's weights (``peftspec data inspect``): the byte-level one for the
+    built-in model; for ``smollm2`` and ``gguf:`` the cache folder's
+    ``tokenizer.json`` as the native training path reads it; for ``hf:`` the
+    folder's transformers tokenizer."""
+    prefix = (source or "").partition(":")[0]
+    if source and (source == "smollm2" or prefix == "gguf"):
+        folder = hf_folder(source)
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return NativeTokenizer(folder)
+    if source in (None, "", "default"):
+        return ByteTokenizer()
+    path = hf_folder(source)
+    if path is None:
+        raise ModelSourceError(f"'{source}': no tokenizer can be read without loading the "
+                               "model; give an hf:, gguf: or smollm2 model")
+    return _transformers_tokenizer(source, path)
+
+
+def _transformers_tokenizer(source: str, path) -> HFTokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - load_hf already needs it
+        raise ModelSourceError("hf: models need transformers: pip install "
+                               "'peftspec[hf]'") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is bad input
+        raise ModelSourceError(f"'{source}' has no usable tokenizer to train with: "
+                               f"{exc}") from None
+    return HFTokenizer(tok)

@@ -119,6 +119,8 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     emit({"type": "start", "step": run.step, "total_steps": run.total_steps,
           "examples": len(run.train_items), "eval_examples": len(run.eval_items),
           "dropped": run.dropped, "max_length": run.max_length,
+          "truncated": run.counts.truncated, "scored_tokens": run.counts.scored_tokens,
+          "skipped_bad": run.task.skipped,
           "trainable": sum(p.numel() for p in run.params),
           "checkpointing": run.checkpointing, "resumed_from": run.resume_folder,
           "labels": list(run.task.labels.names) if run.task.classify else None})

@@ -23,6 +23,7 @@ from peftspec.core.modelinfo import context_length
 from peftspec.core.registry import registry_or_default
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.data import examples as data
+from peftspec.data.encoding import Counts, encode_lm
 from peftspec.formats.adapter_file import file_tensors, load_adapter, save_adapter
 from peftspec.models.tokenizer import tokenizer_for
 from peftspec.train import distributed, hooks, optim, tasks
@@ -105,18 +106,32 @@ class Run:
                                  "[train_config])")
         limit = context_length(self.model)
         self.max_length = min(cfg.max_length, limit) if limit else cfg.max_length
-        items, self.dropped = data.encode_all(self.task.train, self.tok, self.max_length,
-                                              self.task.labels)
+        if cfg.chat_template:
+            self.tok.use_chat_template(data.read_text(Path(cfg.chat_template), "chat template"))
+        self.counts = Counts()
+        items = self._encode(self.task.train)
         if not items:
-            raise data.DataError(f"{cfg.data}: no example has a token to learn from")
+            raise data.DataError(f"{self.task.source}: no example has a token to learn from" +
+                                 _why_none(self.counts, cfg))
         if cfg.eval:
-            evals, dropped = data.encode_all(self.task.eval, self.tok, self.max_length,
-                                             self.task.labels)
-            self.dropped += dropped
-            self.train_items, self.eval_items = items, evals
+            self.train_items, self.eval_items = items, self._encode(self.task.eval)
         else:
             self.train_items, self.eval_items = data.split(items, cfg.eval_split, cfg.seed)
+        self.dropped = self.counts.dropped
         self.data_digest = data.file_digest(cfg.data)
+
+    def _encode(self, examples) -> list:
+        cfg = self.cfg
+        if self.task.classify:
+            items, dropped = data.encode_all(examples, self.tok, self.max_length,
+                                             self.task.labels)
+            self.counts.add(Counts(records=len(examples), dropped=dropped,
+                                   dropped_empty=dropped))
+            return items
+        items, counts = encode_lm(examples, self.tok, self.max_length, loss_on=cfg.loss_on,
+                                  truncation=cfg.truncation)
+        self.counts.add(counts)
+        return items
 
     def _build_optimizer(self) -> None:
 
@@ -272,3 +287,14 @@ class Run:
         total = self.world.sum(total)
         return {"type": "eval", "step": self.step, "loss": total / max(count, 1),
                 "tokens": count}
+
+
+def _why_none(counts: Counts, cfg) -> str:
+    """Why encoding kept nothing, for the error."""
+    if counts.dropped and counts.dropped == counts.dropped_empty:
+        return (f" ({counts.dropped} record(s) with no scored token within max_length "
+                f"{cfg.max_length}: raise max_length, or check loss_on = {cfg.loss_on!r})")
+    if counts.dropped:
+        return (f" ({counts.dropped} record(s) dropped: longer than max_length "
+                f"{cfg.max_length} under truncation = {cfg.truncation!r})")
+    return ""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from peftspec.core.errors import PeftspecError
 from peftspec.core.untrusted import BadText, json_loads
 from peftspec.data import examples as data
+from peftspec.data import reading
 from peftspec.models import native
 from peftspec.formats.adapter_file import read_metadata
 from peftspec.train.resume import CheckpointError
@@ -53,6 +54,7 @@ class Task:
     eval: list[data.Example] | None
     labels: data.Labels | None
     source: str
+    skipped: int = 0  # malformed records left out (skip_bad_records)
 
     @property
     def classify(self) -> bool:
@@ -70,19 +72,28 @@ def read(cfg) -> Task:
     if not cfg.data:
         raise data.DataError("no training data: give --data FILE (or 'data' in the spec's "
                              "[train_config])")
-    train = data.read_examples(cfg.data)
-    labels = data.Labels.of(train, str(cfg.data)) if train[0].label is not None else None
-    evals = data.read_examples(cfg.eval) if cfg.eval else None
+    source = _shown_data(cfg.data)
+    read_train = reading.read(cfg.data, skip_bad=cfg.skip_bad_records)
+    train = read_train.examples
+    labels = data.Labels.of(train, source) if train[0].label is not None else None
+    read_eval = reading.read(cfg.eval, skip_bad=cfg.skip_bad_records) if cfg.eval else None
+    evals = read_eval.examples if read_eval else None
     if evals is not None:
         first = evals[0]
         if (first.label is not None) != (labels is not None):
             raise data.DataError(
                 f"{first.where}: the eval data is {first.kind} records, the training data "
-                f"({cfg.data}) {train[0].kind} records; evaluate on the same kind")
+                f"({source}) {train[0].kind} records; evaluate on the same kind")
         if labels is not None:
             for ex in evals:
                 labels.id(ex.label, ex.where)  # an unseen label is an error here
-    return Task(train=train, eval=evals, labels=labels, source=str(cfg.data))
+    return Task(train=train, eval=evals, labels=labels, source=source,
+                skipped=read_train.skipped + (read_eval.skipped if read_eval else 0))
+
+
+def _shown_data(value) -> str:
+    """``--data`` as a user wrote it: one path, or several joined by commas."""
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def load_model(task: Task, source: str | None, registry, seed: int, *, spec=None,
