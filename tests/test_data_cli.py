@@ -107,15 +107,18 @@ def test_a_malformed_conversation_stops_train_and_writes_nothing(tmp_path):
 
 
 @needs_smollm2
-@pytest.mark.parametrize("loss_on", ["assistant", "last_assistant", "all"])
-def test_train_on_conversations(tmp_path, tiny_chat_model, loss_on):
+@pytest.mark.parametrize("loss_on,packing", [("assistant", "--no-packing"),
+                                             ("last_assistant", "--no-packing"),
+                                             ("all", "--no-packing"), ("assistant", "--packing")])
+def test_train_on_conversations(tmp_path, tiny_chat_model, loss_on, packing):
     data = _write(tmp_path / "chats.jsonl", "jsonl", CHATS * 4)
     out = tmp_path / "a.safetensors"
     r = _invoke("train", "specs/train-lora.toml", "--model", f"hf:{tiny_chat_model}",
-                "--data", data, "--steps", "2", "--batch-size", "4", "--max-length", "96",
-                "--loss-on", loss_on, "--out", out, "--json")
+                "--data", data, "--steps", "2", "--batch-size", "2", "--max-length", "200",
+                "--loss-on", loss_on, packing, "--out", out)
     assert r.exit_code == 0, r.output
     assert out.is_file()
+    assert ("examples into" in r.output) == (packing == "--packing")
 
 
 def test_a_spec_lists_several_data_files(tmp_path):

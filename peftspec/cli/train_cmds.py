@@ -166,6 +166,9 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
                           f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
                           f"{e['dropped']} dropped, {e['truncated']} truncated"
                           f"{_skipped(e)}) for {e['total_steps']} steps{escape(resumed)}")
+                if e.get("packed_rows"):
+                    err.print(f"packed {e['examples']} examples into {e['packed_rows']} rows of "
+                              f"at most {e['max_length']} tokens")
                 if e.get("labels"):
                     names = ", ".join(map(str, e["labels"][:10])) + \
                         (", ..." if len(e["labels"]) > 10 else "")

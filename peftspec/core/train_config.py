@@ -45,6 +45,8 @@ OPTIONS: dict[str, Opt] = {
                       choices=("right", "drop", "error")),
     "skip_bad_records": Opt(bool, False, "leave malformed records out (counted) instead of "
                                          "stopping"),
+    "packing": Opt(bool, False, "lay several examples end to end in each row of max_length "
+                                "tokens, each attending only to itself (causal LM)"),
     "eval_split": Opt(float, 0.0, "hold out this fraction of --data for evaluation", 0.0, 0.9),
     "eval_every": Opt(int, 0, "evaluate every N optimizer steps (0: only at the end)", 0),
     "epochs": Opt(int, 1, "passes over the data (ignored when steps is given)", 1),
@@ -137,11 +139,13 @@ class TrainConfig:
     chat_template: str | None = None
     truncation: str = "right"
     skip_bad_records: bool = False
+    packing: bool = False
 
     # options that change the trajectory: a resumed run must keep them
     TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                   "clip", "seed", "max_length", "precision", "eval_split",
-                  "loraplus_lr_ratio", "loraplus_lr_embedding", "loss_on", "truncation")
+                  "loraplus_lr_ratio", "loraplus_lr_embedding", "loss_on", "truncation",
+                  "packing")
 
     @classmethod
     def resolve(cls, spec_table: dict | None = None, spec_dir: Path | None = None,

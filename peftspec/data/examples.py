@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import torch
 
 from peftspec.data import reading
 from peftspec.data.encoding import IGNORE, encode, encode_lm
+from peftspec.data.packing import Batch
+from peftspec.data.readers import read_text
 from peftspec.data.records import DataError, Example
 
-__all__ = ["IGNORE", "DataError", "Example", "Labels", "Batches", "collate", "encode",
+__all__ = ["IGNORE", "Batch", "DataError", "Example", "Labels", "Batches", "collate", "encode",
            "encode_all", "eval_batches", "file_digest", "read_examples", "read_text",
            "scored", "split"]
 
@@ -92,17 +94,6 @@ class Labels:
         return json.dumps(list(self.names), ensure_ascii=False, separators=(",", ":"))
 
 
-def read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of ``path``, else a DataError naming it as ``what`` (e.g.
-    "data file"): the one reader of the user's text inputs."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read {what}: {exc}") from None
-
-
 def read_examples(data, *, skip_bad: bool = False) -> list[Example]:
     """Read and validate every record of ``data`` (a file, a glob, or a list of
     them; :func:`peftspec.data.reading.read`)."""
@@ -132,8 +123,7 @@ def encode_all(examples: list[Example], tok, max_length: int, labels: Labels | N
     return kept, counts.dropped
 
 
-def collate(items: list[tuple[list[int], list[int] | int]],
-            pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[list[int], list[int] | int]], pad_id: int) -> Batch:
     """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels.
 
     Classification items, (ids, class_id), give labels of shape (batch,)."""
@@ -149,7 +139,9 @@ def collate(items: list[tuple[list[int], list[int] | int]],
         mask[row, :len(ids)] = 1
         if not classify:
             labels[row, :len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = Batch(input_ids=input_ids, attention_mask=mask, labels=labels)
+    batch.tokens = int(mask.sum())
+    return batch
 
 
 def scored(labels: torch.Tensor, extra: int = 0) -> int:
@@ -180,8 +172,10 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
 class Batches:
     """Micro-batches in a seeded order per epoch, resumable from ``(epoch, index)``."""
 
-    def __init__(self, items: list, batch_size: int, pad_id: int, seed: int):
+    def __init__(self, items: list, batch_size: int, pad_id: int, seed: int, *,
+                 collate: Callable[[list, int], Batch] = collate):
         self.items, self.batch_size, self.pad_id, self.seed = items, batch_size, pad_id, seed
+        self.collate = collate  # packed rows: peftspec.data.packing.collate_packed
         self.per_epoch = -(-len(items) // batch_size)
         self.epoch, self.index = 0, 0
         self._order: list[int] | None = None
@@ -192,13 +186,13 @@ class Batches:
             self._order = torch.randperm(len(self.items), generator=gen).tolist()
         return self._order
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> Batch:
         if self.index >= self.per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         order = self._epoch_order()
         chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        return collate([self.items[i] for i in chosen], self.pad_id)
+        return self.collate([self.items[i] for i in chosen], self.pad_id)
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

@@ -73,6 +73,17 @@ def records(path: Path) -> Iterator[tuple[str, object]]:
     yield from reader(path)
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, else a DataError naming it as ``what`` (e.g.
+    "data file"): the one reader of the user's text inputs."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc}") from None
+
+
 def _open_text(path: Path):
     try:
         return open(path, encoding="utf-8", newline="")
@@ -108,11 +119,7 @@ def _jsonl(path: Path):
 
 
 def _json_array(path: Path):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read data file: {exc}") from None
-    value = _decode(str(path), text)
+    value = _decode(str(path), read_text(path, "data file"))
     if isinstance(value, Bad):
         raise DataError(value.message)
     if not isinstance(value, list):
@@ -158,10 +165,7 @@ def _csv(path: Path):
 
 
 def _txt(path: Path):
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read data file: {exc}") from None
+    raw = read_text(path, "data file")
     for p in raw.replace("\r\n", "\n").split("\n\n"):
         if p.strip():
             yield str(path), {"text": p.strip()}

@@ -185,7 +185,14 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past_len + t} positions is longer than block_size "
                              f"{self.config.block_size}")
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: as given
+            if past_len:
+                raise ValueError("a 4-D attention_mask (packed rows) does not go with "
+                                 "past_key_values")
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
+            mask = attention_mask.to(torch.bool)  # (batch, 1, T, T)
+        elif attention_mask is not None:
             am = attention_mask.to(torch.bool)
             if am.shape[1] != past_len + t:
                 raise ValueError(f"attention_mask covers {am.shape[1]} positions; expected "

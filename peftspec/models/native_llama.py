@@ -182,8 +182,10 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """``transformers.LlamaForCausalLM``'s names and forward for training:
-    ``forward(input_ids, attention_mask=None, labels=None, inputs_embeds=None)``
-    returns an object with ``loss`` (when ``labels``) and ``logits``."""
+    ``forward(input_ids, attention_mask=None, labels=None, inputs_embeds=None,
+    position_ids=None)`` returns an object with ``loss`` (when ``labels``) and
+    ``logits``. A 4-D boolean ``attention_mask`` (packed rows,
+    :mod:`peftspec.data.packing`) is used as it is."""
 
     def __init__(self, c: Config):
         super().__init__()
@@ -194,13 +196,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
-                **_):
+                position_ids=None, **_):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = x.shape
-        positions = torch.arange(s, device=x.device).unsqueeze(0).expand(b, -1)
+        positions = position_ids if position_ids is not None else \
+            torch.arange(s, device=x.device).unsqueeze(0).expand(b, -1)
         cos, sin = self.model.rotary_emb(x, positions)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 4:  # packed: as given
+            mask = attention_mask.bool()
+        elif attention_mask is not None and not bool(attention_mask.all()):
             causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             mask = causal[None, None] & attention_mask[:, None, None, :].bool()
         for layer in self.model.layers:

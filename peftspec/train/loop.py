@@ -121,6 +121,7 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
           "dropped": run.dropped, "max_length": run.max_length,
           "truncated": run.counts.truncated, "scored_tokens": run.counts.scored_tokens,
           "skipped_bad": run.task.skipped,
+          "packed_rows": len(run.rows) if run.rows is not None else None,
           "trainable": sum(p.numel() for p in run.params),
           "checkpointing": run.checkpointing, "resumed_from": run.resume_folder,
           "labels": list(run.task.labels.names) if run.task.classify else None})

@@ -23,6 +23,7 @@ from peftspec.core.modelinfo import context_length
 from peftspec.core.registry import registry_or_default
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.data import examples as data
+from peftspec.data import packing
 from peftspec.data.encoding import Counts, encode_lm
 from peftspec.formats.adapter_file import file_tensors, load_adapter, save_adapter
 from peftspec.models.tokenizer import tokenizer_for
@@ -61,6 +62,8 @@ class Run:
         self.tok = tokenizer_for(model_source, self.model)
         self._read_data()
         self.resume_folder = ckpt.find(resume) if resume else None
+        if cfg.packing:
+            self._check_packing(spec)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.resume_folder is None:
@@ -76,7 +79,14 @@ class Run:
             if cfg.gradient_checkpointing else None
         self.forward = self.world.prepare(self.model)  # DDP / FSDP under torchrun
         self._build_optimizer()
-        self.batches = data.Batches(self.train_items, cfg.batch_size, self.tok.pad_id, cfg.seed)
+        if cfg.packing:  # rows of whole examples, made once from the seed: peftspec.data.packing
+            self.rows = packing.pack(self.train_items, self.max_length, cfg.seed)
+            self.batches = data.Batches(self.rows, cfg.batch_size, self.tok.pad_id, cfg.seed,
+                                        collate=packing.collate_packed)
+        else:
+            self.rows = None
+            self.batches = data.Batches(self.train_items, cfg.batch_size, self.tok.pad_id,
+                                        cfg.seed)
         per_step = -(-self.batches.per_epoch // cfg.grad_accum)
         self.total_steps = cfg.steps or cfg.epochs * per_step
         self.step, self.tokens = 0, 0
@@ -87,6 +97,21 @@ class Run:
             for h in self.hooks:
                 h.resume(self.step)
         self.world.seed_dropout(cfg.seed, self.step)
+
+    def _check_packing(self, spec) -> None:
+        """Packing needs a causal LM that keeps packed examples apart, and no
+        soft prompt (its virtual tokens would lead a row, not each example)."""
+        if self.task.classify:
+            raise PeftspecError("packing is for causal language modelling; a classifier's "
+                                "examples are one label each (train without packing)")
+        if spec.rules_of("prefix"):
+            raise PeftspecError("packing cannot go with a soft prompt ([prefix] rules): its "
+                                "virtual tokens would lead each row, not each example; "
+                                "train without packing")
+        try:
+            packing.verify(self.model, getattr(self.tok, "vocab_size", None))
+        except packing.PackingError as exc:
+            raise PeftspecError(str(exc)) from None
 
     def _init_from_data(self) -> None:
         """Data-driven initialisation (LoRA's EVA) from the training items, in
@@ -219,11 +244,13 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         device = self.params[0].device
-        total, tokens, extra_total = 0.0, 0, 0.0
+        total, tokens, scored_total, positions, extra_total = 0.0, 0, 0, 0, 0.0
         world = self.world
         for i in range(self.cfg.grad_accum):
             full = self.batches.next()
-            tokens += int(full["attention_mask"].sum())
+            tokens += full.tokens  # padding excluded (a packed batch's mask is 4-D)
+            scored_total += data.scored(full["labels"])
+            positions += full["input_ids"].numel()  # padding included
             # this process's rows of the global batch, and its share of the batch's
             # scored tokens (1.0 on one process; see peftspec.train.distributed)
             part, n, _ = world.shard(full)
@@ -255,7 +282,9 @@ class Run:
         epoch = self.batches.epoch + self.batches.index / self.batches.per_epoch
         record = {"type": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss,
                   "lr": lr, "grad_norm": norm, "tokens": self.tokens,
-                  "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+                  "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                  "step_tokens": tokens, "scored_tokens": scored_total, "positions": positions,
+                  "seconds": dt}
         if extra_total:
             record["extra_loss"] = extra_total / self.cfg.grad_accum
         return record
