@@ -47,6 +47,18 @@ def _skipped(e: dict) -> str:
     return f", {e['skipped_bad']} bad records skipped" if e.get("skipped_bad") else ""
 
 
+def _print_streamed(e: dict, resumed: str) -> None:
+    st = e["streamed"]
+    files = f"{st['files']} files" if st["files"] > 1 else "1 file"
+    err.print(f"training {e['trainable']:,} parameters on {e['examples']:,} of "
+              f"{st['records']:,} records streamed from {files} ({st['bytes'] / 2**20:,.1f} MiB; "
+              f"indexed in {st['index_seconds']:.1f} s, {st['index_bytes'] / 2**20:.1f} MiB) "
+              f"for {e['total_steps']} steps ({e['eval_examples']} for eval, max "
+              f"{e['max_length']} tokens{', packed' if e.get('packing') else ''}"
+              f"{escape(resumed)}); records are tokenized as training reads them, and "
+              "what truncation and bad records cost is counted at the end")
+
+
 def _options(f):
     """Every training option (peftspec.core.train_config.OPTIONS), defaulting to None:
     a value not given comes from the spec's [train_config], else the default."""
@@ -162,6 +174,9 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
             progress.update(task, total=e["total_steps"], completed=e["step"])
             if not as_json:
                 resumed = f", resumed from {e['resumed_from']}" if e["resumed_from"] else ""
+                if e.get("streamed"):
+                    _print_streamed(e, resumed)
+                    return
                 err.print(f"training {e['trainable']:,} parameters on {e['examples']} examples "
                           f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
                           f"{e['dropped']} dropped, {e['truncated']} truncated"
@@ -181,6 +196,11 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
             last_eval.update(e)
             acc = f", accuracy {e['accuracy']:.1%}" if "accuracy" in e else ""
             progress.console.print(f"step {e['step']}: eval loss {e['loss']:.4f}{acc}")
+        elif e["type"] == "data" and not as_json:
+            progress.console.print(
+                f"read {e['records']:,} records as training went: {e['truncated']:,} "
+                f"truncated, {e['dropped']:,} dropped, {e['skipped_bad']:,} bad records "
+                f"skipped; {e['scored_tokens']:,} scored tokens")
         elif e["type"] == "checkpoint" and not as_json:
             progress.console.print(f"step {e['step']}: checkpoint {escape(str(e['path']))}")
 

@@ -105,7 +105,8 @@ def run(job: dict) -> dict:
     cfg = TrainConfig(data=s.data, eval=s.eval, eval_split=s.eval_split,
                       eval_every=s.curve_every, steps=s.steps, batch_size=s.batch_size,
                       lr=lr, warmup=s.warmup, max_length=s.max_length, seed=s.seed,
-                      precision=s.precision, log=str(run_dir / "metrics.jsonl"))
+                      precision=s.precision, log=str(run_dir / "metrics.jsonl"),
+                      streaming="off")  # the study encodes the data whole (its eval items)
     emit({"type": "phase", "phase": "loading model"})
     task = tasks.read(cfg)
     model = tasks.load_model(task, s.model, reg, s.seed)

@@ -47,6 +47,10 @@ OPTIONS: dict[str, Opt] = {
                                          "stopping"),
     "packing": Opt(bool, False, "lay several examples end to end in each row of max_length "
                                 "tokens, each attending only to itself (causal LM)"),
+    "streaming": Opt(str, "auto", "read --data as training goes, tokenized ahead on a worker, "
+                                  "instead of whole before the first step: auto (JSON Lines "
+                                  "data over 256 MiB), on, off (docs/data.md)",
+                     choices=("auto", "on", "off")),
     "eval_split": Opt(float, 0.0, "hold out this fraction of --data for evaluation", 0.0, 0.9),
     "eval_every": Opt(int, 0, "evaluate every N optimizer steps (0: only at the end)", 0),
     "epochs": Opt(int, 1, "passes over the data (ignored when steps is given)", 1),
@@ -140,12 +144,13 @@ class TrainConfig:
     truncation: str = "right"
     skip_bad_records: bool = False
     packing: bool = False
+    streaming: str = "auto"
 
     # options that change the trajectory: a resumed run must keep them
     TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                   "clip", "seed", "max_length", "precision", "eval_split",
                   "loraplus_lr_ratio", "loraplus_lr_embedding", "loss_on", "truncation",
-                  "packing")
+                  "packing", "streaming")
 
     @classmethod
     def resolve(cls, spec_table: dict | None = None, spec_dir: Path | None = None,

@@ -41,13 +41,16 @@ class Counts:
     truncated: int = 0         # cut to max_length and kept
     dropped: int = 0           # left out: too long under "drop", or nothing left to score
     dropped_empty: int = 0     # of those, with no scored token (cut away, or none at all)
-    lengths: list[int] = field(default_factory=list)  # each kept example's tokens
+    skipped_bad: int = 0       # malformed records left out (a stream's skip_bad_records)
+    # each kept example's tokens; None where a stream counts without keeping them
+    lengths: list[int] | None = field(default_factory=list)
 
     def add(self, other: "Counts") -> None:
         for name in ("records", "tokens", "scored_tokens", "truncated", "dropped",
-                     "dropped_empty"):
+                     "dropped_empty", "skipped_bad"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.lengths += other.lengths
+        if self.lengths is not None and other.lengths is not None:
+            self.lengths += other.lengths
 
 
 def full_ids(example: Example, tok, *, loss_on: str = "assistant") -> tuple[list[int], list[int]]:
@@ -96,31 +99,41 @@ def encode_lm(examples, tok, max_length: int, *, loss_on: str = "assistant",
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}")
     kept, counts = [], Counts()
     for ex in examples:
-        counts.records += 1
-        if ex.label is not None:
-            raise DataError(f"{ex.where}: a classification record, but the training data is "
-                            "language modelling records")
-        ids, labels = trained_ids(ex, tok, loss_on=loss_on)
-        if len(ids) > max_length:
-            if truncation == "error":
-                raise DataError(f"{ex.where}: {len(ids)} tokens, more than max_length "
-                                f"{max_length}; raise max_length, or set truncation = "
-                                "\"right\" (cut) or \"drop\" (leave such examples out)")
-            if truncation == "drop":
-                counts.dropped += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            cut = True
-        else:
-            cut = False
-        n = _scored(labels)
-        if len(ids) < 2 or n == 0:
-            counts.dropped += 1
-            counts.dropped_empty += 1
-            continue
-        counts.truncated += cut
-        counts.tokens += len(ids)
-        counts.scored_tokens += n
-        counts.lengths.append(len(ids))
-        kept.append((ids, labels))
+        item = encode_one(ex, tok, max_length, counts, loss_on=loss_on, truncation=truncation)
+        if item is not None:
+            kept.append(item)
     return kept, counts
+
+
+def encode_one(ex: Example, tok, max_length: int, counts: Counts, *, loss_on: str = "assistant",
+               truncation: str = "right") -> tuple[list[int], list[int]] | None:
+    """One language modelling example under the truncation policy, counted in
+    ``counts``; None when it is left out (too long under ``"drop"``, or nothing
+    scored within ``max_length``). A stream of examples (:mod:`peftspec.data.stream`)
+    encodes one at a time through this, as :func:`encode_lm` does a list."""
+    counts.records += 1
+    if ex.label is not None:
+        raise DataError(f"{ex.where}: a classification record, but the training data is "
+                        "language modelling records")
+    ids, labels = trained_ids(ex, tok, loss_on=loss_on)
+    cut = len(ids) > max_length
+    if cut:
+        if truncation == "error":
+            raise DataError(f"{ex.where}: {len(ids)} tokens, more than max_length "
+                            f"{max_length}; raise max_length, or set truncation = "
+                            "\"right\" (cut) or \"drop\" (leave such examples out)")
+        if truncation == "drop":
+            counts.dropped += 1
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+    n = _scored(labels)
+    if len(ids) < 2 or n == 0:
+        counts.dropped += 1
+        counts.dropped_empty += 1
+        return None
+    counts.truncated += cut
+    counts.tokens += len(ids)
+    counts.scored_tokens += n
+    if counts.lengths is not None:
+        counts.lengths.append(len(ids))
+    return ids, labels

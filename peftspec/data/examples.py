@@ -194,6 +194,11 @@ class Batches:
         self.index += 1
         return self.collate([self.items[i] for i in chosen], self.pad_id)
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, with the fraction of this one."""
+        return self.epoch + self.index / self.per_epoch
+
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 

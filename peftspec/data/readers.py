@@ -91,7 +91,8 @@ def _open_text(path: Path):
         raise DataError(f"{path}: cannot read data file: {exc}") from None
 
 
-def _decode(where: str, text: str):
+def decode_json(where: str, text: str):
+    """The JSON value of one record's ``text``, or a :class:`Bad` saying where and why not."""
     try:
         return json_loads(text)
     except BadText as exc:
@@ -108,18 +109,25 @@ class Bad:
 
 
 def _jsonl(path: Path):
-    with _open_text(path) as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    where = f"{path}:{lineno}"
-                    yield where, _decode(where, line)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+    """Lines end at ``\n`` (a ``\r`` before it is whitespace), as the offset index
+    (:mod:`peftspec.data.index`) cuts them."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read data file: {exc}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text: {exc}") from None
+            if line.strip():
+                where = f"{path}:{lineno}"
+                yield where, decode_json(where, line)
 
 
 def _json_array(path: Path):
-    value = _decode(str(path), read_text(path, "data file"))
+    value = decode_json(str(path), read_text(path, "data file"))
     if isinstance(value, Bad):
         raise DataError(value.message)
     if not isinstance(value, list):

@@ -61,6 +61,15 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _streamed(run: Run) -> dict | None:
+    """What the start event says of a streamed run's data."""
+    if run.task.records is None:
+        return None
+    index = run.task.records.index
+    return {"records": len(index), "files": len(index.files), "bytes": index.nbytes,
+            "index_bytes": index.memory, "index_seconds": index.seconds}
+
+
 def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None,
           out: str | Path | None = None, resume: str | Path | None = None, registry=None,
           on_event: Callable[[dict], None] | None = None,
@@ -117,11 +126,12 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
     log = MetricsLog(cfg.log if rank0 else None,
                      resume_step=run.step if run.resume_folder else None)
     emit({"type": "start", "step": run.step, "total_steps": run.total_steps,
-          "examples": len(run.train_items), "eval_examples": len(run.eval_items),
+          "examples": run.examples, "eval_examples": len(run.eval_items),
           "dropped": run.dropped, "max_length": run.max_length,
           "truncated": run.counts.truncated, "scored_tokens": run.counts.scored_tokens,
           "skipped_bad": run.task.skipped,
           "packed_rows": len(run.rows) if run.rows is not None else None,
+          "streamed": _streamed(run), "packing": run.cfg.packing,
           "trainable": sum(p.numel() for p in run.params),
           "checkpointing": run.checkpointing, "resumed_from": run.resume_folder,
           "labels": list(run.task.labels.names) if run.task.classify else None})
@@ -160,7 +170,13 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
                 emit(ev)
             if out is not None:
                 run.save_adapter(out)  # rank 0 writes; under FSDP all gather first
+        if run.task.records is not None:  # what the stream read, counted as it went
+            c = run.batches.counts
+            emit({"type": "data", "records": c.records, "truncated": c.truncated,
+                  "dropped": c.dropped, "skipped_bad": c.skipped_bad,
+                  "scored_tokens": c.scored_tokens})
     finally:
+        run.close()
         log.close()
     return TrainResult(step=run.step, total_steps=run.total_steps,
                        train_loss=losses[-1] if losses else None, eval_loss=eval_loss,

@@ -23,7 +23,7 @@ from peftspec.core.modelinfo import context_length
 from peftspec.core.registry import registry_or_default
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.data import examples as data
-from peftspec.data import packing
+from peftspec.data import packing, stream
 from peftspec.data.encoding import Counts, encode_lm
 from peftspec.formats.adapter_file import file_tensors, load_adapter, save_adapter
 from peftspec.models.tokenizer import tokenizer_for
@@ -79,16 +79,9 @@ class Run:
             if cfg.gradient_checkpointing else None
         self.forward = self.world.prepare(self.model)  # DDP / FSDP under torchrun
         self._build_optimizer()
-        if cfg.packing:  # rows of whole examples, made once from the seed: peftspec.data.packing
-            self.rows = packing.pack(self.train_items, self.max_length, cfg.seed)
-            self.batches = data.Batches(self.rows, cfg.batch_size, self.tok.pad_id, cfg.seed,
-                                        collate=packing.collate_packed)
-        else:
-            self.rows = None
-            self.batches = data.Batches(self.train_items, cfg.batch_size, self.tok.pad_id,
-                                        cfg.seed)
-        per_step = -(-self.batches.per_epoch // cfg.grad_accum)
-        self.total_steps = cfg.steps or cfg.epochs * per_step
+        self.batches = self._batches()
+        self.total_steps = cfg.steps or \
+            cfg.epochs * -(-self.batches.per_epoch // cfg.grad_accum)
         self.step, self.tokens = 0, 0
         # what the methods do beyond their forward (AdaLoRA): peftspec.train.hooks
         self.hooks = hooks.training_hooks(self.model, self.total_steps)
@@ -97,6 +90,37 @@ class Run:
             for h in self.hooks:
                 h.resume(self.step)
         self.world.seed_dropout(cfg.seed, self.step)
+
+    def _batches(self):
+        """The training batches: from the encoded items, packed or not, or
+        streamed from the indexed records (peftspec.data.stream)."""
+        cfg, pad = self.cfg, self.tok.pad_id
+        self.rows = None
+        if self.task.records is not None:
+            encode = stream.encoder(self.tok, self.max_length, loss_on=cfg.loss_on,
+                                    truncation=cfg.truncation)
+            return stream.StreamBatches(
+                self.task.records, self.stream_numbers, encode, batch_size=cfg.batch_size,
+                pad_id=pad, seed=cfg.seed, packing=cfg.packing, max_length=self.max_length,
+                collate=packing.collate_packed if cfg.packing else data.collate)
+        if cfg.packing:  # rows of whole examples, made once from the seed: peftspec.data.packing
+            self.rows = packing.pack(self.train_items, self.max_length, cfg.seed)
+            return data.Batches(self.rows, cfg.batch_size, pad, cfg.seed,
+                                collate=packing.collate_packed)
+        return data.Batches(self.train_items, cfg.batch_size, pad, cfg.seed)
+
+    def close(self) -> None:
+        """Stop what runs beside the steps (a streamed run's data worker)."""
+        close = getattr(self, "batches", None) and getattr(self.batches, "close", None)
+        if close:
+            close()
+
+    @property
+    def examples(self) -> int:
+        """The training examples (a streamed run: the records that train)."""
+        if self.task.records is not None:
+            return self.batches.n
+        return len(self.train_items)
 
     def _check_packing(self, spec) -> None:
         """Packing needs a causal LM that keeps packed examples apart, and no
@@ -119,10 +143,24 @@ class Run:
 
         device = next(self.model.parameters()).device
         report = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank0 else None
+        def items():  # a streamed run: the first window of its order
+            if self.task.records is None:
+                return self.train_items
+            return self._stream_sample()
+
         init_from_data(self.model, hooks.Reiterable(lambda: (
             {k: v.to(device) for k, v in b.items()}
-            for b in data.eval_batches(self.train_items, self.cfg.batch_size,
+            for b in data.eval_batches(items(), self.cfg.batch_size,
                                        self.tok.pad_id))), report)
+
+    def _stream_sample(self) -> list:
+        cfg = self.cfg
+        batches = stream.StreamBatches(
+            self.task.records, self.stream_numbers,
+            stream.encoder(self.tok, self.max_length, loss_on=cfg.loss_on,
+                           truncation=cfg.truncation),
+            batch_size=cfg.batch_size, pad_id=self.tok.pad_id, seed=cfg.seed, collate=data.collate)
+        return batches.sample(stream.WINDOW)
 
     def _read_data(self) -> None:
         cfg = self.cfg
@@ -134,6 +172,10 @@ class Run:
         if cfg.chat_template:
             self.tok.use_chat_template(data.read_text(Path(cfg.chat_template), "chat template"))
         self.counts = Counts()
+        self.stream_numbers = None
+        if self.task.records is not None:
+            self._read_stream()
+            return
         items = self._encode(self.task.train)
         if not items:
             raise data.DataError(f"{self.task.source}: no example has a token to learn from" +
@@ -144,6 +186,30 @@ class Run:
             self.train_items, self.eval_items = data.split(items, cfg.eval_split, cfg.seed)
         self.dropped = self.counts.dropped
         self.data_digest = data.file_digest(cfg.data)
+
+    def _read_stream(self) -> None:
+        """A streamed run reads its training records as it goes: here only the
+        eval set is encoded (an eval file, or the records an eval split holds
+        out, chosen as :func:`peftspec.data.examples.split` chooses)."""
+        cfg, records = self.cfg, self.task.records
+        self.train_items = None
+        n = len(records.index)
+        if cfg.eval:
+            self.eval_items = self._encode(self.task.eval)
+        elif cfg.eval_split > 0:
+            self.stream_numbers, held = stream.split_numbers(n, cfg.eval_split, cfg.seed)
+            encode = stream.encoder(self.tok, self.max_length, loss_on=cfg.loss_on,
+                                    truncation=cfg.truncation)
+            self.eval_items = []
+            for number in held:
+                ex = records.example(number, self.counts)
+                item = encode(ex, self.counts) if ex is not None else None
+                if item is not None:
+                    self.eval_items.append(item)
+        else:
+            self.eval_items = []
+        self.dropped = self.counts.dropped
+        self.data_digest = records.index.digest
 
     def _encode(self, examples) -> list:
         cfg = self.cfg
@@ -279,7 +345,7 @@ class Run:
             raise PeftspecError(f"the loss is {loss} at step {self.step}; lower --lr or "
                                 "raise --clip")
         dt = time.perf_counter() - t0
-        epoch = self.batches.epoch + self.batches.index / self.batches.per_epoch
+        epoch = self.batches.epoch_progress
         record = {"type": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss,
                   "lr": lr, "grad_norm": norm, "tokens": self.tokens,
                   "tokens_per_s": tokens / dt if dt > 0 else 0.0,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from peftspec.core.errors import PeftspecError
 from peftspec.core.untrusted import BadText, json_loads
 from peftspec.data import examples as data
-from peftspec.data import reading
+from peftspec.data import reading, stream
+from peftspec.data.index import RecordIndex
 from peftspec.models import native
 from peftspec.formats.adapter_file import read_metadata
 from peftspec.train.resume import CheckpointError
@@ -55,6 +56,8 @@ class Task:
     labels: data.Labels | None
     source: str
     skipped: int = 0  # malformed records left out (skip_bad_records)
+    # a streamed run's records (peftspec.data.stream): ``train`` is then empty
+    records: stream.Records | None = None
 
     @property
     def classify(self) -> bool:
@@ -73,22 +76,45 @@ def read(cfg) -> Task:
         raise data.DataError("no training data: give --data FILE (or 'data' in the spec's "
                              "[train_config])")
     source = _shown_data(cfg.data)
-    read_train = reading.read(cfg.data, skip_bad=cfg.skip_bad_records)
-    train = read_train.examples
-    labels = data.Labels.of(train, source) if train[0].label is not None else None
+    records, first = _streamed(cfg)
+    if records is not None:
+        train, labels, skipped = [], None, 0
+    else:
+        read_train = reading.read(cfg.data, skip_bad=cfg.skip_bad_records)
+        train, skipped = read_train.examples, read_train.skipped
+        first = train[0]
+        labels = data.Labels.of(train, source) if first.label is not None else None
     read_eval = reading.read(cfg.eval, skip_bad=cfg.skip_bad_records) if cfg.eval else None
     evals = read_eval.examples if read_eval else None
     if evals is not None:
-        first = evals[0]
-        if (first.label is not None) != (labels is not None):
+        if (evals[0].label is not None) != (labels is not None):
             raise data.DataError(
-                f"{first.where}: the eval data is {first.kind} records, the training data "
-                f"({source}) {train[0].kind} records; evaluate on the same kind")
+                f"{evals[0].where}: the eval data is {evals[0].kind} records, the training "
+                f"data ({source}) {first.kind} records; evaluate on the same kind")
         if labels is not None:
             for ex in evals:
                 labels.id(ex.label, ex.where)  # an unseen label is an error here
     return Task(train=train, eval=evals, labels=labels, source=source,
-                skipped=read_train.skipped + (read_eval.skipped if read_eval else 0))
+                skipped=skipped + (read_eval.skipped if read_eval else 0), records=records)
+
+
+def _streamed(cfg) -> tuple[stream.Records | None, data.Example | None]:
+    """The indexed records of a streamed run (``streaming``), and the first of
+    them; ``(None, None)`` to read the data whole. Classification data is read
+    whole: its labels come from every record."""
+    paths = stream.wanted(cfg.data, cfg.streaming)
+    if paths is None:
+        return None, None
+    records = stream.Records(RecordIndex.build(paths), skip_bad=cfg.skip_bad_records)
+    first = records.first()
+    if first.label is None:
+        return records, first
+    if cfg.streaming == "on":
+        raise data.DataError(f"{first.where}: a classification record; streaming is for "
+                             "language modelling (a classifier's labels are read from every "
+                             "record first): train with streaming = \"off\"")
+    records.index.close()
+    return None, None
 
 
 def _shown_data(value) -> str:
