@@ -195,17 +195,29 @@ def test_a_dropped_record_is_replaced_by_the_next(tmp_path):
     assert b.counts.records - b.counts.dropped == 6  # each dropped record replaced
 
 
-def test_a_bad_record_stops_the_stream_naming_file_and_line(tmp_path):
+def test_bad_records_are_all_found_before_training(tmp_path):
     path = _write(tmp_path / "d.jsonl", 6)
     text = path.read_text().splitlines()
     text[3] = '{"txt": "typo"}'
+    text[5] = '{"text": 1'
     path.write_text("\n".join(text) + "\n")
-    b = _batches(_records(path), bs=6)
-    with pytest.raises(data.DataError, match=rf"(?s){path}:4: .*txt.*data inspect"):
-        b.next()
-    skip = _batches(_records(path, skip_bad=True), bs=5)
-    assert skip.next()["input_ids"].shape[0] == 5 and skip.counts.skipped_bad == 1
+    with pytest.raises(data.DataError, match=rf"(?s)2 bad record.*{path}:4: .*txt.*{path}:6: "
+                                             "not valid JSON"):
+        _records(path).check()
+    records = _records(path, skip_bad=True)
+    assert records.check() == 2
+    skip = _batches(records, bs=4)
+    assert skip.next()["input_ids"].shape[0] == 4
     skip.close()
+    assert skip.counts.skipped_bad >= 1
+
+
+def test_mixed_kinds_are_refused_by_the_check(tmp_path):
+    path = _write(tmp_path / "d.jsonl", 3)
+    with path.open("a") as f:
+        f.write('{"text": "x", "label": 1}\n')
+    with pytest.raises(data.DataError, match=rf"{path}:4: classification record"):
+        _records(path).check()
 
 
 def test_when_to_stream(tmp_path, monkeypatch):
@@ -285,15 +297,20 @@ def test_cli_streams_and_reports_what_it_read(tmp_path):
     assert (tmp_path / "o.safetensors").is_file()
 
 
-def test_cli_bad_record_mid_stream_is_exit_2_and_writes_nothing(tmp_path):
+def test_cli_bad_record_is_exit_2_before_training_and_writes_nothing(tmp_path):
     path = _write(tmp_path / "d.jsonl", 30)
     with path.open("a") as f:
         f.write('{"messages": [{"role": "user"}]}\n')
     spec_path = tmp_path / "s.toml"
     spec_path.write_text(LORA)
     out = tmp_path / "o.safetensors"
-    res = CliRunner().invoke(cli, ["train", str(spec_path), "--data", str(path),
-                                   "--streaming", "on", "--epochs", "1", "--batch-size", "4",
-                                   "--max-length", "48", "--out", str(out)])
+    args = ["train", str(spec_path), "--data", str(path), "--streaming", "on", "--epochs", "1",
+            "--batch-size", "4", "--max-length", "48", "--out", str(out)]
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
-    assert f"{path}:31" in " ".join(res.output.split()) and not out.exists()
+    flat = " ".join(res.output.split())
+    assert f"{path}:31" in flat and "nothing was trained on" in flat and not out.exists()
+    assert "training" not in res.output.split("error")[0]
+    res = CliRunner().invoke(cli, args + ["--skip-bad-records"])
+    assert res.exit_code == 0, res.output
+    assert "1 bad records skipped" in " ".join(res.output.split()) and out.is_file()

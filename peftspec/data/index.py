@@ -126,6 +126,15 @@ class RecordIndex:
                 self._fds[k] = fd
             return fd
 
+    def number_of(self, file: int, line: int) -> int:
+        """The record number of line ``line`` (from 1) of file ``file``."""
+        f = self.files[file]
+        i = int(torch.searchsorted(f.lines, torch.tensor([line], dtype=torch.int32)))
+        if i >= len(f) or int(f.lines[i]) != line:
+            raise DataError(f"{f.path}:{line}: not a record of the index (the file changed "
+                            "since it was indexed?)")
+        return self._first[file] + i
+
     def record(self, number: int) -> tuple[str, object]:
         """``(where, value)`` of record ``number``: its JSON value, a
         :class:`~peftspec.data.readers.Bad` if it is not JSON, or None for a

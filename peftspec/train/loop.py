@@ -67,7 +67,8 @@ def _streamed(run: Run) -> dict | None:
         return None
     index = run.task.records.index
     return {"records": len(index), "files": len(index.files), "bytes": index.nbytes,
-            "index_bytes": index.memory, "index_seconds": index.seconds}
+            "index_bytes": index.memory, "index_seconds": index.seconds,
+            "check_seconds": run.task.records.checked_seconds}
 
 
 def train(spec, cfg: TrainConfig, *, model_source: str | None = None, model=None,

@@ -78,7 +78,7 @@ def read(cfg) -> Task:
     source = _shown_data(cfg.data)
     records, first = _streamed(cfg)
     if records is not None:
-        train, labels, skipped = [], None, 0
+        train, labels, skipped = [], None, len(records.bad)
     else:
         read_train = reading.read(cfg.data, skip_bad=cfg.skip_bad_records)
         train, skipped = read_train.examples, read_train.skipped
@@ -106,6 +106,7 @@ def _streamed(cfg) -> tuple[stream.Records | None, data.Example | None]:
     if paths is None:
         return None, None
     records = stream.Records(RecordIndex.build(paths), skip_bad=cfg.skip_bad_records)
+    records.check()  # every record parsed: the bad ones reported before training
     first = records.first()
     if first.label is None:
         return records, first
