@@ -195,6 +195,16 @@ def test_a_dropped_record_is_replaced_by_the_next(tmp_path):
     assert b.counts.records - b.counts.dropped == 6  # each dropped record replaced
 
 
+def test_a_stream_with_nothing_to_learn_is_an_error_not_a_hang(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "x" * 200}) + "\n" for _ in range(5)))
+    enc = stream.encoder(ByteTokenizer(), 32, loss_on="assistant", truncation="drop")
+    b = stream.StreamBatches(_records(path), None, enc, batch_size=2, pad_id=0, seed=0,
+                             collate=data.collate)
+    with pytest.raises(data.DataError, match="no example has a token to learn from.*5 records"):
+        b.next()
+
+
 def test_bad_records_are_all_found_before_training(tmp_path):
     path = _write(tmp_path / "d.jsonl", 6)
     text = path.read_text().splitlines()

@@ -244,8 +244,10 @@ class StreamBatches:
 
     def _produce(self, epoch: int, cursor: int, done: int) -> Iterator:
         """``(batch, position after it, counts of what it read)``, forever."""
+        start_of_epoch = cursor == 0 and done == 0
         pending = Counts(lengths=None)
         while True:
+            yielded = False
             perm = self._perm(epoch)
             while cursor < self.n:
                 if self.packing:
@@ -258,7 +260,7 @@ class StreamBatches:
                             if k + 1 < len(groups) else {"epoch": epoch, "cursor": end,
                                                          "batch": 0}
                         yield self.collate(groups[k], self.pad_id), after, pending
-                        pending = Counts(lengths=None)
+                        pending, yielded = Counts(lengths=None), True
                     cursor, done = end, 0
                     continue
                 items = []
@@ -270,8 +272,14 @@ class StreamBatches:
                 if items:
                     yield (self.collate(items, self.pad_id),
                            {"epoch": epoch, "cursor": cursor, "batch": 0}, pending)
-                    pending = Counts(lengths=None)
-            epoch, cursor, done = epoch + 1, 0, 0
+                    pending, yielded = Counts(lengths=None), True
+            if not yielded and start_of_epoch:  # a whole epoch, and not one example
+                raise DataError(f"{', '.join(str(f.path) for f in self.records.index.files)}: "
+                                "no example has a token to learn from within max_length "
+                                f"(of {pending.records} records read, {pending.dropped} "
+                                "dropped by truncation, "
+                                f"{pending.skipped_bad} bad ones skipped)")
+            epoch, cursor, done, start_of_epoch = epoch + 1, 0, 0, True
 
     # -- the worker ----------------------------------------------------------
     def _work(self, start: dict, q: queue.Queue, stop: threading.Event) -> None:
