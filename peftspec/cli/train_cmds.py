@@ -57,7 +57,7 @@ def _print_streamed(e: dict, resumed: str) -> None:
               f"for {e['total_steps']} steps ({e['eval_examples']} for eval, max "
               f"{e['max_length']} tokens{', packed' if e.get('packing') else ''}"
               f"{escape(resumed)}); records are tokenized as training reads them, and "
-              "what truncation and bad records cost is counted at the end")
+              "what truncation costs is counted at the end")
 
 
 def _options(f):

@@ -11,8 +11,9 @@ before). :meth:`RecordIndex.record` then reads one line with ``os.pread``
 from (``FILE:LINE``). A line that is empty is not a record; one that is only
 whitespace reads as ``None``.
 
-Only JSON Lines can be indexed this way (one record a line). A record is not
-parsed until it is read: a bad one is found when training reaches it.
+Only JSON Lines can be indexed this way (one record a line). The index does
+not parse records; :meth:`peftspec.data.stream.Records.check` parses each
+once before training.
 """
 
 from __future__ import annotations

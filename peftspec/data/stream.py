@@ -97,13 +97,14 @@ class Records:
         self.problems: list[str] = []  # the first few bad records skipped
         self.bad: set[int] = set()     # the numbers of bad records (check, skip_bad)
         self.checked_seconds = 0.0
+        self.first: Example | None = None  # the first good record (what decides the task)
 
     def check(self) -> int:
         """Parse every record once, without tokenizing (about 37 MB/s here):
         the bad ones are reported before anything trains, the first
         :data:`~peftspec.data.reading.SHOWN` with the total, exactly as a whole
         read reports them; under ``skip_bad`` they are remembered and left out.
-        Returns how many were bad."""
+        Returns how many were bad; :attr:`first` is then the first good record."""
         t0 = time.perf_counter()
         first = None
         for k, f in enumerate(self.index.files):
@@ -124,6 +125,7 @@ class Records:
                                     f"{first.kind} record; the data holds classification "
                                     "records or language modelling records, not both")
         self.checked_seconds = time.perf_counter() - t0
+        self.first = first
         bad = len(self.bad)
         if bad and not self.skip_bad:
             more = f"\n  ... and {bad - len(self.problems)} more" if bad > len(self.problems) \
@@ -155,18 +157,9 @@ class Records:
                 raise
             if counts is not None:
                 counts.skipped_bad += 1
-            if len(self.problems) < 20:
+            if len(self.problems) < SHOWN:
                 self.problems.append(str(exc))
             return None
-
-    def first(self) -> Example:
-        """The first good record (what decides the task)."""
-        for number in range(len(self.index)):
-            ex = self.example(number)
-            if ex is not None:
-                return ex
-        raise DataError(f"{', '.join(str(f.path) for f in self.index.files)}: no examples "
-                        "in the data")
 
 
 Encode = Callable[[Example, Counts], "tuple[list[int], list[int]] | None"]

@@ -107,7 +107,7 @@ def _streamed(cfg) -> tuple[stream.Records | None, data.Example | None]:
         return None, None
     records = stream.Records(RecordIndex.build(paths), skip_bad=cfg.skip_bad_records)
     records.check()  # every record parsed: the bad ones reported before training
-    first = records.first()
+    first = records.first
     if first.label is None:
         return records, first
     if cfg.streaming == "on":
