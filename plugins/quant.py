@@ -117,7 +117,9 @@ def _nf4_dequantize(stored, meta, out):
     dtype = meta["dtype"]
     codes = stored["codes"]
     bs = meta["block_size"]
-    table = _pair_table(dtype, str(codes.device))
+    # traced (torch.compile): made in the trace, not a cached tensor from outside it
+    table = _pair_table.__wrapped__(dtype, str(codes.device)) \
+        if torch.compiler.is_compiling() else _pair_table(dtype, str(codes.device))
     scalers = _nf4_scalers(stored, meta, dtype)
     if out.dtype == dtype:
         flat = out.view(-1, 2)
@@ -272,9 +274,23 @@ def _bf16_dequantize(stored, meta, out):
     return out.copy_(stored["values"])
 
 
-BF16_CODEC = Codec("bf16", _bf16_dequantize,
-                   lambda stored, meta, r0, r1, out: out.copy_(stored["values"][r0:r1]),
-                   lookup=lambda stored, meta, index, dtype: stored["values"][index].to(dtype))
+def _bf16_rows(stored, meta, r0, r1, out):
+    return out.copy_(stored["values"][r0:r1])
+
+
+def _bf16_lookup(stored, meta, index, dtype):
+    return stored["values"][index].to(dtype)
+
+
+def _bf16_dense(stored, meta, dtype):
+    """Under bf16 compute the stored values are the weight: read in place."""
+    return stored["values"] if dtype == torch.bfloat16 else None
+
+
+# named functions, not lambdas: a codec travels in __tensor_flatten__'s context,
+# which torch.compile's graph cache pickles
+BF16_CODEC = Codec("bf16", _bf16_dequantize, _bf16_rows, lookup=_bf16_lookup,
+                   dense=_bf16_dense)
 
 
 class BF16(FreezeMethod):

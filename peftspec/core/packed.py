@@ -33,10 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftspec.core.errors import PeftspecError
+# which modules are frozen how (re-exported: their home before the split)
+from peftspec.core.freeze_state import (STATE_ATTR, FrozenEntry, frozen_modules,  # noqa: F401
+                                        frozen_state, storage_options)
 
 aten = torch.ops.aten
 
-STATE_ATTR = "_peftspec_frozen"
+#: the attribute prefix of a PackedWeight's inner tensors (see __tensor_flatten__)
+INNER = "_stored_"
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class Codec:
     #: ``dequantize``; a codec that has it can store an ``nn.Embedding``'s weight
     #: (``F.embedding`` on it reads only the rows looked up)
     lookup: Callable | None = None
+    #: optional ``dense(stored, meta, dtype)``: the stored tensor itself where it *is*
+    #: the dense weight in ``dtype`` (bf16's values under bf16 compute), else None;
+    #: the matmul then reads it in place: no copy, no cast (:class:`_FrozenLinear`)
+    dense: Callable | None = None
 
 
 class PackedWeight(torch.Tensor):
@@ -82,6 +90,8 @@ class PackedWeight(torch.Tensor):
                                                 device=first.device,
                                                 requires_grad=requires_grad)
         t.stored, t.meta, t.codec = dict(stored), dict(meta), codec
+        for name, inner in t.stored.items():  # __tensor_flatten__'s keys are attributes
+            setattr(t, INNER + name, inner)
         return t
 
     def __init__(self, *args, **kwargs):  # everything happened in __new__
@@ -92,12 +102,16 @@ class PackedWeight(torch.Tensor):
                 f"dtype={self.dtype}, stored={stored_bytes(self)} bytes)")
 
     def __tensor_flatten__(self):
-        return list(self.stored), (self.meta, self.codec, self.dtype)
+        # torch's wrapper-subclass protocol (torch.compile, FSDP2, pytree): the names
+        # of the inner tensors, each an attribute (``getattr(t, name)``); prefixed,
+        # since a codec's own names may be Tensor's (bf16's "values")
+        return [INNER + k for k in self.stored], (self.meta, self.codec, self.dtype)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         meta, codec, dtype = ctx
-        return PackedWeight(inner, meta, codec, outer_size, dtype)
+        stored = {k[len(INNER):] if k.startswith(INNER) else k: v for k, v in inner.items()}
+        return PackedWeight(stored, meta, codec, outer_size, dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new dense tensor (the original dtype unless ``dtype``)."""
@@ -255,6 +269,10 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.weight = weight  # the packed tensor: no float copy is saved
+        ctx.view = _dense_view(weight, x)
+        if ctx.view is not None:  # the stored tensor is the weight in the compute dtype
+            ctx.x_dtype = x.dtype
+            return F.linear(x.to(ctx.view.dtype), ctx.view)
         rows = _row_chunk(weight)
         if rows is None:
             return F.linear(x, _scratch_dense(weight, x.dtype))
@@ -275,6 +293,8 @@ class _FrozenLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         weight = ctx.weight
+        if ctx.view is not None:
+            return (grad.to(ctx.view.dtype) @ ctx.view).to(ctx.x_dtype), None
         rows = _row_chunk(weight)
         if rows is None:
             return grad @ _scratch_dense(weight, grad.dtype), None
@@ -287,6 +307,17 @@ class _FrozenLinear(torch.autograd.Function):
         return gx.view(*grad.shape[:-1], n_in), None
 
 
+def _dense_view(weight: PackedWeight, x: torch.Tensor) -> torch.Tensor | None:
+    """The codec's stored tensor that is the dense weight in ``x``'s compute dtype
+    (autocast's, where it is on), or None."""
+    if weight.codec.dense is None or not x.is_floating_point():
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return weight.codec.dense(weight.stored, weight.meta, dtype)
+
+
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``F.linear(x, weight, bias)``, through :class:`_FrozenLinear` when ``weight``
     is packed (exactly ``F.linear`` otherwise, bit for bit)."""
@@ -295,7 +326,10 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.requires_grad:
         raise PeftspecError(f"a {weight.codec.name}-frozen weight cannot be trained; "
                             "train an adapter beside it")
-    out = _FrozenLinear.apply(x, weight)
+    if torch.compiler.is_compiling():  # traced: the dense weight, for the compiler to fuse
+        out = F.linear(x, weight.dequantize(x.dtype))
+    else:
+        out = _FrozenLinear.apply(x, weight)
     if bias is not None:
         out = out + bias
     return out
@@ -322,28 +356,6 @@ def frozen_embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx=None
         raise PeftspecError(f"a {codec.name}-frozen weight cannot be trained; "
                             "train an adapter beside it")
     return codec.lookup(weight.stored, weight.meta, input, weight.dtype)
-
-
-# --- the model-level state: which modules are frozen how ------------------------------
-
-@dataclass(frozen=True)
-class FrozenEntry:
-    """One frozen module: the method and options it was frozen with."""
-
-    method: str
-    options: str   # repr of the options, to compare rules of two adapters
-    rule: str
-    original_bytes: int
-    stored_bytes: int
-
-
-def frozen_state(model: nn.Module) -> dict[str, FrozenEntry]:
-    """Path -> :class:`FrozenEntry` of every module frozen on ``model`` (live dict)."""
-    return model.__dict__.setdefault(STATE_ATTR, {})
-
-
-def frozen_modules(model: nn.Module) -> dict[str, FrozenEntry]:
-    return dict(model.__dict__.get(STATE_ATTR, {}))
 
 
 def install_weight(module: nn.Module, value: torch.Tensor, name: str = "weight") -> None:
@@ -381,14 +393,3 @@ def packed_parameters(model: nn.Module) -> dict[str, PackedWeight]:
 __all__ = ["Codec", "FrozenEntry", "PackedWeight", "dequantized", "frozen_linear",
            "frozen_modules", "install_weight", "is_packed", "packed_parameters",
            "release_scratch", "storage_options", "stored_bytes", "stored_tensors", "thaw"]
-
-
-def storage_options(options: Any) -> str:
-    """A freeze rule's storage options as text (``block_size=64, ...``): what must
-    agree for two adapters to share one frozen module. Selectors do not count."""
-    import dataclasses
-
-    if not dataclasses.is_dataclass(options):
-        return ""
-    return ", ".join(f"{f.name}={getattr(options, f.name)!r}"
-                     for f in dataclasses.fields(options) if "selector" not in f.metadata)
