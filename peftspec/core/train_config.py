@@ -68,6 +68,11 @@ OPTIONS: dict[str, Opt] = {
     "gradient_checkpointing": Opt(bool, False, "recompute activations in backward"),
     "precision": Opt(str, "fp32", "fp32, or bf16 autocast (weights stay as loaded)",
                      choices=("fp32", "bf16")),
+    "fused_loss": Opt(bool, True, "a causal LM's head and cross-entropy only at the scored "
+                                  "positions, a chunk at a time (false: the model's own loss "
+                                  "over every position; the same value either way)"),
+    "threads": Opt(int, 0, "CPU threads for torch's kernels (0: the cores this process may "
+                           "use, or PEFTSPEC_THREADS)", 0),
     "save_every": Opt(int, 0, "write a checkpoint every N optimizer steps (0: never)", 0),
     "checkpoint_dir": Opt(str, None, "folder for checkpoints (default: OUT with "
                                      "'.checkpoints' for its suffix)"),
@@ -134,6 +139,8 @@ class TrainConfig:
     max_length: int = 128
     gradient_checkpointing: bool = False
     precision: str = "fp32"
+    fused_loss: bool = True
+    threads: int = 0
     save_every: int = 0
     checkpoint_dir: str | None = None
     log: str | None = None

@@ -20,6 +20,7 @@ import torch
 from peftspec.core.errors import PeftspecError
 from peftspec.core.facade import apply, trainable_parameters
 from peftspec.core.modelinfo import context_length
+from peftspec.core import threads
 from peftspec.core.registry import registry_or_default
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.data import examples as data
@@ -28,20 +29,11 @@ from peftspec.data.encoding import Counts, encode_lm
 from peftspec.formats.adapter_file import file_tensors, load_adapter, save_adapter
 from peftspec.models.tokenizer import tokenizer_for
 from peftspec.train import distributed, hooks, optim, tasks
+from peftspec.train.scored import ScoredLoss, loss_of
 from peftspec.train import grad_checkpoint as checkpointing
 from peftspec.train import resume as ckpt
 from peftspec.train.hooks import init_from_data
 from peftspec.train.schedule import lr_at
-
-
-def _loss_of(output) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if loss is None:
-        raise PeftspecError("the model returned no loss for input_ids + labels; train needs "
-                            "a causal LM that computes its loss from labels")
-    return loss
 
 
 class Run:
@@ -51,6 +43,7 @@ class Run:
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None, force: bool = False):
         self.cfg, self.rank0 = cfg, rank0
+        self.threads = threads.use(cfg.threads or None)  # peftspec.core.threads
         self.world = world or distributed.World()
         self.world.check_batch_size(cfg.batch_size)
         self.registry = registry_or_default(registry)
@@ -234,6 +227,9 @@ class Run:
         self.optimizer = torch.optim.AdamW(optim.param_groups(self.model, params, self.cfg),
                                            lr=self.cfg.lr)
         self.params = list(params.values())
+        # the head and cross-entropy at scored positions only (peftspec.train.scored)
+        self.scored = ScoredLoss(self.model, self.params) \
+            if self.cfg.fused_loss and not self.task.classify and not self.world.fsdp else None
 
     def schedule(self) -> dict:
         c = self.cfg
@@ -323,8 +319,9 @@ class Run:
             batch = {k: v.to(device) for k, v in part.items()}
             with world.no_sync(self.forward, last=i == self.cfg.grad_accum - 1):
                 with self._autocast():
-                    output = self.forward(**batch)
-                    loss = _loss_of(output)
+                    output = self.scored.loss(self.forward, batch) if self.scored else \
+                        self.forward(**batch)
+                    loss = loss_of(output)
                     extra = hooks.extra_loss(self.hooks)
                 share = world.share(batch, full, output, n)
                 objective = loss * (share * world.size)
@@ -372,10 +369,11 @@ class Run:
                 part, n_part, n = self.world.shard(batch)  # this process's rows
                 part = {k: v.to(self.params[0].device) for k, v in part.items()}
                 with self._autocast():
-                    output = self.model(**part)
+                    output = self.scored.loss(self.model, part) \
+                        if self.scored and self.scored.checked else self.model(**part)
                     # the batch's mean loss is the processes' shares of it, summed
                     share = self.world.share(part, batch, output, n_part)
-                    total += float(_loss_of(output)) * share * n
+                    total += float(loss_of(output)) * share * n
                 count += n
         finally:
             self.model.train()
