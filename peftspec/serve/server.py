@@ -8,6 +8,7 @@ engine stops and :func:`serve` returns (the command exits 0).
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +71,21 @@ def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 8000,
     app = build_app(loaded.engine, loaded.base_name, limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(grace), lifespan="off")
+    engine = loaded.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            with engine.lock:  # /health says so; a request that slips in gets 503
+                engine.accepting = False
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                # uvicorn re-raises the signal after its graceful shutdown (the
+                # process then dies of SIGTERM); a drained server exits 0 instead
+                captured.pop()
+
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         loaded.engine.drain(timeout=grace)
         loaded.engine.close()
