@@ -99,3 +99,34 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_chat_model):
     last = json.loads(events[-2])
     assert last["choices"][0]["finish_reason"] in ("length", "stop")
     assert len(events) > 20  # the whole answer came, not a cut stream
+
+
+def test_merge_serves_one_adapter_at_the_base_speed_with_its_answers(tiny_chat_model, tmp_path):
+    pytest.importorskip("starlette")
+    import peftspec
+    from peftspec.core.errors import PeftspecError
+    from peftspec.core.patching import is_patched
+    from peftspec.generate import generate, load
+    from peftspec.serve.engine import Request
+    from peftspec.serve.server import start
+    from serve_helpers import LORA, make_adapter
+
+    reg = peftspec.build_registry()
+    source = f"hf:{tiny_chat_model}"
+    path = make_adapter(source, LORA, tmp_path / "town.safetensors", 1, reg)
+    session = load(source, [path], registry=reg)
+    want = generate(session.model, session.tokenizer, ["Hi"], adapters=["town"],
+                    max_new_tokens=8)[0]
+    with pytest.raises(PeftspecError, match="exactly one --adapter"):
+        start(source, {}, registry=reg, merge=True)
+    loaded = start(source, {"town": path}, registry=reg, merge=True)
+    try:
+        assert loaded.base_name == "town" and not is_patched(loaded.engine.model)
+        done = threading.Event()
+        ids = session.tokenizer.encode_chat("Hi")
+        req = Request(ids, None, 8, on_text=lambda d: None, on_done=lambda r, e: done.set())
+        loaded.engine.submit(req)
+        assert done.wait(30)
+        assert tuple(req.ids) == want.ids
+    finally:
+        loaded.engine.close()

@@ -43,10 +43,13 @@ def _adapter(ctx, param, values):
               show_default=True, help="the most max_tokens a request may ask for")
 @click.option("--max-body", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="the largest request body, in bytes (larger: 413)")
+@click.option("--merge", is_flag=True,
+              help="one --adapter merged into the base once: served under its name at the "
+                   "base's speed (the base itself and run-time loading are then not served)")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="seconds SIGTERM waits for the requests in flight")
 def serve(model_source, adapters, adapter_dir, host, port, api_key, served_model_name,
-          max_batch, max_queue, max_tokens_cap, max_body, grace):
+          max_batch, max_queue, max_tokens_cap, max_body, merge, grace):
     """Serve the base model and adapters with an OpenAI-compatible API.
 
     \b
@@ -64,6 +67,7 @@ def serve(model_source, adapters, adapter_dir, host, port, api_key, served_model
     Examples:
       peftspec serve --model smollm2 --adapter town=town.safetensors
       peftspec serve --model smollm2 --adapter-dir adapters/ --api-key s3cret
+      peftspec serve --model smollm2 --adapter town=town.safetensors --merge
       curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "town", "messages": [{"role": "user", "content": "Hi"}]}'
     """
@@ -77,7 +81,8 @@ def serve(model_source, adapters, adapter_dir, host, port, api_key, served_model
     reg = registry()
     with err.status(f"loading model {model_source or 'default'}..."):
         loaded = start(model_source, adapters, adapter_dir, registry=reg, max_batch=max_batch,
-                       max_queue=max_queue, base_name=served_model_name)
+                       max_queue=max_queue, base_name=served_model_name,
+                       merge=merge)
     err.print(f"serving {loaded.base_name}"
               + (f" with {', '.join(adapters)}" if adapters else "")
               + f" on http://{host}:{port}/v1")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftspec.core.errors import PeftspecError
+from peftspec.core.patching import merge as merge_into_base
 from peftspec.core.registry import registry_or_default
 from peftspec.generate import is_transformers
 from peftspec.models.tokenizer import tokenizer_for
@@ -40,9 +41,14 @@ def stop_ids(tokenizer, model) -> set[int]:
 
 def start(source: str | None, adapters: dict[str, Path], adapter_dir: Path | None = None, *,
           registry=None, max_batch: int = 16, max_queue: int = 64,
-          model=None, tokenizer=None, base_name: str | None = None) -> Loaded:
+          model=None, tokenizer=None, base_name: str | None = None,
+          merge: bool = False) -> Loaded:
     """Load ``source`` (or take ``model``/``tokenizer``), each adapter by name, and
-    start the engine."""
+    start the engine.
+
+    ``merge``: one adapter, folded into the base weights once: the server then
+    serves that adapter alone (under its name) at the base model's speed, and
+    loads nothing at run time."""
     registry = registry_or_default(registry)
     if model is None:
         model = registry.load_model(source)
@@ -53,9 +59,17 @@ def start(source: str | None, adapters: dict[str, Path], adapter_dir: Path | Non
     model.eval()
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise PeftspecError(f"--adapter-dir {adapter_dir}: no such folder")
+    if merge and (len(adapters) != 1 or adapter_dir is not None):
+        raise PeftspecError("--merge serves one adapter merged into the base: give exactly "
+                            "one --adapter and no --adapter-dir")
     served = AdapterSet(model, registry, adapter_dir)
     for name, path in adapters.items():
         served.load(name, Path(path))
+    if merge:
+        (name,) = adapters
+        merge_into_base(model)
+        served.files.clear()
+        base_name = base_name or name
     engine = Engine(model, tokenizer, served, max_batch=max_batch, max_queue=max_queue,
                     metrics=Metrics(), stops=stop_ids(tokenizer, model))
     return Loaded(engine, base_name or source or "default")
