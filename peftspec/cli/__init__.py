@@ -3,7 +3,7 @@
 One module per command group (``spec_cmds``: check/plan/apply; ``train_cmds``:
 train/memory/report; ``interop``: export/import; ``merge_cmd``; ``plugins_cmd``:
 plugins/explain; ``schema_cmd``; ``generate_cmd``; ``combine_cmd``; ``compare_cmd``;
-``data_cmd``: data inspect; ``chat_cmd``),
+``data_cmd``: data inspect; ``chat_cmd``; ``serve_cmd``),
 the helpers they share in :mod:`peftspec.cli.common`. This module builds the
 group and imports the commands; commands never import it.
 
@@ -19,7 +19,7 @@ import click
 
 from peftspec.core.version import __version__
 from peftspec.cli import (chat_cmd, combine_cmd, compare_cmd, data_cmd, generate_cmd, interop,
-                          merge_cmd, plugins_cmd, schema_cmd, spec_cmds, train_cmds)
+                          merge_cmd, plugins_cmd, schema_cmd, serve_cmd, spec_cmds, train_cmds)
 from peftspec.cli.common import Group, err, show_notes
 from peftspec.core.registry import get_registry
 
@@ -52,6 +52,7 @@ cli.add_command(plugins_cmd.plugins, name="explain")  # `peftspec explain lora`
 cli.add_command(combine_cmd.combine)
 cli.add_command(data_cmd.data)
 cli.add_command(chat_cmd.chat)
+cli.add_command(serve_cmd.serve)
 
 
 def main(argv=None):
