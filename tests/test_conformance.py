@@ -228,3 +228,61 @@ def test_a_broken_plugin_fails_the_check_that_describes_it(method, rule_extra, c
 def test_the_well_behaved_vec_plugin_passes():
     report = check_method(plugin_of(VecMethod()), RULE)
     assert not report.failures and report.status("merge") == "passed"
+
+
+# issue 27, point 3: once a check fails, every later one runs or is skipped with
+# the reason; none crashes on state the failed one never set
+_LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj"]\n'
+
+
+@pytest.mark.parametrize("failing", ["count_params", "unchanged_at_apply", "frozen_base",
+                                     "modules", "save_load", "switching", "rows", "remove",
+                                     "merge"])
+def test_every_check_runs_or_is_skipped_with_a_reason_after_a_failure(failing, monkeypatch):
+    from peftspec.testing import CHECKS, check_method
+    from peftspec.testing.checks import Checks
+
+    def broken(self):
+        raise RuntimeError(f"{failing} broke")
+
+    monkeypatch.setattr(Checks, failing, broken)
+    report = check_method(None, _LORA, raise_on_failure=False)
+    by_name = {r.check: r for r in report.results}
+    assert list(by_name) == list(CHECKS) and len(report.results) == len(CHECKS)
+    assert [r.check for r in report.failures] == [failing]
+    assert f"{failing} broke" in by_name[failing].detail
+    for r in report.results:
+        assert "AttributeError" not in r.detail, r
+        if r.status == "skipped":
+            assert r.detail, r
+    needs = {"frozen_base": {"save_load", "switching", "rows", "merge", "hf_peft"},
+             "save_load": {"switching", "rows", "merge", "hf_peft"}, "switching": {"rows"}}
+    for later in needs.get(failing, ()):
+        assert by_name[later].status == "skipped"
+        assert "needs " in by_name[later].detail and failing in by_name[later].detail
+
+
+def test_a_plugin_that_writes_its_base_in_place_fails_at_apply_and_nothing_crashes():
+    """The framework refuses the apply (issue 27, point 2); the kit reports it
+    as the apply's failure, naming the fault, and skips every check after it."""
+    import torch
+    from peftspec import hookimpl
+    from peftspec.testing import CHECKS, check_method
+    from peftspec_plugins.ia3 import IA3
+
+    class InPlace(IA3):
+        name = "ia3-in-place"
+
+        def apply(self, module, step):
+            with torch.no_grad():
+                module.weight.add_(1e-3)
+            return super().apply(module, step)
+
+    mod = types.ModuleType("inplace_plugin")
+    mod.register_methods = hookimpl(lambda register: register(InPlace()))
+    report = check_method(mod, '[[augment]]\nmethod = "ia3-in-place"\nmodules = ["**.v_proj"]',
+                          raise_on_failure=False)
+    (fail,) = report.failures
+    assert fail.check == "apply" and "in place" in fail.detail and "ia3-in-place" in fail.detail
+    assert [r.check for r in report.results[1:]] == list(CHECKS)
+    assert all(r.status == "skipped" and "needs apply" in r.detail for r in report.results[1:])

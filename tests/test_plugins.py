@@ -540,3 +540,22 @@ def test_example_spec_uses_the_builtin(reg):
     plan = peftspec.compile_plan(spec, model, registry=reg)
     d = 32
     assert plan.params_added == 2 * 2 * d + 2 * 4 * d  # k, v: out; down_proj: its input
+
+
+@pytest.mark.parametrize("columns", ["60", "70", "90", "200"])
+def test_cli_plugins_never_drops_a_summary(columns):
+    """issue 27, point 7: at any width each method's summary is shown, whole
+    (wrapped, in a table or below the entry), never dropped."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": columns, "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    res = subprocess.run([sys.executable, "-c", "from peftspec.cli import main; main()",
+                          "plugins"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    reg = peftspec.build_registry(autoload=False)
+    for name, info in reg.methods.items():
+        summary = info.method.summary
+        for word in summary.split():  # each word of it is there (wrapping may split lines)
+            assert word in res.stdout, (name, word)

@@ -3,8 +3,9 @@ method's options are (``explain`` is the same command under the name a spec
 writer looks for).
 
 The listing never truncates a method or distribution name (the columns a user
-checks there): those columns do not wrap, and the summary column is dropped
-when the terminal is too narrow for it (``plugins METHOD`` shows it in full).
+checks there): those columns do not wrap, the summary column folds, and when
+the terminal leaves it too little room each entry becomes a paragraph with
+its summary wrapped below it: the summary is never dropped.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def plugins(method: str | None, as_json: bool):
 def _show(title: str, cols: list[str], cells: list[list[str]], notes: list[str],
           note_col: str) -> None:
     """A table whose named columns never wrap or truncate; the free-text column
-    folds, or is left out when the terminal leaves it too little room. Where even
-    the named columns do not fit, one entry per paragraph instead (a table would
-    crop them)."""
+    folds. Where the terminal leaves it too little room, or even the named
+    columns do not fit, one entry per paragraph instead, its note wrapped below
+    (a table would crop them or drop the note)."""
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     fixed = sum(widths) + 3 * len(cols) + 1  # cell padding and borders
-    if fixed > out.width:
+    if fixed > out.width or (any(notes) and out.width - fixed - 3 < _NARROWEST_SUMMARY):
         out.print(title)
         for row, note in zip(cells, notes):
             out.print(escape(row[0]), style="bold", soft_wrap=True)

@@ -148,7 +148,8 @@ class Method:
 
     Class attributes:
         name: the spec's ``method = "..."`` value; unique across plugins.
-        family: one of ``train``, ``reparameterize``, ``augment``, ``prefix``.
+        family: one of ``freeze`` (subclass :class:`FreezeMethod`), ``train``,
+            ``reparameterize``, ``augment``, ``prefix`` (:data:`FAMILIES`).
         Options: a frozen dataclass (see :mod:`peftspec.core.options`); unknown
             keys in a rule are errors.
         summary: one line for ``peftspec plugins``.
@@ -205,9 +206,12 @@ class Method:
         (reparameterizations are applied before augmentations, so an adapter
         placed after a LoRA-adapted projection receives the LoRA module).
 
-        The base module's parameters must stay the same objects with the same
-        values; they will be frozen by the caller. New parameters must be
-        reachable through :class:`AdapterModule`.
+        The base module's parameters and buffers must stay the same objects,
+        over the same memory, with the same values (bit for bit); they will be
+        frozen by the caller, and :func:`peftspec.apply_plan` checks all three
+        after each ``apply`` (a write in place is a ``PluginError`` naming the
+        plugin and tensor). New parameters must be reachable through
+        :class:`AdapterModule`.
         """
         raise NotImplementedError
 

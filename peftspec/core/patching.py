@@ -29,7 +29,7 @@ from peftspec.core.method import Method
 from peftspec.core.sizeguard import check_fits
 from peftspec.core.plan import ModelIndex, Plan
 from peftspec.core.freeze import freeze_steps
-from peftspec.core.promise import BaseSnapshot, kept_by_name, verify
+from peftspec.core.promise import BaseSnapshot, ValueGuard, kept_by_name, verify
 from peftspec.core.registry import registry_or_default
 from peftspec.core.state import (  # noqa: F401 (public names re-exported: the apply API)
     Adapter, DEFAULT_NAME, PatchState, Record, active_adapter, adapter_names, base_view, disabled,
@@ -100,6 +100,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         base = list(params.values())
         state = PatchState(requires_grad=list(zip(base, map(requires_grad_of, base))))
     adapter = Adapter(name, plan)
+    base_ids = set(map(id, snapshot.tensors))
     try:
         parent_of = parent_finder(model)
         # peftspec.apply's compile walked this model a moment ago: its path -> module
@@ -141,7 +142,17 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                 # named_modules): read there, not through nn.Module.__getattr__
                 original = (parent._modules[child] if child in parent._modules
                             else getattr(parent, child))
-            installed = method.apply(original, step)
+            # the values of the base tensors it touches, compared after (the promise);
+            # a rule that announced a rewritten base (PiSSA's residual) is exempt
+            guard = None if step.rule in plan.notes else ValueGuard(original, step, base_ids)
+            try:
+                installed = method.apply(original, step)
+            except BaseException as exc:
+                if guard is not None:
+                    guard.check(registry, step, failed=True)  # the write, named first
+                raise
+            if guard is not None:
+                guard.check(registry, step)
             adapter.records.append(Record(step, method, original, installed))
             if kept:  # checked now, while both modules are fresh in the cache
                 if step.target in done:

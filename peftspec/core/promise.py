@@ -8,7 +8,9 @@ through ``adapter_params()``. A plugin that clones a base weight, assigns a
 weight's ``.data``, forgets ``adapter_params()`` or miscounts breaks that
 promise silently; :func:`verify` catches it and raises a
 :class:`~peftspec.core.errors.PluginError` naming the plugin's distribution and
-method, and ``apply_plan`` rolls the model back.
+method, and ``apply_plan`` rolls the model back. A plugin that writes a base
+tensor's values in place is caught by :class:`ValueGuard`, around each step's
+``Method.apply``.
 
 The check must stay cheap on models of thousands of modules (``bench_core``'s
 3,584-module apply): one pass over data pointers before, a few dictionary
@@ -18,6 +20,7 @@ when something is wrong.
 
 from __future__ import annotations
 
+import ctypes
 from operator import attrgetter, methodcaller
 from typing import Iterable
 
@@ -259,3 +262,101 @@ def _raise_count(plan, records, registry, added: int) -> None:
                       f"{added:,} reachable through adapter_params(); the plan, `peftspec "
                       "plan` and the adapter file rely on the count). The model was left as "
                       "it was")
+
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+def _spots(t: torch.Tensor) -> tuple[int, ...]:
+    """Where :func:`_read` samples ``t``: the addresses of its first 16 bytes and of
+    16 in its middle (all of it when smaller); ``()`` where it cannot read memory
+    directly (not a contiguous CPU tensor)."""
+    if not t.is_cpu or not t.is_contiguous():
+        return ()
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    if nbytes <= 32:
+        return (ptr, nbytes)
+    return (ptr, 16, ptr + (nbytes // 2 & ~15), 16)
+
+
+def _read(spots: tuple[int, ...], t: torch.Tensor) -> bytes | torch.Tensor:
+    """The sampled bytes (what a write through ``.data``, which bypasses the
+    version counter, changes), read straight from memory: a microsecond, where
+    a torch operation costs several. Elsewhere (CUDA) a few elements' bits."""
+    if spots:
+        if len(spots) == 2:
+            return ctypes.string_at(*spots)
+        return ctypes.string_at(spots[0], 16) + ctypes.string_at(spots[2], 16)
+    flat = t.detach().reshape(-1)
+    picked = flat[::max(1, flat.numel() // 4)]
+    d = _BITS.get(picked.element_size())
+    return (picked.view(d) if d is not None and picked.dtype != d else picked).clone()
+
+
+def _same(a, b) -> bool:
+    return a == b if isinstance(a, bytes) else torch.equal(a, b)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class ValueGuard:
+    """Whether one step's ``Method.apply`` wrote a value of a frozen base tensor it
+    was given (``weight.add_(...)``), in time O(1) per tensor: a plugin doing so is
+    caught at apply and :class:`PluginError` names it.
+
+    The tensors are the target module's parameters and buffers that are base
+    tensors (``base_ids``), its children's included; for the whole model
+    (``target == ""``: soft prompts) only its own. Two things are compared: each
+    tensor's version counter, which every in-place torch operation bumps (on
+    the tensor, a view or ``detach()`` of it, under ``no_grad`` too), and a
+    fingerprint of a few evenly spaced elements, for a write through ``.data``
+    (which bypasses the counter). A ``.data`` write that misses every sampled
+    element, or one through numpy or raw memory, is not seen. No copy of the
+    base is kept, so changed values cannot be put back (reading or copying
+    every touched weight would cost several times apply itself on SmolLM2:
+    ``bench/bench_value_guard.py``). Packed (``[[freeze]]``) and meta tensors
+    are left out: the former refuse writes anyway.
+    """
+
+    __slots__ = ("names", "tensors", "versions", "spots", "samples")
+
+    def __init__(self, module: nn.Module, step, base_ids: set[int]):
+        # written for speed: thousands of steps (bench/bench_value_guard.py)
+        self.names: list[tuple[str, str]] = []  # (module path, key), joined when reported
+        self.tensors: list[torch.Tensor] = []
+        mods = module.named_modules() if step.target and module._modules else (("", module),)
+        for mod_name, mod in mods:
+            for group in (mod._parameters, mod._buffers) if mod._buffers else (mod._parameters,):
+                for key, t in group.items():
+                    if (id(t) in base_ids and type(t) in _PLAIN and (t.is_cpu or not t.is_meta)
+                            and all(t is not u for u in self.tensors)):
+                        self.names.append((mod_name, key))
+                        self.tensors.append(t)
+        self.versions = [t._version for t in self.tensors]
+        self.spots = list(map(_spots, self.tensors))
+        self.samples = list(map(_read, self.spots, self.tensors))
+
+    def changed(self) -> list[int]:
+        """Which tensors were written (one whose memory moved is :meth:`BaseSnapshot.moved`'s)."""
+        return [i for i, (t, v, sp, s) in enumerate(zip(self.tensors, self.versions, self.spots,
+                                                        self.samples))
+                if t._version != v or (not sp or sp[0] == t.data_ptr()) and
+                not _same(_read(sp, t), s)]
+
+    def check(self, registry, step, *, failed: bool = False) -> None:
+        """Raise :class:`PluginError` if a value changed (``failed``: apply raised
+        too; the message then says so)."""
+        changed = self.changed()
+        if not changed:
+            return
+        where = step.target
+        names = ["'" + ".".join(p for p in (where, *self.names[i]) if p) + "'" for i in changed]
+        more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+        raise PluginError(
+            f"{_who(registry, step)} ({step.rule}, spec line {step.line}) wrote frozen base "
+            f"tensor {', '.join(names[:3])}{more} in place during apply"
+            + (" before raising" if failed else "") + "; base tensors must keep their "
+            "values (put a change in the adapter's own parameters, or announce a rewritten "
+            "base with Method.base_note). The modules were rolled back, but the values it "
+            "wrote cannot be put back (peftspec keeps no copy of the base): reload the model "
+            "before using it")

@@ -5,12 +5,14 @@ tensors saved twice can differ byte for byte. Adapter files should be
 reproducible (same seed, same bytes), so peftspec writes the format itself:
 an 8-byte little-endian header length, a JSON header with keys in sorted
 order (padded with spaces to a multiple of 8), then the raw little-endian
-tensor data. Reading stays with the ``safetensors`` library, which validates
+tensor data (read straight from the tensor's memory: numpy is not a
+dependency). Reading stays with the ``safetensors`` library, which validates
 headers, offsets and sizes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
@@ -31,7 +33,8 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
-    return t.view(-1).view(torch.uint8).numpy().tobytes()
+    # the memory itself, copied once (no numpy: the core does not require it)
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
 ITEMSIZE = {name: dtype.itemsize for dtype, name in DTYPES.items()}

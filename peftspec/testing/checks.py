@@ -9,7 +9,7 @@ from torch import nn
 
 from peftspec.core.method import adapter_state
 from peftspec.formats.hf_peft.codec import codec_for
-from peftspec.testing.report import Result
+from peftspec.testing.report import CHECKS, Result
 
 
 class _Failed(Exception):
@@ -94,7 +94,15 @@ class Checks:
     def _record(self, check, status, detail=""):
         self.report.results.append(Result(check, status, detail))
 
-    def check(self, name, fn) -> None:
+    def check(self, name, fn, needs: tuple[tuple[str, str], ...] = ()) -> None:
+        """Run ``fn`` as check ``name``, or skip it with the reason when a check it
+        builds on (``needs``: (attribute it sets, check) pairs) did not pass."""
+        missing = [check for attr, check in needs if not hasattr(self, attr)]
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            self._record(name, "skipped", f"needs {' and '.join(missing)} to pass, and "
+                                          f"{'it' if len(missing) == 1 else 'they'} did not")
+            return
         try:
             detail = fn()
         except _Skip as exc:
@@ -122,6 +130,8 @@ class Checks:
             ps.apply_plan(self.plan, base, registry=self.reg)
         except Exception as exc:  # noqa: BLE001
             self._record("apply", "failed", f"{type(exc).__name__}: {exc}")
+            for name in CHECKS:
+                self._record(name, "skipped", "needs apply to pass, and it did not")
             return
         self.applied_out = self.out(base)
         # what the frozen base is from apply on: the base itself, or a residual a
@@ -132,12 +142,14 @@ class Checks:
         self.check("frozen_base", self.frozen_base)
         self.check("modules", self.modules)
         self.file = self.tmp / "adapter.safetensors"
-        self.check("save_load", self.save_load)
-        self.check("switching", self.switching)
-        self.check("rows", self.rows)
+        trained = (("trained_out", "frozen_base"),)
+        saved = (*trained, ("saved", "save_load"))
+        self.check("save_load", self.save_load, trained)
+        self.check("switching", self.switching, saved)
+        self.check("rows", self.rows, (*saved, ("switch_model", "switching")))
         self.check("remove", self.remove)
-        self.check("merge", self.merge)
-        self.check("hf_peft", self.hf_peft)
+        self.check("merge", self.merge, saved)
+        self.check("hf_peft", self.hf_peft, saved)
 
     def count_params(self):
         adapter = self.ps.adapter_params(self.base)
@@ -227,6 +239,7 @@ class Checks:
     def save_load(self):
         ps = self.ps
         ps.save_adapter(self.base, self.file)
+        self.saved = True  # (the checks after it load the file)
         fresh = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
 
         ours, theirs = adapter_state(self.base), adapter_state(fresh)
@@ -261,9 +274,7 @@ class Checks:
         self.switch_model, self.out_b = model, out_b
 
     def rows(self):
-        ps, model = self.ps, getattr(self, "switch_model", None)
-        if model is None:
-            raise _Skip("needs the switching check's two adapters")
+        ps, model = self.ps, self.switch_model
         n = batch_size(self.inputs)
         if n is None or n < 3:
             raise _Skip("needs tensor or dict inputs with at least 3 rows")

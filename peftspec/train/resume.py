@@ -49,7 +49,7 @@ class CheckpointError(PeftspecError):
 
 def rng_state() -> dict:
     py = random.getstate()
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    return {"torch": base64.b64encode(bytes(torch.get_rng_state().tolist())).decode(),
             "python": [py[0], list(py[1]), py[2]]}
 
 
