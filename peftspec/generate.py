@@ -243,7 +243,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Prompt], *,
                                for k, n in zip(chunk, new)])
 
             torch.manual_seed(seed)
-            with _adapters(model, names):
+            with adapters_for(model, names):
                 new = _decode(model, tokenizer, rows_ids, hf, max_new_tokens, temperature,
                               top_p, partial if on_update else None)
             partial(new, None)
@@ -304,7 +304,7 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
 
 
 @contextlib.contextmanager
-def _adapters(model, names: list[str | None]):
+def adapters_for(model, names: list[str | None]):
     """Row ``i`` through ``names[i]``: one adapter (or none) by switching, several by rows."""
 
     distinct = set(names)

@@ -26,7 +26,8 @@ import torch
 
 from peftspec.serve.adapters import AdapterSet, ServeError
 from peftspec.serve.metrics import Metrics
-from peftspec.serve.sampling import adapters_for, batched_cache, cache_arg, layers_of, pick
+from peftspec.generate import adapters_for  # the same dispatch as generate
+from peftspec.serve.sampling import batched_cache, cache_arg, layers_of, pick
 
 
 @dataclass

@@ -7,14 +7,10 @@ request's tokens do not depend on what else shares its batch.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
-
-from peftspec.core.patching import active_adapter, disabled, is_patched, use
-from peftspec.core.rows import rows
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float,
@@ -29,28 +25,6 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@contextlib.contextmanager
-def adapters_for(model, names: list[str | None]):
-    """Row ``i`` through ``names[i]``: the base, one adapter by switching, or
-    several through per-row dispatch."""
-    distinct = set(names)
-    if not is_patched(model):
-        yield
-    elif distinct == {None}:
-        with disabled(model):
-            yield
-    elif len(distinct) == 1:
-        previous = active_adapter(model)
-        use(model, names[0])
-        try:
-            yield
-        finally:
-            use(model, previous)
-    else:
-        with rows(model, names):
-            yield
 
 
 def cache_arg(model) -> str:
