@@ -27,6 +27,7 @@ def test_cores_is_the_affinity_within_a_quota(tmp_path, monkeypatch):
 def test_the_count_explicit_then_environment(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "_recent_free", lambda: None)
     assert threads.wanted() == threads.cores()
     assert threads.wanted(3) == 3
     monkeypatch.setenv(threads.ENV, "1")
@@ -73,3 +74,33 @@ def test_train_threads_option(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cores_that_others_keep_busy_are_left_to_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    monkeypatch.setattr(threads, "_recent_free", lambda: 1.05)  # one busy process
+    assert threads.wanted() == 1
+    monkeypatch.setattr(threads, "_recent_free", lambda: 1.9)
+    assert threads.wanted() == 2
+    monkeypatch.setattr(threads, "_recent_free", lambda: 0.0)  # never below one
+    assert threads.wanted() == 1
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 0 9 90 0 0 0 0 0 0\ncpu0 1 0 1 8 2 0 0 0 0 0\nintr 5\n")
+    assert threads._cpu_times(stat) == {0: (10, 12)}
+
+
+def test_free_cores_sees_a_busy_process():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\n"
+                             "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        free = threads.free_cores(0.3)
+    finally:
+        busy.kill()
+    assert free is not None and free < len(os.sched_getaffinity(0)) - 0.5
