@@ -1,34 +1,18 @@
-"""Shared by the serve tests: random adapters for the tiny chat Llama, and a
-real server (uvicorn on a free port, in a thread of this process)."""
+"""Shared by the serve tests: adapter specs for the tiny chat Llama (random
+adapter files: shared_helpers.make_adapter), and a real server (uvicorn on a
+free port, in a thread of this process)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from pathlib import Path
 
-import torch
-
-import peftspec
 
 LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 4\n'
 DORA = LORA + "dora = true\n"
 BOTTLENECK = '[[augment]]\nmethod = "bottleneck"\npreset = "houlsby"\nsize = 8\n'
 PROMPT = '[prefix]\nmethod = "prompt-tuning"\ntokens = 4\n'
-
-
-def make_adapter(source: str, spec_text: str, path: Path, seed: int, registry,
-                 scale: float = 0.5) -> Path:
-    """An adapter whose every trainable tensor is random (so it changes the output)."""
-    model = registry.load_model(source)
-    peftspec.apply(peftspec.parse_spec(spec_text), model, registry=registry)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peftspec.trainable_parameters(model).values():
-            p.copy_(p + torch.randn(p.shape, generator=gen) * scale)
-    peftspec.save_adapter(model, path)
-    return path
 
 
 def free_port() -> int:

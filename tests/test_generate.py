@@ -20,25 +20,13 @@ import peftspec
 from peftspec.cli import cli
 from peftspec.generate import GenerateError, Prompt, generate, load, read_prompts
 from peftspec.models.tokenizer import ByteTokenizer
+from shared_helpers import make_adapter
 
 LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 4\n'
 DORA = LORA + "dora = true\n"
 BOTTLENECK = '[[augment]]\nmethod = "bottleneck"\npreset = "houlsby"\nsize = 8\n'
 PROMPT = '[prefix]\nmethod = "prompt-tuning"\ntokens = 8\n'
 BITFIT = '[[train]]\nparams = ["**.ln_f.*"]\n'
-
-
-def _adapter(model_source, spec_text, path: Path, seed: int, registry,
-             scale: float = 0.5) -> Path:
-    """An adapter whose every trainable tensor is random (so it changes the output)."""
-    model = registry.load_model(model_source)
-    peftspec.apply(peftspec.parse_spec(spec_text), model, registry=registry)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peftspec.trainable_parameters(model).values():
-            p.copy_(p + torch.randn(p.shape, generator=gen) * scale)
-    peftspec.save_adapter(model, path)
-    return path
 
 
 def _alone(source, adapter, prompts, registry, **kw):
@@ -55,7 +43,7 @@ PROMPTS = ["The harbour", "A ship came in"]
 def default_adapters(tmp_path_factory):
     reg = peftspec.build_registry()
     d = tmp_path_factory.mktemp("adapters")
-    return {name: _adapter(None, text, d / f"{name}.safetensors", i, reg)
+    return {name: make_adapter(None, text, d / f"{name}.safetensors", i, reg)
             for i, (name, text) in enumerate([("lora", LORA), ("dora", DORA),
                                               ("bottleneck", BOTTLENECK),
                                               ("prompt", PROMPT), ("bitfit", BITFIT)])}
@@ -186,7 +174,7 @@ def tiny_source(tmp_path_factory):
 
 def test_adapter_equals_transformers_generate_on_the_merged_model(tiny_source, tmp_path):
     reg = peftspec.build_registry()
-    path = _adapter(tiny_source, LORA, tmp_path / "t.safetensors", 3, reg)
+    path = make_adapter(tiny_source, LORA, tmp_path / "t.safetensors", 3, reg)
     session = load(tiny_source, [path], registry=reg)
     got = generate(session.model, session.tokenizer, ["hello", "tell me about the world"],
                    adapters=[None, "t"], max_new_tokens=12)
@@ -212,7 +200,7 @@ PREFIX = '[prefix]\nmethod = "prefix-tuning"\ntokens = 4\n'
 
 def test_soft_prompts_beside_lora_on_a_transformers_model(tiny_source, tmp_path):
     reg = peftspec.build_registry()
-    files = {name: _adapter(tiny_source, text, tmp_path / f"{name}.safetensors", i, reg,
+    files = {name: make_adapter(tiny_source, text, tmp_path / f"{name}.safetensors", i, reg,
                             scale=2.0)
              for i, (name, text) in enumerate([("lora", LORA), ("prompt", PROMPT),
                                                ("prefix", PREFIX)])}

@@ -17,6 +17,7 @@ from hypothesis import given, strategies as st
 import peftspec
 from peftspec.data.examples import IGNORE, Batches, scored
 from peftspec.data.packing import collate_packed, pack
+from shared_helpers import smollm2_chats
 
 def _lora(model, targets: str):
     spec = peftspec.parse_spec(f'[[reparameterize]]\nmethod = "lora"\nmodules = [{targets}]\n'
@@ -104,20 +105,7 @@ def test_the_native_llama():
 @pytest.mark.parametrize("native", [True, False], ids=["native", "transformers"])
 def test_smollm2(native):
     """The real model and its chat template: conversations, scored on the assistant."""
-    from peftspec.data.encoding import encode_lm
-    from peftspec.data.records import parse
-    from peftspec.models import native as native_source
-    from peftspec.models.tokenizer import tokenizer_of_source
-
-    tok = tokenizer_of_source("smollm2")
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-             for q, a in [("Where is Marrowgate?", "In Brindlecombe."), ("2+2?", "4"),
-                          ("Name a colour.", "Blue, the colour of the lake."),
-                          ("Who founded it?", "Elias Fenwright, a clockmaker.")]]
-    items, _ = encode_lm([parse({"messages": c}, f"x:{i}") for i, c in enumerate(chats)],
-                         tok, 256)
-    model = native_source.load_for_training("smollm2") if native else \
-        peftspec.build_registry().load_model("smollm2")
+    items, model = smollm2_chats(native)
     model = _lora(model, '"**.q_proj", "**.v_proj"')
     _check(model, items, max_length=2 * max(len(i[0]) for i in items))
 

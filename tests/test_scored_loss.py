@@ -18,6 +18,7 @@ from peftspec.data.examples import IGNORE, collate
 from peftspec.data.packing import collate_packed, pack
 from peftspec.train import scored as scored_mod
 from peftspec.train.scored import ScoredLoss, scored_ce, targets_of
+from shared_helpers import smollm2_chats
 
 
 def _prepare(model, spec_text):
@@ -127,20 +128,7 @@ def test_a_soft_prompts_leading_positions_are_ignored():
 def test_smollm2(native):
     """The real model (49,152-word vocabulary, a tied head), its chat template,
     LoRA on all seven projections, scored on the assistant turns."""
-    from peftspec.data.encoding import encode_lm
-    from peftspec.data.records import parse
-    from peftspec.models import native as native_source
-    from peftspec.models.tokenizer import tokenizer_of_source
-
-    tok = tokenizer_of_source("smollm2")
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-             for q, a in [("Where is Marrowgate?", "In Brindlecombe."), ("2+2?", "4"),
-                          ("Name a colour.", "Blue, the colour of the lake."),
-                          ("Who founded it?", "Elias Fenwright, a clockmaker.")]]
-    items, _ = encode_lm([parse({"messages": c}, f"x:{i}") for i, c in enumerate(chats)],
-                         tok, 256)
-    model = native_source.load_for_training("smollm2") if native else \
-        peftspec.build_registry().load_model("smollm2")
+    items, model = smollm2_chats(native)
     model = _prepare(model, _lora('"**.q_proj", "**.k_proj", "**.v_proj", "**.o_proj", '
                                   '"**.gate_proj", "**.up_proj", "**.down_proj"'))
     _same(model, _padded(items), rel=1e-5, atol=1e-6)

@@ -19,7 +19,8 @@ import httpx2 as httpx  # the HTTP client the openai client is built on
 import pytest
 
 from peftspec.generate import Prompt, generate, load
-from serve_helpers import BOTTLENECK, DORA, LORA, PROMPT, ThreadServer, make_adapter
+from serve_helpers import BOTTLENECK, DORA, LORA, PROMPT, ThreadServer
+from shared_helpers import make_adapter
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")

@@ -109,7 +109,8 @@ def test_merge_serves_one_adapter_at_the_base_speed_with_its_answers(tiny_chat_m
     from peftspec.generate import generate, load
     from peftspec.serve.engine import Request
     from peftspec.serve.server import start
-    from serve_helpers import LORA, make_adapter
+    from serve_helpers import LORA
+    from shared_helpers import make_adapter
 
     reg = peftspec.build_registry()
     source = f"hf:{tiny_chat_model}"
