@@ -43,7 +43,7 @@ class Run:
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None, force: bool = False):
         self.cfg, self.rank0 = cfg, rank0
-        self.threads = threads.use(cfg.threads or None)  # peftspec.core.threads
+        threads.use(cfg.threads or None)  # torch's CPU threads: peftspec.core.threads
         self.world = world or distributed.World()
         self.world.check_batch_size(cfg.batch_size)
         self.registry = registry_or_default(registry)

@@ -106,6 +106,15 @@ def targets_of(labels: torch.Tensor, positions: int) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
 
 
+def scored_rows(hidden: torch.Tensor, labels: torch.Tensor):
+    """``(rows, targets)``: the hidden states (``(batch, positions, hidden)``) of
+    the positions whose next token is scored, flattened, and those tokens."""
+    targets = targets_of(labels, hidden.shape[1]).reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), \
+        targets.index_select(0, keep)
+
+
 class _ChunkedCE(torch.autograd.Function):
     """Mean cross-entropy of ``head(rows)`` against ``targets``, a chunk of rows at
     a time; the gradients (for ``rows`` and for ``params``, the trainable tensors
@@ -230,13 +239,11 @@ class ScoredLoss:
         if not self.active:
             return forward(**batch)
         hidden, head_forward = self._hidden(forward, batch)
-        targets = targets_of(batch["labels"], hidden.shape[1]).reshape(-1)
-        keep = (targets != IGNORE).nonzero().squeeze(1)
-        if keep.numel() == 0:  # nothing scored (a stand-in row): zero, still a graph
+        rows, targets = scored_rows(hidden, batch["labels"])
+        if rows.shape[0] == 0:  # nothing scored (a stand-in row): zero, still a graph
             return SimpleNamespace(loss=hidden.float().sum() * 0.0, logits=hidden)
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
         params = self._params_of(head_forward, hidden) if torch.is_grad_enabled() else []
-        loss = scored_ce(rows, targets.index_select(0, keep), head_forward, params)
+        loss = scored_ce(rows, targets, head_forward, params)
         return SimpleNamespace(loss=loss, logits=hidden)
 
     def _check(self, forward, batch: dict) -> None:
@@ -268,10 +275,7 @@ class ScoredLoss:
         except _NotPlain as exc:
             self.why_not = str(exc)
             return
-        targets = targets_of(one["labels"], hidden.shape[1]).reshape(-1)
-        keep = (targets != IGNORE).nonzero().squeeze(1)
-        got = float(scored_ce(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep),
-                              targets.index_select(0, keep), head_forward))
+        got = float(scored_ce(*scored_rows(hidden, one["labels"]), head_forward))
         dtype = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) or \
             hidden.dtype == torch.bfloat16 else torch.float32
         if abs(got - expected) > self.TOLERANCE[dtype] * max(abs(expected), 1e-3):
