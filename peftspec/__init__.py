@@ -28,7 +28,8 @@ _quiet.install()  # torchao's kernel-loading warnings never reach the terminal
 from torch import nn  # noqa: E402
 
 from peftspec.core.errors import (AdapterFileError, ModelSourceError, NotMergeableError,  # noqa: E402
-                     PeftspecError, PluginError, Problem, SpecError)
+                     OptionError, PeftspecError, PluginError, PluginInputError, Problem,
+                     SpecError)
 from peftspec.core.hookspecs import hookimpl  # noqa: E402
 from peftspec.core.method import AdapterModule, Method, TrainingHooks, adapter_params  # noqa: E402
 from peftspec.core.options import option, selectors  # noqa: E402
@@ -69,7 +70,8 @@ def init_from_data(model: nn.Module, batches, report=None) -> None:
 __all__ = [
     "__version__", "active_adapter", "adapter_names", "disabled", "rows", "use", "using",
     "AdapterFileError", "AdapterModule", "AdapterTooLarge", "Method", "ModelSourceError",
-    "NotMergeableError", "PeftspecError", "Plan", "PluginError", "Problem", "Rule", "Spec",
+    "NotMergeableError", "OptionError", "PeftspecError", "Plan", "PluginError",
+    "PluginInputError", "Problem", "Rule", "Spec",
     "SpecError", "Step", "adapter_params", "apply", "apply_plan", "build_registry",
     "compile_plan", "export_hf_peft", "get_registry", "hookimpl", "import_hf_peft",
     "export_gguf", "is_patched", "load_adapter", "load_model",

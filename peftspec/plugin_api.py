@@ -42,7 +42,8 @@ Model sources (the ``register_model_sources`` hook):
 from __future__ import annotations
 
 from peftspec.core.errors import (AdapterFileError, ModelSourceError, NotMergeableError,
-                                  PeftspecError, PluginError, Problem, SpecError)
+                                  OptionError, PeftspecError, PluginError, PluginInputError,
+                                  Problem, SpecError)
 from peftspec.core.fastmodule import init_module, parameter
 from peftspec.core.hookspecs import hookimpl
 from peftspec.core.matching import parse_selector
@@ -73,7 +74,8 @@ __all__ = [
     "GPT", "GPTConfig", "HFPeftCodec", "HFPeftImport", "HFPeftPart", "ImportContext",
     "ImportedRule", "InitFromData", "Mergeable", "PerRow", "SharesRuleState", "Trains",
     "GPTForSequenceClassification", "HFTokenizer", "Method", "ModelSourceError", "NoOptions",
-    "NotMergeableError", "PackedWeight", "PeftspecError", "PluginError", "Problem", "SpecError",
+    "NotMergeableError", "PackedWeight", "OptionError", "PeftspecError", "PluginError",
+    "PluginInputError", "Problem", "SpecError",
     "Step", "TrainingHooks", "adapter_params", "apply_plan", "compile_plan", "config_and_class",
     "context_length",
     "dequantized", "hookimpl", "init_module", "install_weight", "is_linear_map", "is_packed",

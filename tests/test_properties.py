@@ -205,8 +205,9 @@ def test_apply_failure_rolls_back(tiny_gpt, registry, monkeypatch):
         return real_apply(self, module, step)
 
     monkeypatch.setattr(type(lora), "apply", flaky)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(peftspec.PluginError, match="boom") as exc:  # named (core.blame)
         peftspec.apply_plan(plan, tiny_gpt, registry=registry)
+    assert isinstance(exc.value.__cause__, RuntimeError)
     assert not peftspec.is_patched(tiny_gpt)
     assert all(m is modules[n] for n, m in tiny_gpt.named_modules())
     assert all(torch.equal(t, before[n]) for n, t in snapshot(tiny_gpt).items())

@@ -35,8 +35,11 @@ def test_huge_lora_rank_is_a_compile_error_naming_the_bound(tmp_path):
     r = invoke("plan", p)
     assert r.exit_code == 2
     text = " ".join(r.output.split())
-    assert f"{p}:1: reparameterize[0]: method 'lora' cannot apply to 'blocks.0.attn.q_proj'" \
+    # at the line of the option the reason names (r, line 4), not the rule's header
+    assert f"{p}:4: reparameterize[0].r: method 'lora' cannot apply to 'blocks.0.attn.q_proj'" \
         in text
+    checked = invoke("check", p, "--model", "default")  # with a model: plan's verdict
+    assert checked.exit_code == 2 and " ".join(checked.output.split()) == text
     assert "r = 1000000000 exceeds min(in, out) = 128 of this 128x128 module" in text
 
 

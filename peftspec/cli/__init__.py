@@ -8,7 +8,9 @@ the helpers they share in :mod:`peftspec.cli.common`. This module builds the
 group and imports the commands; commands never import it.
 
 Exit codes: 0 ok, 1 failure, 2 bad input (spec, model source, adapter file,
-usage). Human output by default; ``--json`` where a machine reads it.
+usage, a plugin refusing the options), 3 a plugin failed (an exception from its
+code, a broken frozen-base promise: :class:`peftspec.core.errors.PluginError`).
+Human output by default; ``--json`` where a machine reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def cli():
       peftspec apply specs/lora.toml --out a.safetensors
       peftspec plugins                               # methods installed
 
-    Exit codes: 0 ok, 1 failure, 2 bad input.
+    Exit codes: 0 ok, 1 failure, 2 bad input (a spec, a model source, an
+    adapter file, a plugin refusing the options), 3 a plugin failed (a bug in
+    its code, or a broken frozen-base promise; the message names it).
     """
 
 

@@ -38,6 +38,11 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PeftspecError as exc:
+            if os.environ.get("PEFTSPEC_DEBUG") and exc.__cause__ is not None:
+                import traceback  # a plugin's exception, wrapped (core.blame): its traceback
+
+                err.print("".join(traceback.format_exception(exc.__cause__)), markup=False,
+                          highlight=False, soft_wrap=True)
             err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):

@@ -21,21 +21,34 @@ from peftspec.core.patching import apply_plan
 
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", default=None, metavar="M",
+              help="also compile SPEC against this model, as plan and apply do: selectors, "
+                   "each method's check on every module it targets, conflicts. " + MODEL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def check(spec: Path, as_json: bool):
-    """Validate SPEC without a model: syntax, keys, types, methods, selectors.
+def check(spec: Path, model: str | None, as_json: bool):
+    """Validate SPEC: syntax, keys, types, methods, selector syntax, each option.
 
-    Reports every problem at once, each as FILE:LINE: KEY: MESSAGE.
+    Without --model no model is loaded, so what depends on one (does a
+    selector match, can each module take its method) is left to plan. With
+    --model M the spec is compiled against M, running each method's check on
+    every module it targets: check --model M fails (exit 2, or 3 for a plugin
+    that failed) exactly where plan and apply --model M fail. Reports every
+    problem at once, each as FILE:LINE: KEY: MESSAGE.
     """
 
-    s = load_spec(spec, registry=registry())
+    if model is None:
+        s = load_spec(spec, registry=registry())
+    else:
+        _, s, _, _ = load(spec, model)
     if as_json:
         out.print_json(json.dumps({"ok": True, "spec": str(spec), "name": s.name,
+                                   "model": model,
                                    "rules": [{"rule": r.where, "method": r.method,
                                               "line": r.line} for r in s.rules]}))
     else:
         out.print(f"{spec}: ok, {len(s.rules)} rule(s): " +
-                  ", ".join(f"{r.where} {r.method}" for r in s.rules))
+                  ", ".join(f"{r.where} {r.method}" for r in s.rules) +
+                  (f"; compiled against {model}" if model else ""))
 
 
 def _print_plan(plan, verbose: bool) -> None:

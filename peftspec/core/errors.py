@@ -1,8 +1,9 @@
 """Exceptions, and the one shape every reported problem takes.
 
 Every error a user can cause is a :class:`PeftspecError` whose ``exit_code``
-the CLI returns: 2 for bad input (a spec, a model source, an adapter file),
-1 for anything else. A :class:`SpecError` carries *all* problems found in one
+the CLI returns: 2 for bad input (a spec, a model source, an adapter file, a
+plugin refusing the options), 3 for a plugin that failed (:class:`PluginError`:
+an exception from its code, a broken promise), 1 for anything else. A :class:`SpecError` carries *all* problems found in one
 pass, each located by file, line and key path, so a user fixes a spec in one
 round trip instead of one error at a time.
 """
@@ -91,7 +92,29 @@ class ConversionError(PeftspecError):
 
 
 class PluginError(PeftspecError):
-    """A plugin is broken (bad registration, duplicate method name, ...)."""
+    """A plugin is broken: an exception from its code that is not a refusal of
+    the input (a ``KeyError`` from ``apply``), a broken frozen-base promise, a bad
+    registration. The message names the distribution, method, rule and spec line."""
+
+    exit_code = 3
+
+
+class PluginInputError(PeftspecError, ValueError):
+    """A plugin refused the input: a ``ValueError`` from one of its hooks (the
+    documented way to say the options, model or data cannot serve), reported
+    with the distribution, method, rule and spec line."""
+
+    exit_code = 2
+
+
+class OptionError(ValueError):
+    """Raised by a plugin (``check``, ``resolve_options``, an options class's
+    ``__post_init__``) to reject the value of one option: the error then points
+    at that key's own line of the spec. ``OptionError("n", "must be at most 4096")``."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
 
 
 class NotMergeableError(PeftspecError):

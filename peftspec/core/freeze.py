@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftspec.core.blame import reraise
 from peftspec.core.packed import FrozenEntry, frozen_state, is_packed, storage_options, stored_bytes
 
 
@@ -66,8 +67,11 @@ def freeze_steps(model: nn.Module, plan, registry) -> Freeze:
             if is_packed(old):  # the same storage, checked at compile time
                 continue
             method = registry.method(step.method)
-            with torch.no_grad():
-                packed = method.pack(old.detach(), step)
+            try:
+                with torch.no_grad():
+                    packed = method.pack(old.detach(), step)
+            except Exception as exc:  # noqa: BLE001 - named (core.blame)
+                reraise(exc, registry, step, "pack", plan.spec.file, target=step.target)
             module._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
             result.done.append((module, step.target, old))
             state[step.target] = FrozenEntry(

@@ -83,22 +83,34 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     needs no encoder) and ``load_adapter_state(tensors)`` to take it back.
     Otherwise its ``adapter_params()`` are stored and copied back.
     """
-    return {prefix + key: t for prefix, module in adapter_modules(model)
-            for key, t in _module_state(module).items()}
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in adapter_modules(model):
+        try:
+            state = _module_state(module)
+        except Exception as exc:  # named by the caller, which knows the plugin
+            exc.peftspec_module = prefix[:-1]
+            raise
+        for key, t in state.items():
+            out[prefix + key] = t
+    return out
 
 
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put ``tensors`` (named as :func:`adapter_state` names them) back into the modules."""
     for prefix, module in adapter_modules(model):
-        mine = {key: tensors[prefix + key] for key in _module_state(module)}
-        fn = getattr(module, "load_adapter_state", None)
-        if callable(fn):
-            fn(mine)
-            continue
-        params = module.adapter_params()
-        for key, value in mine.items():
-            params[key].copy_(value)
+        try:
+            mine = {key: tensors[prefix + key] for key in _module_state(module)}
+            fn = getattr(module, "load_adapter_state", None)
+            if callable(fn):
+                fn(mine)
+                continue
+            params = module.adapter_params()
+            for key, value in mine.items():
+                params[key].copy_(value)
+        except Exception as exc:  # named by the caller, which knows the plugin
+            exc.peftspec_module = prefix[:-1]
+            raise
 
 
 class TrainingHooks:

@@ -17,11 +17,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from peftspec.core.errors import Problem, did_you_mean
+from peftspec.core.errors import OptionError, Problem, did_you_mean
 
 _MISSING = dataclasses.MISSING
 
@@ -44,6 +45,24 @@ def selectors(*, kind: Literal["modules", "params"] = "modules", required: bool 
     """
     return dataclasses.field(default=(), metadata={"doc": doc, "selector": kind,
                                                    "required": required})
+
+
+def named_key(error: object, keys, cls: type | None = None) -> str | None:
+    """The option an error is about: an :class:`OptionError`'s ``key``, else the one
+    key of ``keys`` (those the rule writes) that the message names as a word
+    (``n = 100000 exceeds ...`` names ``n``); ``None`` when it names none or several.
+    Selector keys of ``cls`` (``modules``, a common word in a reason) and the rule's
+    own keys are not guessed from words, only taken from an ``OptionError``."""
+    key = getattr(error, "key", None)
+    if isinstance(error, OptionError) and key in keys:
+        return key
+    skip = {"method", "exclude", "optional"}
+    if cls is not None and dataclasses.is_dataclass(cls):
+        skip.update(f.name for f in selector_fields(cls))
+    text = str(error)
+    named = [k for k in keys if k not in skip and
+             re.search(rf"(?<![\w.-]){re.escape(k)}(?![\w-])", text)]
+    return named[0] if len(named) == 1 else None
 
 
 def selector_fields(options_cls: type) -> list[dataclasses.Field]:
@@ -171,7 +190,8 @@ def build_options(cls: type, table: dict[str, Any], *, where: tuple,
     try:
         return cls(**values), []
     except (TypeError, ValueError) as exc:  # a __post_init__ cross-field check
-        return None, [locate(where, str(exc))]
+        key = named_key(exc, table, cls)  # at the line of the key it names, if one
+        return None, [locate(where + (key,) if key else where, str(exc))]
 
 
 def options_problem(cls: Any) -> str | None:

@@ -24,6 +24,7 @@ from torch import nn
 from peftspec.core.fastmodule import gc_paused
 from peftspec.core.errors import NotMergeableError, PeftspecError
 from peftspec.core.fingerprint import named_tensors, tensors_digest
+from peftspec.core.blame import reraise
 from peftspec.core.capabilities import SharesRuleState
 from peftspec.core.method import Method
 from peftspec.core.sizeguard import check_fits
@@ -99,7 +100,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     if fresh:
         base = list(params.values())
         state = PatchState(requires_grad=list(zip(base, map(requires_grad_of, base))))
-    adapter = Adapter(name, plan)
+    adapter = Adapter(name, plan, registry=registry)
     base_ids = set(map(id, snapshot.tensors))
     try:
         parent_of = parent_finder(model)
@@ -129,8 +130,11 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             if shares_state and step.rule not in prepared:
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
-                method.prepare({s.target: _module_at(model, parent_of, s.target)
-                                for s in mine}, mine)
+                try:
+                    method.prepare({s.target: _module_at(model, parent_of, s.target)
+                                    for s in mine}, mine)
+                except Exception as exc:  # noqa: BLE001 - named (core.blame)
+                    reraise(exc, registry, mine, "prepare", plan.spec.file)
             path, _, child = step.target.rpartition(".")
             if not child:  # "": the model itself
                 parent = original = model
@@ -150,7 +154,9 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             except BaseException as exc:
                 if guard is not None:
                     guard.check(registry, step, failed=True)  # the write, named first
-                raise
+                if not isinstance(exc, Exception):
+                    raise
+                reraise(exc, registry, step, "apply", plan.spec.file, target=step.target)
             if guard is not None:
                 guard.check(registry, step)
             adapter.records.append(Record(step, method, original, installed))
@@ -249,8 +255,13 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
     for n in names:
         if state.active == n:
             uninstall_active(model, state)
-        for rec in state.adapters.pop(n).records:
-            rec.method.release(rec.installed, rec.original, rec.step)
+        gone = state.adapters.pop(n)
+        for rec in gone.records:
+            try:
+                rec.method.release(rec.installed, rec.original, rec.step)
+            except Exception as exc:  # noqa: BLE001 - named (core.blame)
+                reraise(exc, gone.registry, rec.step, "release", gone.plan.spec.file,
+                        target=rec.step.target)
     _finish(model, state, None)  # the base is active if the active adapter went
     return model
 
@@ -303,12 +314,17 @@ def merge(model: nn.Module, *, skip_unmergeable: bool = False) -> nn.Module:
         raise NotMergeableError("cannot merge: " + ", ".join(names) + " add computation that "
                                 "does not fold into base weights (pass skip_unmergeable=True / "
                                 "--skip-unmergeable to drop them)")
+    registry, file = state.current.registry, state.plan.spec.file
     for rec in reversed(records):
-        if rec.method.mergeable:
-            merged = rec.method.merge(rec.installed, rec.original)
-        else:
-            rec.method.detach(rec.installed, rec.original, rec.step)
-            merged = rec.original
+        try:
+            if rec.method.mergeable:
+                merged = rec.method.merge(rec.installed, rec.original)
+            else:
+                rec.method.detach(rec.installed, rec.original, rec.step)
+                merged = rec.original
+        except Exception as exc:  # noqa: BLE001 - named (core.blame)
+            reraise(exc, registry, rec.step, "merge" if rec.method.mergeable else "detach",
+                    file, target=rec.step.target)
         if merged is not rec.installed:
             install(model, rec.step.target, merged)
     for adapter in state.adapters.values():

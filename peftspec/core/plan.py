@@ -17,9 +17,11 @@ from typing import Any
 from torch import nn
 
 from peftspec.core.fastmodule import gc_paused
-from peftspec.core.errors import Problem, SpecError
+from peftspec.core.errors import PeftspecError, Problem, SpecError
 from peftspec.core.fingerprint import tensors_digest
-from peftspec.core.options import selector_fields
+from peftspec.core.options import named_key, selector_fields
+from peftspec.core.blame import OPTION_REFUSALS, reraise, who
+from peftspec.core.tomlpos import LineMap
 from peftspec.core.spec import Rule, Spec
 from peftspec.core.state import base_view
 from peftspec.core.step import Step, new_step as _step  # Step is part of this module's interface
@@ -180,6 +182,38 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         problems.append(Problem(message, file=spec.file, line=line or rule.line,
                                 key=f"{rule.where}.{key}" if key else rule.where, hint=hint))
 
+    linemap: list[LineMap] = []  # the spec's lines, read at the first refusal only
+
+    def refused(rule: Rule, message: str, about: object) -> None:
+        """A method refused the rule: at the line of the option ``about`` (an
+        OptionError, or a message naming one key of the rule) where the TOML has one."""
+        if not linemap:
+            linemap.append(LineMap(spec.text))
+        lines = linemap[0].lines
+        path = (rule.family,) if rule.family == "prefix" else (rule.family, rule.index)
+        keys = [p[-1] for p in lines if len(p) == len(path) + 1 and p[:-1] == path]
+        key = named_key(about, keys, registry.method(rule.method).Options)
+        problems.append(Problem(message, file=spec.file,
+                                line=lines.get(path + (key,)) if key else rule.line,
+                                key=f"{rule.where}.{key}" if key else rule.where))
+
+    said: set[tuple[str, str]] = set()  # (rule, refusal) raised by a method: said once
+    raised: list[Exception] = []  # those refusals: the first is chained to the SpecError
+
+    def refusal(exc: Exception, rule: Rule, step: Step, hook: str, target: str | None,
+                kind: str = "") -> None:
+        """``exc`` from ``hook``: a refusal becomes the rule's problem; anything else is
+        re-raised, naming the plugin (core.blame)."""
+        if not (isinstance(exc, OPTION_REFUSALS) or
+                isinstance(exc, PeftspecError) and exc.exit_code == 2):
+            reraise(exc, registry, step, hook, spec.file, target=target)
+        if (rule.where, str(exc)) in said:  # the same words for each module it matched
+            return
+        said.add((rule.where, str(exc)))
+        raised.append(exc)
+        on = f" '{target}' ({kind})" if target is not None else " the rule"
+        refused(rule, f"{who(registry, rule.method)} refused{on} in {hook}: {exc}", exc)
+
     steps: list[Step] = []
     trained_base: dict[str, tuple[int, int]] = {}
     reparam_owner: dict[str, Rule] = {}
@@ -195,9 +229,12 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
         fields = selector_fields(method.Options)
         try:
             options = method.resolve_options(rule.options, model)
-        except ValueError as exc:
-            problem(rule, str(exc))
+        except OPTION_REFUSALS as exc:
+            refused(rule, str(exc), exc)
             continue
+        except Exception as exc:  # noqa: BLE001 - the plugin failing: named (core.blame)
+            reraise(exc, registry, _step("", rule.method, rule.family, None, (), rule.where,
+                                         rule.line), "resolve_options", spec.file)
         resolved[rule.where] = options
         chosen: dict[str, list[str]] = {}  # target -> roles, in model order later
         if rule.family == "prefix":  # a soft prompt acts on the whole model
@@ -231,12 +268,16 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
             if rule.family == "freeze":
                 if weight_owners is None:
                     weight_owners = find_weight_owners(modules)
-                reason = freeze_problem(model, target, module, method, step, weight_owners)
+                try:
+                    reason = freeze_problem(model, target, module, method, step, weight_owners)
+                except Exception as exc:  # noqa: BLE001 - refused, or the plugin failing
+                    refusal(exc, rule, step, "check", target, type(module).__name__)
+                    continue
                 if reason and rule.optional:  # optional: freeze what can be, skip the rest
                     continue
                 if reason:
-                    problem(rule, f"method '{rule.method}' cannot freeze '{target}' "
-                                  f"({type(module).__name__}): {reason}")
+                    refused(rule, f"method '{rule.method}' cannot freeze '{target}' "
+                                  f"({type(module).__name__}): {reason}", reason)
                     continue
                 if target in freeze_owner:
                     other = freeze_owner[target]
@@ -246,14 +287,22 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                     continue
                 freeze_owner[target] = rule
                 w = module._parameters["weight"]
-                frozen[target] = (w.numel() * w.element_size(),
-                                  stored_after(w, method, module, step))
+                try:
+                    stored = stored_after(w, method, module, step)
+                except Exception as exc:  # noqa: BLE001
+                    refusal(exc, rule, step, "stored_bytes", target, type(module).__name__)
+                    continue
+                frozen[target] = (w.numel() * w.element_size(), stored)
                 steps.append(step)
                 continue
-            reason = method.check(module, step)
+            try:
+                reason = method.check(module, step)
+            except Exception as exc:  # noqa: BLE001 - refused, or the plugin failing
+                refusal(exc, rule, step, "check", target, type(module).__name__)
+                continue
             if reason:
-                problem(rule, f"method '{rule.method}' cannot apply to '{target}' "
-                              f"({type(module).__name__}): {reason}")
+                refused(rule, f"method '{rule.method}' cannot apply to '{target}' "
+                              f"({type(module).__name__}): {reason}", reason)
                 continue
             if rule.family == "reparameterize":
                 if target in reparam_owner:
@@ -272,7 +321,11 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                             hint="narrow one rule with 'exclude'")
                     continue
                 augment_owner[key] = rule
-            n_added = int(method.count_params(module, step))
+            try:
+                n_added = int(method.count_params(module, step))
+            except Exception as exc:  # noqa: BLE001
+                refusal(exc, rule, step, "count_params", target, type(module).__name__)
+                continue
             # Filled in before the step leaves this function (instead of building a
             # second Step: thousands of targets make a frozen dataclass's init count).
             fields = step.__dict__  # (what _step fills: a frozen dataclass's own fields)
@@ -295,11 +348,15 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                 problems.append(item if isinstance(item, Problem)
                                 else Problem(str(item), file=spec.file))
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems) from (raised[0] if raised else None)
     notes = {}
     for rule in spec.rules:
         where = rule.where
-        note = registry.method(rule.method).base_note(resolved[where])
+        try:
+            note = registry.method(rule.method).base_note(resolved[where])
+        except Exception as exc:  # noqa: BLE001
+            reraise(exc, registry, _step("", rule.method, rule.family, None, (), where,
+                                         rule.line), "base_note", spec.file)
         if note:
             n = sum(1 for s in steps if s.rule == where)
             notes[where] = note.format(n=n, **vars(resolved[where]))

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from peftspec.core.blame import reraise
 from peftspec.core.capabilities import PerRow
 from peftspec.core.errors import PeftspecError
 from peftspec.core.state import install, state_of, use
@@ -159,8 +160,15 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             if not isinstance(method, PerRow):
                 raise NotImplementedError(f"method {method_name!r} does not support per-row "
                                           "adapters")
-            handles.append(method.rows_attach(model, {n: rec.step for n, rec in entries},
-                                              list(names)))
+            try:
+                handles.append(method.rows_attach(model, {n: rec.step for n, rec in entries},
+                                                  list(names)))
+            except NotImplementedError:  # the documented refusal: callers catch it
+                raise
+            except Exception as exc:  # noqa: BLE001 - named (core.blame)
+                adapter = state.adapters[entries[0][0]]
+                reraise(exc, adapter.registry, [rec.step for _, rec in entries],
+                        "rows_attach", adapter.plan.spec.file)
         yield model
     finally:
         for handle in handles:

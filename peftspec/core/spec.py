@@ -29,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from peftspec.core.errors import Problem, SpecError, did_you_mean
+from peftspec.core.errors import PluginError, Problem, SpecError, did_you_mean
 from peftspec.core.options import build_options, describe_type, selector_fields
 from peftspec.core.matching import parse_selector
 from peftspec.core.tomlerrors import syntax_problem, unreadable_problem
@@ -224,8 +224,16 @@ def _parse_rule(family, index, table, where, registry, locate, lines, problems) 
     if not isinstance(optional, bool):
         problems.append(locate(where + ("optional",), f"expected true or false, got {optional!r}"))
 
-    options, option_problems = build_options(method.Options, table, where=where,
-                                             locate=locate, reserved=RULE_KEYS)
+    try:
+        options, option_problems = build_options(method.Options, table, where=where,
+                                                 locate=locate, reserved=RULE_KEYS)
+    except Exception as exc:  # noqa: BLE001 - the options class's own code failed
+        raise PluginError(
+            f"plugin {info.dist!r}, method {method_name!r} ({format_path(where)}, "
+            f"{locate(where, '').file or '<spec>'}:{lines.line_of(where)}): its options class "
+            f"{method.Options.__name__} failed: {type(exc).__name__}: {exc}. This is the "
+            "plugin failing, not the spec being wrong (its __post_init__ should raise "
+            "ValueError for a bad value)") from exc
     problems.extend(option_problems)
 
     # selector syntax can be checked without a model

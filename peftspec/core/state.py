@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from peftspec.core.blame import reraise
 from peftspec.core.errors import PeftspecError
 from peftspec.core.fastmodule import all_modules
 from peftspec.core.method import Method
@@ -48,6 +49,8 @@ class Adapter:
     # values of the base parameters its [[train]] rules train, kept here while
     # another adapter (or the base) is active
     stashed: dict[str, torch.Tensor] | None = None
+    # the registry it was applied with: who provides each method, for errors
+    registry: Any = None
 
     def trained_base_names(self) -> list[str]:
         return [s.target for s in self.plan.steps if s.family == "train"]
@@ -176,7 +179,11 @@ def uninstall_active(model: nn.Module, state: PatchState) -> None:
         return
     adapter = state.adapters[state.active]
     for rec in reversed(adapter.records):
-        rec.method.detach(rec.installed, rec.original, rec.step)
+        try:
+            rec.method.detach(rec.installed, rec.original, rec.step)
+        except Exception as exc:  # noqa: BLE001 - named (core.blame)
+            reraise(exc, adapter.registry, rec.step, "detach", adapter.plan.spec.file,
+                    target=rec.step.target)
         if rec.installed is not rec.original:
             install(model, rec.step.target, rec.original)
     trained = adapter.trained_base_names()
@@ -201,7 +208,11 @@ def install_adapter(model: nn.Module, state: PatchState, name: str) -> None:
     for rec in adapter.records:
         if rec.installed is not rec.original:
             install(model, rec.step.target, rec.installed)
-        rec.method.attach(rec.installed, rec.original, rec.step)
+        try:
+            rec.method.attach(rec.installed, rec.original, rec.step)
+        except Exception as exc:  # noqa: BLE001
+            reraise(exc, adapter.registry, rec.step, "attach", adapter.plan.spec.file,
+                    target=rec.step.target)
     state.active = name
     set_trainable(model, state, adapter)
     if adapter.stashed:

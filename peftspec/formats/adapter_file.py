@@ -41,6 +41,7 @@ from peftspec.core.atomicio import atomic_write_bytes
 from peftspec.core.errors import AdapterFileError, PeftspecError, SpecError
 from peftspec.core.packed import storage_options
 from peftspec.core.fingerprint import decode, describe_difference, digest, encode, fingerprint
+from peftspec.core.blame import owner, reraise
 from peftspec.core.method import adapter_params, adapter_state, load_adapter_state
 from peftspec.core.patching import (DEFAULT_NAME, active_adapter, apply_plan, base_view, remove, state_of,
                        use, using)
@@ -59,11 +60,26 @@ def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds: the adapter modules' state and the
     base parameters ``[[train]]`` made trainable."""
     state = state_of(model)
-    out = dict(adapter_state(model))
+    out = dict(_module_hook(model, adapter_state, "adapter_state"))
     params = dict(model.named_parameters())
     for name in state.trained_base_names():
         out[name] = params[name]
     return out
+
+
+def _module_hook(model: nn.Module, fn, hook: str, *args):
+    """``fn(model, *args)``, an adapter module's exception named (core.blame): the
+    distribution and method whose step built the module, the rule, its spec line."""
+    try:
+        return fn(model, *args)
+    except Exception as exc:
+        path = getattr(exc, "peftspec_module", None)
+        state = state_of(model)
+        rec = owner(state.records, path) if path is not None else None
+        if rec is None:
+            raise
+        reraise(exc, state.current.registry, rec.step, f"{hook} of module '{path}'",
+                state.plan.spec.file)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
@@ -264,8 +280,9 @@ def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:
                 loaded[name] = t
     except (SafetensorError, OSError) as exc:
         raise AdapterFileError(f"{path}: cannot read tensors ({exc})") from None
-    adapter_names = set(adapter_state(model))
-    load_adapter_state(model, {k: v for k, v in loaded.items() if k in adapter_names})
+    adapter_names = set(_module_hook(model, adapter_state, "adapter_state"))
+    _module_hook(model, load_adapter_state, "load_adapter_state",
+                 {k: v for k, v in loaded.items() if k in adapter_names})
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in loaded.keys() - adapter_names:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from peftspec.core.capabilities import InitFromData, Trains
-from peftspec.core.errors import PeftspecError
+from peftspec.core.blame import context, reraise
+from peftspec.core.errors import PluginInputError
 from peftspec.core.method import TrainingHooks
 from peftspec.core.patching import state_of
 
@@ -39,8 +40,10 @@ def training_hooks(model: nn.Module, total_steps: int) -> list[TrainingHooks]:
         try:
             hooks = method.training(model, steps, total_steps)
         except ValueError as exc:
-            rules = ", ".join(dict.fromkeys(str(s.rule) for s in steps))
-            raise PeftspecError(f"cannot train method '{name}' ({rules}): {exc}") from None
+            raise PluginInputError(f"cannot train method '{name}' "
+                                   f"({_where(model, steps)}): {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the plugin failing: named (core.blame)
+            _reraise(model, exc, steps, "training")
         if hooks is not None:
             out.append(hooks)
     return out
@@ -72,9 +75,21 @@ def init_from_data(model: nn.Module, batches, report=None) -> None:
         try:
             method.init_from_data(model, steps, batches, report)
         except ValueError as exc:
-            rules = ", ".join(dict.fromkeys(str(s.rule) for s in steps))
-            raise PeftspecError(f"cannot initialise method '{name}' ({rules}) from the "
-                                f"data: {exc}") from None
+            raise PluginInputError(f"cannot initialise method '{name}' "
+                                   f"({_where(model, steps)}) from the data: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            _reraise(model, exc, steps, "init_from_data")
+
+
+def _where(model, steps) -> str:
+    """Who provides the steps' method, and their rules with the spec's file and lines."""
+    adapter = state_of(model).current
+    return context(adapter.registry, steps, adapter.plan.spec.file)
+
+
+def _reraise(model, exc, steps, hook):
+    adapter = state_of(model).current
+    reraise(exc, adapter.registry, steps, hook, adapter.plan.spec.file)
 
 
 class Reiterable:
