@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, p in self.adapter_params().items():
             p.copy_(tensors[key])
+        dora.forget(self)  # copy_ bumps the versions anyway; say so where it happens
         if self.rewrite is not None:
             self.rewrite.set_factors(tensors["lora_A_init"], tensors["lora_B_init"])
 
@@ -170,8 +171,8 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
         if not self.dora:
             return out.add_(lora, alpha=self.scale)
-        return dora.adapted_output(self._weight_out_in(), self.lora_A, self.lora_B, self.scale,
-                                   self.lora_magnitude, self.bias, out, lora)
+        return dora.adapted_output(dora.weight_norm(self), self.scale, self.lora_magnitude,
+                                   self.bias, out, lora)
 
     def merged_weight(self) -> torch.Tensor:
         """The folded weight in the base's layout and dtype (math in float32)."""
