@@ -64,8 +64,7 @@ class Checks:
         self.ps, self.reg, self.factory, self.run_model = ps, registry, factory, run
         self.inputs, self.steps, self.lr, self.seed, self.atol = inputs, steps, lr, seed, atol
         self.tmp, self.report = tmp, report
-        self.spec = ps.parse_spec(rule, registry=registry)
-        self.methods = [registry.method(r.method) for r in self.spec.rules]
+        self.rule, self.methods = rule, []  # parsed in run_all: a failure there is reported
         failures = [str(f) for f in registry.failures]
         if failures:
             self._record("registration", "failed", "; ".join(failures))
@@ -113,7 +112,9 @@ class Checks:
         self.base_types = {n: type(m) for n, m in base.named_modules()}
         self.base_modules = [m for _, m in base.named_modules()]
         self.base_keys = set(base.state_dict())
-        try:
+        try:  # the spec, its plan and the apply (a plugin's options class may fail too)
+            self.spec = ps.parse_spec(self.rule, registry=self.reg)
+            self.methods = [self.reg.method(r.method) for r in self.spec.rules]
             self.plan = ps.compile_plan(self.spec, base, registry=self.reg)
             ps.apply_plan(self.plan, base, registry=self.reg)
         except Exception as exc:  # noqa: BLE001
