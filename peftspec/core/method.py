@@ -218,12 +218,23 @@ class Method:
         (reparameterizations are applied before augmentations, so an adapter
         placed after a LoRA-adapted projection receives the LoRA module).
 
-        The base module's parameters and buffers must stay the same objects,
-        over the same memory, with the same values (bit for bit); they will be
-        frozen by the caller, and :func:`peftspec.apply_plan` checks all three
-        after each ``apply`` (a write in place is a ``PluginError`` naming the
-        plugin and tensor). New parameters must be reachable through
-        :class:`AdapterModule`.
+        The frozen-base promise: the base module's parameters and buffers must
+        stay the same objects, over the same memory, with the same values (bit
+        for bit); the caller freezes them. :func:`peftspec.apply_plan` holds every
+        plugin to it: around each ``apply`` a
+        :class:`peftspec.core.promise.ValueGuard` sees a value written in place
+        (any in-place torch operation; a ``.data`` write by sampled bytes), and
+        after every apply :func:`peftspec.core.promise.verify` checks that each
+        base tensor is still in the model, the same object over the same
+        memory. A violation is a ``PluginError`` naming the distribution,
+        method, rule, spec line and tensor, and the modules are rolled back
+        (values written in place cannot be put back: the message says to reload
+        the model). A rule whose options have a :meth:`base_note` (PiSSA) is
+        exempt from the value check. New parameters must be reachable through
+        :class:`AdapterModule`; buffers on modules ``apply`` builds are adapter
+        state (:mod:`peftspec.core.buffers`). Raise ``ValueError`` to refuse the
+        input; any other exception is reported as the plugin failing
+        (:mod:`peftspec.core.blame`).
         """
         raise NotImplementedError
 

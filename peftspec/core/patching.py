@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from peftspec.core.fastmodule import gc_paused
-from peftspec.core.errors import NotMergeableError, PeftspecError
+from peftspec.core.errors import NotMergeableError, PeftspecError, PluginError
 from peftspec.core.fingerprint import named_tensors, tensors_digest
-from peftspec.core.blame import reraise
+from peftspec.core.blame import context, reraise
+from peftspec.core.buffers import buffer_keys, new_base_buffers
 from peftspec.core.capabilities import SharesRuleState
 from peftspec.core.method import Method
 from peftspec.core.sizeguard import check_fits
@@ -99,7 +100,8 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
     fresh = state is None
     if fresh:
         base = list(params.values())
-        state = PatchState(requires_grad=list(zip(base, map(requires_grad_of, base))))
+        state = PatchState(requires_grad=list(zip(base, map(requires_grad_of, base))),
+                           base_buffer_names=list(buffers))
     adapter = Adapter(name, plan, registry=registry)
     base_ids = set(map(id, snapshot.tensors))
     try:
@@ -114,6 +116,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         # verify; None: not known
         kept: bool | None = True
         done: set[str] = set()  # the targets installed so far
+        built: set[int] = set()  # ids of the modules the steps so far built
         prepared: set[str] = set()
         # looked up once per method, not per step; with whether it shares state
         # across a rule (a protocol isinstance costs microseconds: not per target)
@@ -149,6 +152,7 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             # the values of the base tensors it touches, compared after (the promise);
             # a rule that announced a rewritten base (PiSSA's residual) is exempt
             guard = None if step.rule in plan.notes else ValueGuard(original, step, base_ids)
+            keys = buffer_keys(original)
             try:
                 installed = method.apply(original, step)
             except BaseException as exc:
@@ -159,7 +163,11 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                 reraise(exc, registry, step, "apply", plan.spec.file, target=step.target)
             if guard is not None:
                 guard.check(registry, step)
+            if len(original._buffers) != len(keys) and id(original) not in built:
+                _refuse_base_buffers(registry, plan, step, original, keys)
             adapter.records.append(Record(step, method, original, installed))
+            if installed is not original:
+                built.add(id(installed))
             if kept:  # checked now, while both modules are fresh in the cache
                 if step.target in done:
                     # a second method on one module: it may have changed the first's
@@ -207,6 +215,19 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         uninstall_active(model, state)
         install_adapter(model, state, previous)
     return model
+
+
+def _refuse_base_buffers(registry, plan, step, original: nn.Module, keys) -> None:
+    added = new_base_buffers(original, keys)
+    if not added:
+        return
+    names = ", ".join(f"'{'.'.join(p for p in (step.target, k) if p)}'" for k in added[:3])
+    raise PluginError(
+        f"{context(registry, step, plan.spec.file)} registered buffer {names} on the module "
+        f"it was given ('{step.target or '<model>'}', a base module) during apply; it would "
+        "stay on the base when the adapter is switched off. Register buffers on a module "
+        "apply builds (the one it returns, or a child of it): those are adapter state. The "
+        "model was left as it was")
 
 
 def _module_at(model: nn.Module, parent_of, target: str) -> nn.Module:

@@ -177,10 +177,11 @@ def _present(modules) -> tuple[set[int], set[int]]:
     return present_p, present_b
 
 
-def _who(registry, step) -> str:
+def _who(registry, step, where: bool = False) -> str:
     info = registry.methods.get(step.method)
     dist = info.dist if info is not None else "<unknown>"
-    return f"plugin {dist!r}, method {step.method!r}"
+    return f"plugin {dist!r}, method {step.method!r}" + (
+        f" ({step.rule}, spec line {step.line})" if where else "")
 
 
 def _owner_step(plan, name: str):
@@ -201,7 +202,7 @@ def _raise_for_names(model, plan, registry, items) -> None:
     lines = []
     for name, why in items[:5]:
         step = _owner_step(plan, name.rpartition(".")[0])
-        who = _who(registry, step) + f" on '{step.target or '<model>'}'" if step else \
+        who = _who(registry, step, True) + f" on '{step.target or '<model>'}'" if step else \
             "an after_apply hook or code outside the planned modules"
         lines.append(f"{who}: {why}")
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
@@ -215,7 +216,7 @@ def _raise_stray(model, plan, registry, stray: set[int]) -> None:
     by_step: dict[str, list[str]] = {}
     for n in names:
         step = _owner_step(plan, n.rpartition(".")[0])
-        key = (_who(registry, step) if step else "an after_apply hook")
+        key = (_who(registry, step, True) if step else "an after_apply hook")
         by_step.setdefault(key, []).append(n)
     parts = [f"{who}: apply added parameters that no adapter_params() reports "
              f"({', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''}); return every new "
@@ -254,9 +255,9 @@ def _raise_count(plan, records, registry, added: int) -> None:
     if not wrong:
         wrong = sorted(announced)
     step_of = {rec.step.method: rec.step for rec in records}
-    parts = [f"{_who(registry, step_of[m])}: count_params announced {announced[m]:,} "
+    parts = [f"{_who(registry, step_of[m], True)}: count_params announced {announced[m]:,} "
              f"parameters, apply added {actual[m]:,}" if m in actual else
-             f"{_who(registry, step_of[m])}: count_params announced {announced[m]:,}"
+             f"{_who(registry, step_of[m], True)}: count_params announced {announced[m]:,}"
              for m in wrong]
     raise PluginError("; ".join(parts) + f" (in all: {plan.params_added:,} announced, "
                       f"{added:,} reachable through adapter_params(); the plan, `peftspec "

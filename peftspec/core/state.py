@@ -66,6 +66,8 @@ class PatchState:
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     # base values of parameters any adapter's [[train]] rules train
     base_values: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    # names of the base's buffers (any other buffer is an adapter's: core.buffers)
+    base_buffer_names: Any = ()
 
     @property
     def current(self) -> Adapter:

@@ -1,8 +1,10 @@
 """Adapter files: one self-describing safetensors file per adapter.
 
 The file holds the trainable tensors keyed by their names in the patched
-model's state dict (``blocks.0.attn.q_proj.lora_A``, ``blocks.0.ln1.bias``)
-and string metadata:
+model's state dict (``blocks.0.attn.q_proj.lora_A``, ``blocks.0.ln1.bias``),
+the persistent buffers the adapter's modules hold (:mod:`peftspec.core.buffers`;
+a file written before they were saved has none, and loads as before) and
+string metadata:
 
 ========================  ==================================================
 ``format``                ``peftspec.adapter``
@@ -42,6 +44,7 @@ from peftspec.core.errors import AdapterFileError, PeftspecError, SpecError
 from peftspec.core.packed import storage_options
 from peftspec.core.fingerprint import decode, describe_difference, digest, encode, fingerprint
 from peftspec.core.blame import owner, reraise
+from peftspec.core.buffers import adapter_buffers
 from peftspec.core.method import adapter_params, adapter_state, load_adapter_state
 from peftspec.core.patching import (DEFAULT_NAME, active_adapter, apply_plan, base_view, remove, state_of,
                        use, using)
@@ -57,10 +60,14 @@ RESERVED = ("format", "format_version", "peftspec_version", "spec", "base_digest
 
 
 def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds: the adapter modules' state and the
+    """The tensors an adapter file holds: the adapter modules' state, the
+    persistent buffers the adapter added (:mod:`peftspec.core.buffers`) and the
     base parameters ``[[train]]`` made trainable."""
     state = state_of(model)
     out = dict(_module_hook(model, adapter_state, "adapter_state"))
+    for name, (t, persistent) in adapter_buffers(model).items():
+        if persistent and name not in out:  # (an adapter_state() may hold it already)
+            out[name] = t
     params = dict(model.named_parameters())
     for name in state.trained_base_names():
         out[name] = params[name]
@@ -98,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str | None 
     state = state_of(model)
     if tensors is None:
         tensors = file_tensors(model)
-    base_fp = fingerprint(model, skip=adapter_params(model).keys())
+    base_fp = fingerprint(model, skip={*adapter_params(model), *adapter_buffers(model)})
     if digest(base_fp) != state.plan.base_digest:
         raise PeftspecError("the model's base tensors changed names or shapes since the "
                             "adapter was applied; cannot describe its base")
@@ -284,9 +291,10 @@ def _copy_tensors(model: nn.Module, path: Path, allow_nonfinite: bool) -> None:
     _module_hook(model, load_adapter_state, "load_adapter_state",
                  {k: v for k, v in loaded.items() if k in adapter_names})
     params = dict(model.named_parameters())
+    buffers = adapter_buffers(model)
     with torch.no_grad():
         for name in loaded.keys() - adapter_names:
-            params[name].copy_(loaded[name])
+            (buffers[name][0] if name in buffers else params[name]).copy_(loaded[name])
 
 
 def describe_file(path: str | os.PathLike) -> dict:

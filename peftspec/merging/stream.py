@@ -40,6 +40,7 @@ from peftspec.core.registry import registry_or_default
 from peftspec.core.safetensors_io import (DTYPES, header_and_chunks, header_bytes, tensor_bytes,
                                           write_chunks)
 from peftspec.core.spec import parse_spec
+from peftspec.core.blame import reraise
 from peftspec.formats.adapter_file import checked_plan, load_adapter, read_metadata
 from peftspec.models.hf import config_and_class, hf_folder
 
@@ -231,7 +232,8 @@ def _merge_hf(path: Path, adapter: Path, out: Path, skip_unmergeable: bool, regi
                         if target not in pending:
                             pending[target] = _merge_module(
                                 modules[target], by_path[target], fetch, adapter_tensors,
-                                registry, freeze.get(target) if onto == "dequantized" else None)
+                                registry, freeze.get(target) if onto == "dequantized" else None,
+                                plan.spec.file)
                             merged_modules += 1
                         t = pending[target].pop(key[len(target) + 1:])
                         if not pending[target]:
@@ -317,10 +319,22 @@ class ShardReader:
 
 
 def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry,
-                  freeze=None):
+                  freeze=None, file: str | None = None):
     """Materialise one module from the shards, adapt, load, merge; its tensors.
     ``freeze``: the module's ``[[freeze]]`` step, to merge onto its weight as the
-    adapter saw it (packed, then dequantized by the merge: never requantized)."""
+    adapter saw it (packed, then dequantized by the merge: never requantized).
+    A plugin's exception is named with ``file``, the adapter's spec (core.blame)."""
+    try:
+        return _adapt_and_merge(meta_module, step, fetch, adapter_tensors, registry, freeze)
+    except Exception as exc:  # noqa: BLE001
+        hook = getattr(exc, "peftspec_hook", None)
+        if hook is None:  # not a plugin's hook: peftspec's own error
+            raise
+        reraise(exc, registry, freeze if hook == "pack" else step, hook, file,
+                target=step.target)
+
+
+def _adapt_and_merge(meta_module, step, fetch, adapter_tensors, registry, freeze):
     fresh = copy.deepcopy(meta_module).to_empty(device="cpu")
     with torch.no_grad():
         for local, p in fresh.named_parameters():
@@ -332,15 +346,30 @@ def _merge_module(meta_module: nn.Module, step, fetch, adapter_tensors, registry
             except KeyError:
                 pass  # a non-persistent buffer: set by the module's own init
         if freeze is not None:
-            packed = registry.method(freeze.method).pack(fresh.weight.detach(), freeze)
+            packed = _hook("pack", registry.method(freeze.method).pack, fresh.weight.detach(),
+                           freeze)
             fresh._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
     method = registry.method(step.method)
-    installed = method.apply(fresh, step)
+    installed = _hook("apply", method.apply, fresh, step)
     prefix = step.target + "."
-    load_adapter_state(installed, {k[len(prefix):]: v for k, v in adapter_tensors.items()
-                                   if k.startswith(prefix)})
-    merged = method.merge(installed, fresh)
+    mine = {k[len(prefix):]: v for k, v in adapter_tensors.items() if k.startswith(prefix)}
+    _hook("load_adapter_state", load_adapter_state, installed, mine)
+    with torch.no_grad():  # the persistent buffers the adapter added, as saved (core.buffers)
+        for local, b in installed.named_buffers():
+            if local in mine:
+                b.copy_(mine[local])
+    merged = _hook("merge", method.merge, installed, fresh)
     return {k: v.detach() for k, v in merged.named_parameters()}
+
+
+def _hook(name: str, fn, *args):
+    """``fn(*args)``, a plugin's hook: what it raises is tagged with the hook's name,
+    for :func:`_merge_module` to name the plugin."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        exc.peftspec_hook = name
+        raise
 
 
 def _merge_in_memory(source, adapter: Path, out: Path, skip_unmergeable: bool,

@@ -31,6 +31,10 @@ on any model you pass; each check is reported, and :class:`ConformanceError`
   the fast-path helpers ``init_module`` / ``parameter`` must give;
 * ``save_load``: the saved file recreates the trained outputs exactly on a fresh
   base;
+* ``buffers``: every buffer the adapter adds comes back from save and load the
+  same (a persistent one from the file, a non-persistent one recomputed by
+  ``apply``, under another random seed), and none stays when it is off
+  (skipped when it adds none);
 * ``switching``: two adapters, ``use`` / ``disabled`` give each one's outputs
   and the base's, exactly;
 * ``rows``: a per-row batch equals each row run alone (skipped where the method

@@ -9,11 +9,8 @@ from torch import nn
 
 from peftspec.core.method import adapter_state
 from peftspec.formats.hf_peft.codec import codec_for
-from peftspec.testing.report import CHECKS, Result
-
-
-class _Failed(Exception):
-    pass
+from peftspec.testing.buffers import check_buffers
+from peftspec.testing.report import CHECKS, Failed, Result, Skip, expect
 
 
 def _output(out: Any) -> torch.Tensor:
@@ -36,17 +33,13 @@ def runner(inputs) -> Callable[[nn.Module, slice | None], torch.Tensor]:
     def run(model, rows=None):
         if callable(inputs):
             if rows is not None:
-                raise _Skip("per-row checks need tensor or dict inputs, not a callable")
+                raise Skip("per-row checks need tensor or dict inputs, not a callable")
             return _output(inputs(model))
         if isinstance(inputs, dict):
             return _output(model(**{k: pick(v, rows) for k, v in inputs.items()}))
         return _output(model(pick(inputs, rows)))
 
     return run
-
-
-class _Skip(Exception):
-    pass
 
 
 def batch_size(inputs) -> int | None:
@@ -56,11 +49,6 @@ def batch_size(inputs) -> int | None:
         sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)}
         return sizes.pop() if len(sizes) == 1 else None
     return None
-
-
-def _expect(ok: bool, message: str) -> None:
-    if not ok:
-        raise _Failed(message)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,8 +64,7 @@ class Checks:
         self.ps, self.reg, self.factory, self.run_model = ps, registry, factory, run
         self.inputs, self.steps, self.lr, self.seed, self.atol = inputs, steps, lr, seed, atol
         self.tmp, self.report = tmp, report
-        self.spec = ps.parse_spec(rule, registry=registry)
-        self.methods = [registry.method(r.method) for r in self.spec.rules]
+        self.rule, self.methods = rule, []  # parsed in run_all: a failure there is reported
         failures = [str(f) for f in registry.failures]
         if failures:
             self._record("registration", "failed", "; ".join(failures))
@@ -105,9 +92,9 @@ class Checks:
             return
         try:
             detail = fn()
-        except _Skip as exc:
+        except Skip as exc:
             self._record(name, "skipped", str(exc))
-        except _Failed as exc:
+        except Failed as exc:
             self._record(name, "failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported
             self._record(name, "failed", f"{type(exc).__name__}: {exc}")
@@ -125,7 +112,9 @@ class Checks:
         self.base_types = {n: type(m) for n, m in base.named_modules()}
         self.base_modules = [m for _, m in base.named_modules()]
         self.base_keys = set(base.state_dict())
-        try:
+        try:  # the spec, its plan and the apply (a plugin's options class may fail too)
+            self.spec = ps.parse_spec(self.rule, registry=self.reg)
+            self.methods = [self.reg.method(r.method) for r in self.spec.rules]
             self.plan = ps.compile_plan(self.spec, base, registry=self.reg)
             ps.apply_plan(self.plan, base, registry=self.reg)
         except Exception as exc:  # noqa: BLE001
@@ -145,6 +134,7 @@ class Checks:
         trained = (("trained_out", "frozen_base"),)
         saved = (*trained, ("saved", "save_load"))
         self.check("save_load", self.save_load, trained)
+        self.check("buffers", self.buffers, saved)
         self.check("switching", self.switching, saved)
         self.check("rows", self.rows, (*saved, ("switch_model", "switching")))
         self.check("remove", self.remove)
@@ -154,12 +144,12 @@ class Checks:
     def count_params(self):
         adapter = self.ps.adapter_params(self.base)
         added = sum(p.numel() for p in {id(p): p for p in adapter.values()}.values())
-        _expect(added == self.plan.params_added,
+        expect(added == self.plan.params_added,
                 f"plan says {self.plan.params_added:,} parameters added, adapter_params() "
                 f"exposes {added:,}")
         trained = set(self.plan.trained_base)
         trainable = set(self.ps.trainable_parameters(self.base))
-        _expect(trainable == set(adapter) | trained,
+        expect(trainable == set(adapter) | trained,
                 f"trainable {sorted(trainable - set(adapter) - trained)[:3]} beyond the "
                 f"adapter, or adapter parameters left frozen "
                 f"{sorted(set(adapter) - trainable)[:3]}")
@@ -169,8 +159,8 @@ class Checks:
         claim = [m.name for m, r in zip(self.methods, self.spec.rules)
                  if not m.unchanged_at_apply_with(r.options)]
         if claim:
-            raise _Skip(f"{', '.join(sorted(set(claim)))} does not claim unchanged_at_apply")
-        _expect(torch.equal(self.applied_out, self.base_out),
+            raise Skip(f"{', '.join(sorted(set(claim)))} does not claim unchanged_at_apply")
+        expect(torch.equal(self.applied_out, self.base_out),
                 f"outputs changed at apply (max |diff| "
                 f"{_max_diff(self.applied_out, self.base_out):.3g}) although the method "
                 "claims unchanged_at_apply")
@@ -179,10 +169,10 @@ class Checks:
         model, ps = self.base, self.ps
         now = dict(model.named_parameters())
         moved = [n for n, p in self.base_params.items() if now.get(n) is not p]
-        _expect(not moved, f"base parameters not the same objects under their names after "
+        expect(not moved, f"base parameters not the same objects under their names after "
                            f"apply: {moved[:3]} (keep the base module's tensors: "
                            "self.weight = base.weight)")
-        _expect(self.base_keys <= set(model.state_dict()),
+        expect(self.base_keys <= set(model.state_dict()),
                 f"base state-dict keys gone: {sorted(self.base_keys - set(model.state_dict()))[:3]}")
         params = ps.trainable_parameters(model)
         adapter_before = {n: p.detach().clone() for n, p in ps.adapter_params(model).items()}
@@ -191,7 +181,7 @@ class Checks:
         for _ in range(self.steps):
             opt.zero_grad()
             loss = self.run_model(model).float().pow(2).mean()
-            _expect(loss.requires_grad, "training changed no adapter parameter: the output "
+            expect(loss.requires_grad, "training changed no adapter parameter: the output "
                                         "depends on none of them; does forward() use them?")
             loss.backward()
             opt.step()
@@ -201,15 +191,15 @@ class Checks:
                    not torch.equal(self.base_params[n], self.applied_values[n])]
         rewritten = [n for n in self.base_params if n not in trained and
                      not torch.equal(self.applied_values[n], self.base_values[n])]
-        _expect(not rewritten or self.plan.notes,
+        expect(not rewritten or self.plan.notes,
                 f"apply changed frozen base parameters {rewritten[:3]} and the plan says "
                 "nothing of it (Method.base_note)")
-        _expect(not changed, f"frozen base parameters changed in training: {changed[:3]}")
+        expect(not changed, f"frozen base parameters changed in training: {changed[:3]}")
         grads = [n for n, p in self.base_params.items() if n not in trained and p.grad is not None]
-        _expect(not grads, f"frozen base parameters received gradients: {grads[:3]}")
+        expect(not grads, f"frozen base parameters received gradients: {grads[:3]}")
         moved = {n: p for n, p in ps.adapter_params(model).items()
                  if not torch.equal(p, adapter_before[n])}
-        _expect(bool(moved) or not adapter_before,
+        expect(bool(moved) or not adapter_before,
                 "training changed no adapter parameter: does forward() use them?")
         self.trained_out = self.out(model)
         return f"{self.steps} AdamW steps; {len(moved)} adapter tensors trained"
@@ -225,13 +215,13 @@ class Checks:
         owner: dict[int, str] = {}
         for name, module in new:
             missing = sorted(expected - set(vars(module)))
-            _expect(not missing, f"module '{name}' ({type(module).__name__}) lacks "
+            expect(not missing, f"module '{name}' ({type(module).__name__}) lacks "
                                  f"{', '.join(missing[:3])}: build it with "
                                  "super().__init__() or init_module(self) first")
             for key in ("_parameters", "_buffers", "_modules", "_forward_hooks",
                         "_forward_pre_hooks", "_state_dict_hooks"):
                 other = owner.setdefault(id(vars(module)[key]), name)
-                _expect(other == name, f"modules '{other}' and '{name}' share one {key} dict "
+                expect(other == name, f"modules '{other}' and '{name}' share one {key} dict "
                                        "(a class-level container, or one reused across "
                                        "modules)")
         return f"{len(new)} new module(s)"
@@ -243,12 +233,15 @@ class Checks:
         fresh = ps.load_adapter(self.fresh(), self.file, registry=self.reg)
 
         ours, theirs = adapter_state(self.base), adapter_state(fresh)
-        _expect(set(ours) == set(theirs), f"loaded adapter tensors differ in names: "
+        expect(set(ours) == set(theirs), f"loaded adapter tensors differ in names: "
                                           f"{sorted(set(ours) ^ set(theirs))[:3]}")
-        _expect(all(torch.equal(ours[n], theirs[n]) for n in ours), "loaded values differ")
+        expect(all(torch.equal(ours[n], theirs[n]) for n in ours), "loaded values differ")
         out = self.out(fresh)
-        _expect(torch.equal(out, self.trained_out),
+        expect(torch.equal(out, self.trained_out),
                 f"outputs after load differ (max |diff| {_max_diff(out, self.trained_out):.3g})")
+
+    def buffers(self):
+        return check_buffers(self)  # (peftspec.testing.buffers)
 
     def switching(self):
         ps = self.ps
@@ -260,24 +253,24 @@ class Checks:
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
         with ps.using(model, "b"):
             out_b = self.out(model)
-        _expect(torch.equal(self.out(model), self.trained_out), "adapter 'default' changed "
+        expect(torch.equal(self.out(model), self.trained_out), "adapter 'default' changed "
                 "after switching to 'b' and back")
         with ps.disabled(model):
-            _expect(torch.equal(self.out(model), self.base_out),
+            expect(torch.equal(self.out(model), self.base_out),
                     "disabled(model) does not give the base model's outputs exactly")
         ps.use(model, None)
-        _expect(torch.equal(self.out(model), self.base_out), "use(model, None) is not the base")
+        expect(torch.equal(self.out(model), self.base_out), "use(model, None) is not the base")
         ps.use(model, "b")
-        _expect(torch.equal(self.out(model), out_b), "switching back to 'b' changed it")
+        expect(torch.equal(self.out(model), out_b), "switching back to 'b' changed it")
         ps.use(model, "default")
-        _expect(torch.equal(self.out(model), self.trained_out), "switching back changed it")
+        expect(torch.equal(self.out(model), self.trained_out), "switching back changed it")
         self.switch_model, self.out_b = model, out_b
 
     def rows(self):
         ps, model = self.ps, self.switch_model
         n = batch_size(self.inputs)
         if n is None or n < 3:
-            raise _Skip("needs tensor or dict inputs with at least 3 rows")
+            raise Skip("needs tensor or dict inputs with at least 3 rows")
         # a soft prompt's row and a plain row have outputs of different lengths:
         # with prefix methods every row gets an adapter
         cycle = ("default", "b", "default") if any(m.family == "prefix" for m in
@@ -287,12 +280,12 @@ class Checks:
             with ps.rows(model, names):
                 mixed = self.out(model)
         except (NotImplementedError, ps.PeftspecError) as exc:  # a clear refusal is fine
-            raise _Skip(f"not supported: {exc}") from None
+            raise Skip(f"not supported: {exc}") from None
         for i, name in enumerate(names):
             with ps.using(model, name):
                 alone = self.out(model, slice(i, i + 1))
             row = mixed[i:i + 1]
-            _expect(row.shape == alone.shape and
+            expect(row.shape == alone.shape and
                     torch.allclose(row, alone, atol=self.atol, rtol=0),
                     f"row {i} ({name}) differs from running it alone (max |diff| "
                     f"{_max_diff(row, alone):.3g})")
@@ -301,19 +294,19 @@ class Checks:
     def remove(self):
         ps, model = self.ps, self.base
         ps.remove(model)
-        _expect(not ps.is_patched(model), "still patched after remove")
-        _expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
+        expect(not ps.is_patched(model), "still patched after remove")
+        expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
                 "module types differ from the base after remove")
         now = dict(model.named_parameters())
-        _expect(set(now) == set(self.base_params) and
+        expect(set(now) == set(self.base_params) and
                 all(now[n] is p for n, p in self.base_params.items()),
                 "parameters are not the base's own objects after remove")
-        _expect(all(torch.equal(p, self.base_values[n]) for n, p in now.items()),
+        expect(all(torch.equal(p, self.base_values[n]) for n, p in now.items()),
                 "parameter values differ from the base after remove")
-        _expect(all(p.requires_grad == self.base_flags[n] for n, p in now.items()),
+        expect(all(p.requires_grad == self.base_flags[n] for n, p in now.items()),
                 "requires_grad flags not restored")
-        _expect(set(model.state_dict()) == self.base_keys, "state-dict keys differ")
-        _expect(torch.equal(self.out(model), self.base_out), "outputs differ from the base")
+        expect(set(model.state_dict()) == self.base_keys, "state-dict keys differ")
+        expect(torch.equal(self.out(model), self.base_out), "outputs differ from the base")
 
     def merge(self):
         ps = self.ps
@@ -322,21 +315,21 @@ class Checks:
             try:
                 ps.merge(model)
             except ps.NotMergeableError:
-                raise _Skip("not mergeable; merge refused, as it should") from None
-            raise _Failed("merge() succeeded although a method says mergeable = False")
+                raise Skip("not mergeable; merge refused, as it should") from None
+            raise Failed("merge() succeeded although a method says mergeable = False")
         try:
             ps.merge(model)
         except ps.NotMergeableError as exc:
             if "tied" not in str(exc):
                 raise
-            raise _Skip(f"merge refused for a tied weight, as it should: {exc}") from None
+            raise Skip(f"merge refused for a tied weight, as it should: {exc}") from None
         out = self.out(model)
-        _expect(not ps.is_patched(model) and not ps.adapter_params(model),
+        expect(not ps.is_patched(model) and not ps.adapter_params(model),
                 "adapter modules left after merge")
-        _expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
+        expect({n: type(m) for n, m in model.named_modules()} == self.base_types,
                 "module types differ from the base after merge")
         diff = _max_diff(out, self.trained_out)
-        _expect(diff <= self.atol, f"merged outputs differ from unmerged by {diff:.3g} "
+        expect(diff <= self.atol, f"merged outputs differ from unmerged by {diff:.3g} "
                                    f"(atol {self.atol:g})")
         return f"max |diff| {diff:.2g}"
 
@@ -345,7 +338,7 @@ class Checks:
         undeclared = sorted({m.name for m in self.methods if m.family != "train" and
                              codec_for(self.reg, m.name) is None})
         if undeclared or all(m.family == "train" for m in self.methods):
-            raise _Skip(f"{', '.join(undeclared) or 'the spec'} declares no HF PEFT support")
+            raise Skip(f"{', '.join(undeclared) or 'the spec'} declares no HF PEFT support")
         ps = self.ps
         folder = ps.export_hf_peft(self.file, self.tmp / "hf", model=self.fresh(),
                                    registry=self.reg)
@@ -354,7 +347,7 @@ class Checks:
                                     registry=self.reg)
         model = ps.load_adapter(self.fresh(), back, registry=self.reg)
         diff = _max_diff(self.out(model), self.trained_out)
-        _expect(diff <= self.atol, f"export + import changed outputs by {diff:.3g}")
+        expect(diff <= self.atol, f"export + import changed outputs by {diff:.3g}")
         detail = "export + import round trip"
         base = self.fresh()
         try:
@@ -366,5 +359,5 @@ class Checks:
             return detail + "; not a transformers model, PeftModel not tried"
         theirs = peft.PeftModel.from_pretrained(base, str(folder)).eval()
         diff = _max_diff(self.out(theirs), self.trained_out)
-        _expect(diff <= self.atol, f"PeftModel.from_pretrained's outputs differ by {diff:.3g}")
+        expect(diff <= self.atol, f"PeftModel.from_pretrained's outputs differ by {diff:.3g}")
         return detail + "; PeftModel.from_pretrained agrees"

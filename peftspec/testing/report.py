@@ -5,7 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 CHECKS = ("count_params", "unchanged_at_apply", "frozen_base", "modules", "save_load",
-          "switching", "rows", "remove", "merge", "hf_peft")
+          "buffers", "switching", "rows", "remove", "merge", "hf_peft")
+
+
+class Failed(Exception):
+    """A check found a fault; its message names it."""
+
+
+class Skip(Exception):
+    """A check does not apply; its message says why."""
+
+
+def expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise Failed(message)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftspec.core.buffers import adapter_buffers
 from peftspec.formats.adapter_file import MAX_FINGERPRINT_CHARS, file_tensors, save_adapter
 from peftspec.core.atomicio import atomic_write_bytes, check_room
 from peftspec.core.errors import ConversionError, SpecError
@@ -128,7 +129,8 @@ def import_hf_peft(src: str | Path, out: str | Path, spec_out: str | Path | None
     with torch.random.fork_rng(devices=[]):
         apply_plan(plan, model, name=name, activate=True, registry=registry)
     try:
-        expected = file_tensors(model)
+        own = adapter_buffers(model)  # apply's own buffers: kept as apply made them
+        expected = {k: t for k, t in file_tensors(model).items() if k not in own}
         if set(expected) != set(converted):  # pragma: no cover - a plugin's naming bug
             odd = sorted(set(expected) ^ set(converted))
             refuse(f"cannot import: the codec of '{codec.method}' mapped tensors that its module "
