@@ -26,7 +26,7 @@ What a target module is: :func:`module_kind`, :func:`linear_dims`,
     :mod:`peftspec.core.shapes`).
 Frozen-base storage, for freeze methods and for methods that read a packed
 weight: :class:`PackedWeight`, :class:`Codec`, :func:`dequantized`,
-    :func:`install_weight`, :func:`is_packed`.
+    :func:`install_weight`, :func:`is_packed`, :func:`codec_scratch`.
 Re-applying a spec from inside a method (EVA changes ranks):
     :func:`parse_spec`, :func:`compile_plan`, :func:`apply_plan`,
     :func:`remove`, :func:`state_of`, :func:`toml_value`, :func:`toml_loads`,
@@ -51,7 +51,8 @@ from peftspec.core.modelinfo import context_length
 from peftspec.core.method import (AdapterModule, FreezeMethod, Method, NoOptions,
                                   TrainingHooks, adapter_params)
 from peftspec.core.options import option, selectors
-from peftspec.core.packed import Codec, PackedWeight, dequantized, install_weight, is_packed
+from peftspec.core.packed import (Codec, PackedWeight, codec_scratch, dequantized, install_weight,
+                                  is_packed)
 from peftspec.core.patching import apply_plan, remove
 from peftspec.core.plan import compile_plan
 from peftspec.core.quiet import quiet_torchao
@@ -77,7 +78,7 @@ __all__ = [
     "NotMergeableError", "PackedWeight", "OptionError", "PeftspecError", "PluginError",
     "PluginInputError", "Problem", "SpecError",
     "Step", "TrainingHooks", "adapter_params", "apply_plan", "compile_plan", "config_and_class",
-    "context_length",
+    "codec_scratch", "context_length",
     "dequantized", "hookimpl", "init_module", "install_weight", "is_linear_map", "is_packed",
     "linear_dims", "module_kind", "open_folder",
     "option", "parameter", "parse_selector", "parse_spec", "quiet_torchao", "remove",

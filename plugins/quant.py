@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from peftspec.plugin_api import hookimpl, option, selectors
-from peftspec.plugin_api import Codec, PackedWeight
+from peftspec.plugin_api import Codec, PackedWeight, codec_scratch
 from peftspec.plugin_api import FreezeMethod
 from peftspec.plugin_api import quiet_torchao
 
@@ -110,20 +110,49 @@ def _nf4_scalers(stored, meta, dtype):
     return (q / stored["factor"].unsqueeze(-1)).flatten().to(dtype) + stored["mean"]
 
 
+#: the integer type as wide as two values of a float type: a pair table viewed as
+#: one word per code byte, so that the lookup gathers single elements, not rows
+_PAIR_WORD = {torch.float32: torch.int64, torch.bfloat16: torch.int32,
+              torch.float16: torch.int32}
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_words(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(256,): :func:`_pair_table` viewed as one ``_PAIR_WORD`` word per code byte."""
+    return _pair_table(dtype, device).view(_PAIR_WORD[dtype]).view(-1)
+
+
 def _nf4_dequantize(stored, meta, out):
     """Codes to floats in two passes (one gather of value pairs, one multiply by
     the block scales), written straight into ``out``; torchao's generic path
-    takes seven (two shifts to int64, two lookups, two multiplies, a stack)."""
+    takes seven (two shifts to int64, two lookups, two multiplies, a stack).
+
+    The gather reads the pair table as one integer word per code byte (a
+    float32 pair is an int64), a 1-D gather of single elements, several times
+    faster on the CPU than gathering 2-element rows; the codes' int32 indices
+    go into a reused scratch buffer (no allocation per call). The values are
+    the same bits either way."""
     dtype = meta["dtype"]
     codes = stored["codes"]
     bs = meta["block_size"]
-    # traced (torch.compile): made in the trace, not a cached tensor from outside it
-    table = _pair_table.__wrapped__(dtype, str(codes.device)) \
-        if torch.compiler.is_compiling() else _pair_table(dtype, str(codes.device))
     scalers = _nf4_scalers(stored, meta, dtype)
+    if torch.compiler.is_compiling():
+        # traced: made in the trace, not a cached tensor or a scratch buffer from outside it
+        table = _pair_table.__wrapped__(dtype, str(codes.device))
+        dense = table.index_select(0, codes.to(torch.int32)).view(-1, bs) * scalers.unsqueeze(-1)
+        return out.copy_(dense.view(out.shape))
+    word = _PAIR_WORD.get(dtype)
+    if out.dtype == dtype and word is not None and out.is_contiguous() and \
+            out.storage_offset() % 2 == 0:
+        index = codec_scratch(codes.numel(), torch.int32, codes.device)
+        index.copy_(codes)
+        torch.index_select(_pair_words(dtype, str(codes.device)), 0, index,
+                           out=out.view(-1).view(word))
+        out.view(-1, bs).mul_(scalers.unsqueeze(-1))
+        return out
+    table = _pair_table(dtype, str(codes.device))
     if out.dtype == dtype:
-        flat = out.view(-1, 2)
-        torch.index_select(table, 0, codes.to(torch.int32), out=flat)
+        torch.index_select(table, 0, codes.to(torch.int32), out=out.view(-1, 2))
         out.view(-1, bs).mul_(scalers.unsqueeze(-1))
         return out
     dense = table.index_select(0, codes.to(torch.int32)).view(-1, bs) * scalers.unsqueeze(-1)

@@ -208,16 +208,13 @@ def dequantized(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
 _scratch = threading.local()
 
-
 #: weights above this many elements are multiplied a slice of rows at a time
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    key = (dtype, device)
+def _buffer(numel: int, dtype: torch.dtype, device, purpose: str = "dense") -> torch.Tensor:
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    key = (purpose, dtype, device)
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -250,6 +247,13 @@ def _scratch_dense(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     :func:`release_scratch`."""
     out = _buffer(w.numel(), dtype, w.device).view(w.shape)
     return w.codec.dequantize(w.stored, w.meta, out)
+
+
+def codec_scratch(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """This thread's reusable 1-D buffer for a codec's temporaries (nf4's code
+    indices), never the one a weight is dequantized into: garbage on return,
+    valid until the next request for the same dtype and device."""
+    return _buffer(numel, dtype, device, "codec")
 
 
 def release_scratch() -> None:
@@ -390,6 +394,6 @@ def packed_parameters(model: nn.Module) -> dict[str, PackedWeight]:
     return {n: p for n, p in model.named_parameters() if isinstance(p, PackedWeight)}
 
 
-__all__ = ["Codec", "FrozenEntry", "PackedWeight", "dequantized", "frozen_linear",
-           "frozen_modules", "install_weight", "is_packed", "packed_parameters",
+__all__ = ["Codec", "FrozenEntry", "PackedWeight", "codec_scratch", "dequantized",
+           "frozen_linear", "frozen_modules", "install_weight", "is_packed", "packed_parameters",
            "release_scratch", "storage_options", "stored_bytes", "stored_tensors", "thaw"]

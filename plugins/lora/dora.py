@@ -11,13 +11,9 @@ the layer's own matmul."""
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-# layer -> (tensor refs, their versions, scale, context, norm); held beside the
-# layer, not on it, so that copying, pickling and state dicts never see it
-_NORMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from .kept import autocast_context, forget, kept
 
 
 def initial_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -32,54 +28,22 @@ def _norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     return (weight + scale * (lora_b @ lora_a)).norm(p=2, dim=1).detach()
 
 
-def _versions(t: torch.Tensor) -> tuple:
-    """Changes whenever ``t``'s values are written in place (an optimizer step, a
-    ``copy_`` from a file) or its memory is swapped (``t.data = ...``); a packed
-    weight's are those of its stored tensors. A write through ``t.data.copy_``
-    bypasses the counter: :func:`forget` the layer after one."""
-    stored = getattr(t, "stored", None)
-    if isinstance(stored, dict):
-        return tuple((v.data_ptr(), v._version) for v in stored.values())
-    return (t.data_ptr(), t._version)
-
-
-def _context(weight: torch.Tensor) -> tuple:
-    """What else the computed norm depends on: autocast changes the product's dtype."""
-    kind = weight.device.type
-    on = torch.is_autocast_enabled(kind)
-    return (kind, on, torch.get_autocast_dtype(kind) if on else None)
-
-
 def weight_norm(layer) -> torch.Tensor:
     """``||W + s·B·A||`` per output row of the LoRA ``layer``, detached.
 
     Training (``layer.training`` with gradients on): computed afresh each call.
-    Otherwise it is kept for the layer and reused while the very same ``W``,
-    ``A`` and ``B`` tensors hold the same values (their version counters, which
-    every in-place write bumps: optimizer steps, loads) under the same scale
-    and autocast; anything else computes it again. Tensors that keep no version
-    counter (made under ``torch.inference_mode``) are never cached."""
+    Otherwise kept (:func:`.kept.kept`) while ``W``, ``A`` and ``B`` hold the
+    same values, under the same scale and autocast."""
     p = layer._parameters
-    tensors = (p["weight"], p["lora_A"], p["lora_B"])
+    a, b = p["lora_A"], p["lora_B"]
+
+    def compute():
+        return _norm(layer._weight_out_in(), a, b, layer.scale)
+
     if layer.training and torch.is_grad_enabled():
-        return _norm(layer._weight_out_in(), tensors[1], tensors[2], layer.scale)
-    try:
-        versions = tuple(_versions(t) for t in tensors)
-    except RuntimeError:  # an inference tensor: no version counter to trust
-        return _norm(layer._weight_out_in(), tensors[1], tensors[2], layer.scale)
-    context = (layer.scale, _context(tensors[0]))
-    hit = _NORMS.get(layer)
-    if hit is not None and hit[1] == versions and hit[2] == context and \
-            all(ref() is t for ref, t in zip(hit[0], tensors)):
-        return hit[3]
-    norm = _norm(layer._weight_out_in(), tensors[1], tensors[2], layer.scale)
-    _NORMS[layer] = (tuple(weakref.ref(t) for t in tensors), versions, context, norm)
-    return norm
-
-
-def forget(layer) -> None:
-    """Drop ``layer``'s kept norm (it is recomputed on the next call)."""
-    _NORMS.pop(layer, None)
+        return compute()
+    return kept(layer, "norm", (p["weight"], a, b), (layer.scale, autocast_context(p["weight"])),
+                compute)
 
 
 def adapted_output(norm: torch.Tensor, scale: float, magnitude: torch.Tensor,
@@ -98,5 +62,4 @@ def merged(new: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return new * (magnitude.float() / new.norm(p=2, dim=1)).unsqueeze(1)
 
 
-__all__ = ["adapted_output", "forget", "initial_magnitude", "merged",
-           "weight_norm"]
+__all__ = ["adapted_output", "forget", "initial_magnitude", "merged", "weight_norm"]

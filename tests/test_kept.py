@@ -1,9 +1,13 @@
-"""DoRA's weight norm, kept between calls outside training (plugins/lora/dora.py):
-the same outputs as computing it every call, and never a stale norm after an
-optimizer step, an in-place write, new tensors, a load of other factors, or in
-a per-row batch of several DoRA adapters."""
+"""Values kept between calls outside training (plugins/lora/kept.py): DoRA's
+weight norm and plain LoRA's contiguous ``Bᵀ``. The same outputs as computing
+them every call, and never a stale value after an optimizer step, an in-place
+write, new tensors, a load of other factors, a copy, or in a per-row batch of
+several DoRA adapters."""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 import torch
@@ -181,3 +185,51 @@ def test_rows_of_two_dora_adapters_match_each_alone(tmp_path):
         assert torch.equal(after[0], together[0]) and not torch.equal(after[1], together[1])
         with peftspec.using(model, "b"):
             assert torch.allclose(after[1:2], model(ids[1:2]), atol=1e-5)
+
+
+LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.attn.q", "**.mlp.2"]\nr = 2\n'
+
+
+def lora_layer():
+    model = toy()
+    peftspec.apply(peftspec.parse_spec(LORA), model)
+    with torch.no_grad():
+        for p in peftspec.trainable_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval(), layers(model)[0]
+
+
+def lora_reference(layer, x):
+    return F.linear(x, layer.weight + layer.scale * layer.lora_B @ layer.lora_A, layer.bias)
+
+
+def test_lora_keeps_b_transposed_only_without_gradients_and_follows_every_change():
+    model, layer = lora_layer()
+    h = torch.randn(1, 16)
+
+    def check(what):
+        with torch.no_grad():
+            for _ in range(2):  # computed, then kept
+                assert torch.allclose(layer(h), lora_reference(layer, h), atol=1e-5), what
+        assert "b_t" in vars(layer)["_kept"], what
+
+    check("first")
+    with torch.no_grad():
+        layer.lora_B.mul_(-2)
+    check("in-place write")
+    opt = torch.optim.AdamW(peftspec.trainable_parameters(model).values(), lr=0.1)
+    model.train()
+    opt.zero_grad()
+    layer(h).square().sum().backward()  # with gradients: B itself, so B gets its gradient
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    opt.step()
+    model.eval()
+    check("optimizer step")
+    layer.load_adapter_state({k: torch.randn_like(v) for k, v in layer.adapter_params().items()})
+    check("load_adapter_state")
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not vars(clone).get("_kept")  # copies carry nothing kept
+        with torch.no_grad():
+            clone.lora_B.add_(1.0)
+            assert torch.allclose(clone(h), lora_reference(clone, h), atol=1e-5)
+    check("after copies")
