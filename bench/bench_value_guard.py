@@ -1,16 +1,17 @@
-"""What the framework's value check costs at apply (issue 27, point 2).
+"""What the framework's value checks cost at apply (issue 27, point 2).
 
-``apply_plan`` copies the base tensors each step's target holds just before
-``Method.apply`` and compares them bit for bit after (``core.promise.ValueGuard``),
-so that a plugin writing a frozen weight in place is caught. This times
-``peftspec.apply`` with the check and with it replaced by a no-op, rounds
-interleaved, on:
+Around each step's ``Method.apply``, ``apply_plan`` holds a write barrier (a
+``TorchFunctionMode`` refusing torch's in-place writes into the step's base
+tensors: ``core.barrier``) and, after it, compares each base tensor's version
+counter and a few sampled bytes (``core.promise.ValueGuard``). This times
+``peftspec.apply`` with both, with the guard but no barrier, and with neither,
+rounds interleaved, on:
 
 * the 512-layer tiny Llama of ``bench_core`` (LoRA r=8 on its 3,584 linears);
 * SmolLM2-135M-Instruct (``--model smollm2``), LoRA r=16 on all seven
   projections of its 30 layers (210 targets).
 
-Prints medians and the overhead; goal: within 10% of apply time.
+Prints medians and the overheads against neither; goal: within 10% of apply time.
 Run ``python bench/bench_value_guard.py [--rounds N] [--skip-smollm2]``.
 """
 
@@ -38,8 +39,22 @@ class NoGuard:
     def restore(self, which=None):
         pass
 
-    def check(self, registry, step):
+    def check(self, registry, step, **kw):
         pass
+
+    def barrier(self):
+        return None
+
+
+class GuardOnly(ValueGuard):
+    """The version counters and sampled bytes, without the barrier."""
+    __slots__ = ()
+
+    def barrier(self):
+        return None
+
+
+VARIANTS = {"both": ValueGuard, "guard only": GuardOnly, "neither": NoGuard}
 
 
 def tiny_llama(layers: int):
@@ -51,12 +66,12 @@ def tiny_llama(layers: int):
 
 
 def time_apply(make, spec, rounds: int) -> dict:
-    times = {"with check": [], "without": []}
+    names = list(VARIANTS)
+    times = {k: [] for k in names}
     peftspec.apply(spec, make())  # warm-up
     for i in range(rounds):
-        order = ["with check", "without"] if i % 2 == 0 else ["without", "with check"]
-        for variant in order:
-            patching.ValueGuard = ValueGuard if variant == "with check" else NoGuard
+        for variant in names[i % 3:] + names[:i % 3]:  # rotated round by round
+            patching.ValueGuard = VARIANTS[variant]
             torch.manual_seed(i)
             model = make()
             gc.collect()
@@ -66,8 +81,9 @@ def time_apply(make, spec, rounds: int) -> dict:
             del model
     patching.ValueGuard = ValueGuard
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "overhead": med["with check"] / med["without"] - 1,
-            "min_overhead": min(times["with check"]) / min(times["without"]) - 1,
+    return {"median_s": med,
+            "overhead": {k: med[k] / med["neither"] - 1 for k in names[:2]},
+            "min_overhead": {k: min(times[k]) / min(times["neither"]) - 1 for k in names[:2]},
             "times_s": times}
 
 
@@ -90,9 +106,10 @@ def main() -> None:
         res["smollm2"] = time_apply(lambda: copy.deepcopy(base), spec, a.rounds)
     for name, r in res.items():
         m = r["median_s"]
-        print(f"{name}: apply {m['without'] * 1e3:.1f} ms without the check, "
-              f"{m['with check'] * 1e3:.1f} ms with it: {r['overhead']:+.1%} "
-              f"(fastest rounds: {r['min_overhead']:+.1%})")
+        print(f"{name}: apply {m['neither'] * 1e3:.1f} ms with neither check; guard only "
+              f"{m['guard only'] * 1e3:.1f} ms ({r['overhead']['guard only']:+.1%}); barrier "
+              f"and guard {m['both'] * 1e3:.1f} ms ({r['overhead']['both']:+.1%}; fastest "
+              f"rounds {r['min_overhead']['both']:+.1%})")
     print(json.dumps({k: {kk: v[kk] for kk in ("median_s", "overhead", "min_overhead")} for k, v in res.items()}))
 
 

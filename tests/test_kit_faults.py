@@ -35,7 +35,7 @@ WHO = "plugin 'peftspec-broken', method '{}'"
 
 @pytest.mark.parametrize("method, check, words", [
     # point 2: a frozen base weight written in place during apply
-    (AddsInPlace(), "apply", ["wrote frozen base tensor", "in place"]),
+    (AddsInPlace(), "apply", ["tried to write frozen base tensor", "refused the write"]),
     # point 4: a refusal from check, one from apply, and bugs in apply, merge, detach,
     # and in the options class
     (CheckRefuses(), "apply", ["SpecError", "refused", "in check: scale must be nonzero"]),

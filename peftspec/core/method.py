@@ -221,15 +221,16 @@ class Method:
         The frozen-base promise: the base module's parameters and buffers must
         stay the same objects, over the same memory, with the same values (bit
         for bit); the caller freezes them. :func:`peftspec.apply_plan` holds every
-        plugin to it: around each ``apply`` a
-        :class:`peftspec.core.promise.ValueGuard` sees a value written in place
-        (any in-place torch operation; a ``.data`` write by sampled bytes), and
-        after every apply :func:`peftspec.core.promise.verify` checks that each
-        base tensor is still in the model, the same object over the same
-        memory. A violation is a ``PluginError`` naming the distribution,
-        method, rule, spec line and tensor, and the modules are rolled back
-        (values written in place cannot be put back: the message says to reload
-        the model). A rule whose options have a :meth:`base_note` (PiSSA) is
+        plugin to it: during each ``apply`` a
+        :class:`peftspec.core.barrier.WriteBarrier` refuses any in-place torch
+        write into a base tensor before it happens, after it a
+        :class:`peftspec.core.promise.ValueGuard` sees one made otherwise
+        (numpy, raw memory: sampled bytes), and after every apply
+        :func:`peftspec.core.promise.verify` checks that each base tensor is
+        still in the model, the same object over the same memory. A violation
+        is a ``PluginError`` naming the distribution, method, rule, spec line
+        and tensor, and the modules are rolled back (values written outside
+        torch cannot be put back: the message says to reload the model). A rule whose options have a :meth:`base_note` (PiSSA) is
         exempt from the value check. New parameters must be reachable through
         :class:`AdapterModule`; buffers on modules ``apply`` builds are adapter
         state (:mod:`peftspec.core.buffers`). Raise ``ValueError`` to refuse the

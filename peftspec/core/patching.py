@@ -153,14 +153,23 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             # a rule that announced a rewritten base (PiSSA's residual) is exempt
             guard = None if step.rule in plan.notes else ValueGuard(original, step, base_ids)
             keys = buffer_keys(original)
+            barrier = None if guard is None else guard.barrier()
             try:
-                installed = method.apply(original, step)
+                if barrier is None:
+                    installed = method.apply(original, step)
+                else:  # torch's in-place writes into the base refused before they happen
+                    with barrier:
+                        installed = method.apply(original, step)
             except BaseException as exc:
+                if barrier is not None and barrier.refused is not None:
+                    raise guard.refused(registry, step, barrier.refused) from exc
                 if guard is not None:
                     guard.check(registry, step, failed=True)  # the write, named first
                 if not isinstance(exc, Exception):
                     raise
                 reraise(exc, registry, step, "apply", plan.spec.file, target=step.target)
+            if barrier is not None and barrier.refused is not None:  # swallowed by the plugin
+                raise guard.refused(registry, step, barrier.refused)
             if guard is not None:
                 guard.check(registry, step)
             if len(original._buffers) != len(keys) and id(original) not in built:

@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from peftspec.core.barrier import BaseWriteRefused, WriteBarrier, storages_of
 from peftspec.core.fastmodule import all_modules
 from peftspec.core.errors import PluginError
 
@@ -311,12 +312,14 @@ class ValueGuard:
     tensor's version counter, which every in-place torch operation bumps (on
     the tensor, a view or ``detach()`` of it, under ``no_grad`` too), and a
     fingerprint of a few evenly spaced elements, for a write through ``.data``
-    (which bypasses the counter). A ``.data`` write that misses every sampled
-    element, or one through numpy or raw memory, is not seen. No copy of the
-    base is kept, so changed values cannot be put back (reading or copying
-    every touched weight would cost several times apply itself on SmolLM2:
-    ``bench/bench_value_guard.py``). Packed (``[[freeze]]``) and meta tensors
-    are left out: the former refuse writes anyway.
+    (which bypasses the counter). Torch's own in-place writes are refused
+    before they happen by :meth:`barrier` (so nothing needs putting back);
+    these checks are behind it, for a write that is not a torch call (numpy,
+    raw memory), which is reported but cannot be put back: no copy of the base
+    is kept (copying every touched weight would cost several times apply
+    itself on SmolLM2: ``bench/bench_value_guard.py``). A write through numpy
+    that misses every sampled element is not seen. Packed (``[[freeze]]``) and
+    meta tensors are left out: the former refuse writes anyway.
     """
 
     __slots__ = ("names", "tensors", "versions", "spots", "samples")
@@ -343,6 +346,26 @@ class ValueGuard:
                                                         self.samples))
                 if t._version != v or (not sp or sp[0] == t.data_ptr()) and
                 not _same(_read(sp, t), s)]
+
+    def barrier(self) -> WriteBarrier | None:
+        """A :class:`~peftspec.core.barrier.WriteBarrier` over these tensors, to
+        hold around ``Method.apply``: torch's in-place writes into them are refused
+        before they happen (``None``: nothing to guard)."""
+        if not self.tensors:
+            return None
+        return WriteBarrier(storages_of([".".join(p for p in n if p) for n in self.names],
+                                        self.tensors))
+
+    def refused(self, registry, step, refusal: BaseWriteRefused) -> PluginError:
+        """The error for a write the barrier refused (nothing was written)."""
+        name = ".".join(p for p in (step.target, refusal.name) if p)
+        return PluginError(
+            f"{_who(registry, step)} ({step.rule}, spec line {step.line}) tried to write "
+            f"frozen base tensor '{name}' in place during apply ({refusal.op}); peftspec "
+            "refused the write before it happened, so the base keeps its values and the "
+            "model was rolled back unchanged. Base tensors must keep their values: put a "
+            "change in the adapter's own parameters, or announce a rewritten base with "
+            "Method.base_note")
 
     def check(self, registry, step, *, failed: bool = False) -> None:
         """Raise :class:`PluginError` if a value changed (``failed``: apply raised

@@ -1,0 +1,97 @@
+"""Refusing a write to a frozen base tensor before it happens (issue 27, point 2).
+
+While a step's ``Method.apply`` runs, :class:`WriteBarrier` (a
+``TorchFunctionMode``) looks at every torch call the plugin makes. An in-place
+one (``add_``, ``copy_``, ``t[i] = v``, ``x += y``, ``out=``, ``torch.nn.init``'s
+fills) whose destination shares memory with one of the step's base tensors
+(the tensor itself, a view, ``.data``, ``.detach()``) raises
+:class:`BaseWriteRefused` instead of writing: the base keeps its values, so
+rolling back the modules leaves the model exactly as it was. The refusal is
+also recorded, so a plugin that swallows the exception is still reported.
+
+Reads, new tensors and metadata (``requires_grad_``) pass through. A write
+through numpy or raw memory is not a torch call: ``core.promise.ValueGuard``'s
+version counters and sampled bytes are the check behind this one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# in-place by name but leaving values alone: autograd flags and bookkeeping
+_METADATA = frozenset({"requires_grad_", "retain_grad", "share_memory_", "detach_"})
+_DUNDER = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
+                     "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"})
+
+_DEST_KEYS = ("tensor", "input", "self", "out")
+
+
+class BaseWriteRefused(RuntimeError):
+    """A plugin's ``apply`` tried to write a frozen base tensor; nothing was written."""
+
+    def __init__(self, name: str, op: str):
+        self.name, self.op = name, op
+        super().__init__(f"peftspec refused '{op}' on frozen base tensor '{name}' during "
+                         "Method.apply: base tensors must keep their values")
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # subclasses without storage
+        return None
+
+
+def _is_write(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _DUNDER:
+        return True
+    if name.endswith("_") and not name.startswith("_") and name not in _METADATA:
+        return True
+    return bool(kwargs) and kwargs.get("out") is not None
+
+
+class WriteBarrier(TorchFunctionMode):
+    """Refuse torch's in-place writes into ``storages`` (data pointer -> tensor
+    name, the names relative to the step's target) while active."""
+
+    def __init__(self, storages: dict[int, str]):
+        super().__init__()
+        self.storages = storages
+        self.refused: BaseWriteRefused | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.storages and _is_write(func, kwargs):
+            self._check(func, args, kwargs)
+        return func(*args, **(kwargs or {}))
+
+    def _check(self, func, args, kwargs) -> None:
+        # the destination: the first argument, however it was passed
+        # (``torch.nn.init``'s functions forward theirs as ``tensor=``), and ``out``
+        kwargs = kwargs or {}
+        dests = []
+        for d in (args[0] if args else None, *map(kwargs.get, _DEST_KEYS)):
+            if d is not None:
+                dests.extend(d if isinstance(d, (list, tuple)) else (d,))
+        for t in dests:
+            if isinstance(t, torch.Tensor):
+                name = self.storages.get(_storage(t))
+                if name is not None:
+                    op = getattr(func, "__name__", repr(func))
+                    self.refused = self.refused or BaseWriteRefused(name, op)
+                    raise BaseWriteRefused(name, op)
+
+
+def storages_of(names: list[str], tensors: list[torch.Tensor]) -> dict[int, str]:
+    """Data pointer of each tensor's storage -> its name (the first, where shared)."""
+    out: dict[int, str] = {}
+    for name, t in zip(names, tensors):
+        ptr = _storage(t)
+        if ptr:  # 0: an empty storage, which no write can change
+            out.setdefault(ptr, name)
+    return out
+
+
+__all__ = ["BaseWriteRefused", "WriteBarrier", "storages_of"]
