@@ -24,10 +24,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchenv import peftspec_train
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "specs" / "smollm2-chat.toml"
@@ -35,16 +36,12 @@ DATA = REPO / "data" / "brindlecombe-chat.jsonl"
 
 
 def run(variant: str, steps: int, work: Path, threads: int) -> dict:
-    log = work / f"{variant}.jsonl"
-    log.unlink(missing_ok=True)
-    exe = Path(sys.executable).parent / "peftspec"
-    cmd = [str(exe), "train", str(SPEC), "--model", "smollm2", "--data", str(work / "d.jsonl"),
-           f"--{variant}", "--steps", str(steps), "--batch-size", "4", "--max-length", "256",
-           "--eval-every", "0", "--log", str(log), "--out", str(work / f"{variant}.safetensors")]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    args = [SPEC, "--model", "smollm2", "--data", work / "d.jsonl", f"--{variant}", "--steps",
+            steps, "--batch-size", "4", "--max-length", "256", "--eval-every", "0",
+            "--out", work / f"{variant}.safetensors"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PEFTSPEC_THREADS": str(threads)}
     # the spec's [train_config] names an eval file; an end-of-run eval is not timed but costs
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    every = [json.loads(x) for x in log.read_text().splitlines()]
+    every, _ = peftspec_train(args, work / f"{variant}.jsonl", env)
     every = [s for s in every if s["type"] == "train"]
     steps_ = every[1:]  # the first step carries first-call costs
     med = statistics.median

@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import cpu_name, loadavg
+from benchenv import cpu_name, loadavg, peftspec_train, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -237,18 +237,13 @@ def worker_peak() -> dict:
 
 
 def run_peftspec(work: Path, variant: str, threads: int) -> tuple[dict, float]:
-    log = work / f"{variant}.jsonl"
-    log.unlink(missing_ok=True)
-    exe = Path(sys.executable).parent / "peftspec"
-    cmd = [str(exe), "train", str(work / "spec.toml"), "--model", "smollm2",
-           "--data", str(work / "train.jsonl"), "--eval", str(work / "eval.jsonl"),
-           "--epochs", "1", "--batch-size", str(BATCH), "--max-length", str(MAX_LEN),
-           "--lr", str(LR), "--seed", str(SEED), "--threads", str(threads),
-           "--log", str(log), "--out", str(work / f"{variant}.safetensors")]
+    args = [work / "spec.toml", "--model", "smollm2", "--data", work / "train.jsonl",
+            "--eval", work / "eval.jsonl", "--epochs", "1", "--batch-size", BATCH,
+            "--max-length", MAX_LEN, "--lr", LR, "--seed", SEED, "--threads", threads,
+            "--out", work / f"{variant}.safetensors"]
     if variant == "peftspec-packing":
-        cmd.append("--packing")
-    rss = _spawn(cmd)
-    recs = [json.loads(x) for x in log.read_text().splitlines()]
+        args.append("--packing")
+    recs, rss = peftspec_train(args, work / f"{variant}.jsonl", _env())
     train = [r for r in recs if r["type"] == "train"]
     # a step record's "time" is the seconds since the first step began
     return ({"epoch_s": train[-1]["time"], "steps": len(train),
@@ -256,16 +251,8 @@ def run_peftspec(work: Path, variant: str, threads: int) -> tuple[dict, float]:
              "eval_loss": [r for r in recs if r["type"] == "eval"][-1]["loss"]}, rss)
 
 
-def _spawn(cmd: list[str]) -> float:
-    """Run ``cmd``; its peak RSS in MiB (``wait4``); stops the bench if it fails."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return usage.ru_maxrss / 1024
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
 
 
 def run_one(work: Path, name: str, threads: int) -> dict:
@@ -274,8 +261,8 @@ def run_one(work: Path, name: str, threads: int) -> dict:
         res, rss = run_peftspec(work, name, threads)
     else:
         out = work / f"{name}.json"
-        rss = _spawn([sys.executable, __file__, "--worker", name, "--work", str(work),
-                      "--threads", str(threads)])
+        rss = spawn([sys.executable, __file__, "--worker", name, "--work", str(work),
+                     "--threads", str(threads)], _env())
         res = json.loads(out.read_text())
     return {**res, "wall_s": time.perf_counter() - t0, "rss_mb": rss}
 
@@ -334,8 +321,8 @@ def main() -> None:
         items = encoded(work / "train.jsonl")
         tokens = sum(len(ids) for ids, _ in items)
         scored = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in items)
-        _spawn([sys.executable, __file__, "--worker", "peak", "--work", tmp,
-                "--threads", str(args.threads)])
+        spawn([sys.executable, __file__, "--worker", "peak", "--work", tmp,
+               "--threads", str(args.threads)], _env())
         peak = json.loads((work / "peak.json").read_text())
         flops = 4 * peak["N"] * tokens + 4 * peak["head"] * scored
         runs: dict[str, list[dict]] = {n: [] for n in names}

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -47,3 +51,27 @@ def header(env: dict, quick: bool, seconds: float | None = None) -> str:
     if seconds is not None:
         line += f" | {seconds:.0f} s"
     return line + (" | QUICK (smoke test, not the real sizes)" if quick else "")
+
+
+def spawn(cmd: list, env: dict | None = None) -> float:
+    """Run ``cmd`` in its own process, its output dropped; its peak RSS in MiB
+    (``wait4``: this child's own, not a parent's). Stops the bench, with the
+    child's last stderr, if it fails."""
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        sys.exit(f"{' '.join(map(str, cmd[:4]))} ... failed ({code}):\n{err.decode()[-3000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def peftspec_train(args: list, log: Path, env: dict | None = None) -> tuple[list[dict], float]:
+    """``peftspec train ARGS --log LOG`` (this interpreter's) in its own process:
+    the log's records and the run's peak RSS in MiB."""
+    log = Path(log)
+    log.unlink(missing_ok=True)
+    exe = Path(sys.executable).parent / "peftspec"
+    rss = spawn([exe, "train", *args, "--log", log], env)
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()], rss

@@ -24,6 +24,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# training picks its threads from the load it sees (peftspec.core.threads); the
+# tests compare runs bit for bit, so they fix the count (children inherit it)
+os.environ.setdefault("PEFTSPEC_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture

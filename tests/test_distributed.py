@@ -64,7 +64,9 @@ def setup(tmp_path):
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    # one thread a process, as torchrun sets (conftest's PEFTSPEC_THREADS would win)
+    return {**env, "OMP_NUM_THREADS": "1", "PEFTSPEC_THREADS": "1",
+            "PEFTSPEC_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def torchrun(args: list[str], logs: Path, nproc: int = 2, timeout: int = 240):

@@ -144,7 +144,8 @@ def test_training_natively_equals_training_through_transformers(tmp_path):
         out, log = tmp_path / f"a{flag}.safetensors", tmp_path / f"l{flag}.jsonl"
         proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, str(spec), str(out), str(log)],
                               capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PEFTSPEC_NATIVE": flag})
+                              env={**os.environ, "PEFTSPEC_NATIVE": flag,
+                                   "PEFTSPEC_THREADS": "2"})  # the bits follow the threads
         assert proc.returncode == 0, proc.stderr[-3000:]
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         losses = [json.loads(x)["loss"] for x in log.read_text().splitlines()

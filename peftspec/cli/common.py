@@ -83,8 +83,10 @@ def memory_options(fn):
                      help="examples per micro-batch [default: the spec's train_config, else 8]"),
         click.option("--seq-len", type=int, default=None,
                      help="tokens per example [default: the spec's max_length, else 128]"),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-                     help="activation precision [default: the spec's, else fp32]"),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                     help="compute precision: bf16 autocast, fp32, or auto (bf16 where it is "
+                          "native and measured faster, else fp32) [default: the spec's, "
+                          "else auto]"),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
                      help="estimate activations with checkpointed blocks"),
     ]):

@@ -13,6 +13,7 @@ from peftspec.core.train_config import OPTIONS
 from peftspec.cli.common import human_bytes, load, out
 from peftspec.core.patching import apply_plan
 from peftspec.train import memory as mem
+from peftspec.train.precision import resolve as resolve_precision
 
 
 def prompt_tokens(plan) -> int:
@@ -46,6 +47,7 @@ def memory_numbers(spec: Path, model_source: str | None, batch_size: int | None,
     batch = batch_size or tc.get("batch_size", OPTIONS["batch_size"].default)
     seq = seq_len or tc.get("max_length", OPTIONS["max_length"].default)
     precision = precision or tc.get("precision", OPTIONS["precision"].default)
+    precision = resolve_precision(precision)[0]  # auto: what training would choose here
     ckpt = gradient_checkpointing if gradient_checkpointing is not None \
         else tc.get("gradient_checkpointing", False)
     extra = prompt_tokens(plan)

@@ -182,6 +182,8 @@ def train(spec: Path, model_source: str | None, out_path: Path, resume: Path | N
                           f"({e['eval_examples']} for eval, max {e['max_length']} tokens, "
                           f"{e['dropped']} dropped, {e['truncated']} truncated"
                           f"{_skipped(e)}) for {e['total_steps']} steps{escape(resumed)}")
+                err.print(f"precision {e['precision']} ({escape(e['precision_why'])}), "
+                          f"{e['threads']} CPU threads")
                 if e.get("packed_rows"):
                     err.print(f"packed {e['examples']} examples into {e['packed_rows']} rows of "
                               f"at most {e['max_length']} tokens")

@@ -66,8 +66,10 @@ OPTIONS: dict[str, Opt] = {
     "seed": Opt(int, 0, "seed for the adapter's init, data order and dropout"),
     "max_length": Opt(int, 128, "truncate examples to this many tokens", 2),
     "gradient_checkpointing": Opt(bool, False, "recompute activations in backward"),
-    "precision": Opt(str, "fp32", "fp32, or bf16 autocast (weights stay as loaded)",
-                     choices=("fp32", "bf16")),
+    "precision": Opt(str, "auto", "auto (bf16 autocast where bf16 is native and measured "
+                                  "faster, else fp32: peftspec.train.precision), fp32, or "
+                                  "bf16 autocast (weights stay as loaded)",
+                     choices=("auto", "fp32", "bf16")),
     "fused_loss": Opt(bool, True, "a causal LM's head and cross-entropy only at the scored "
                                   "positions, a chunk at a time (false: the model's own loss "
                                   "over every position; the same value either way)"),
@@ -138,7 +140,7 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 128
     gradient_checkpointing: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"
     fused_loss: bool = True
     threads: int = 0
     save_every: int = 0

@@ -135,6 +135,8 @@ def _train(spec, cfg: TrainConfig, *, model_source, model, out, resume, registry
           "streamed": _streamed(run), "packing": run.cfg.packing,
           "trainable": sum(p.numel() for p in run.params),
           "checkpointing": run.checkpointing, "resumed_from": run.resume_folder,
+          "precision": run.cfg.precision, "precision_why": run.precision_why,
+          "threads": run.threads,
           "labels": list(run.task.labels.names) if run.task.classify else None})
     t0, start_step, start_tokens = time.perf_counter(), run.step, run.tokens
     losses, eval_loss, interrupted, saved = [], None, False, None

@@ -3,11 +3,17 @@
 Records::
 
     {"type": "train", "step": 3, "epoch": 0.25, "loss": 2.71, "lr": 0.001,
-     "grad_norm": 0.93, "tokens": 3072, "tokens_per_s": 5120.4, "time": 0.61}
+     "grad_norm": 0.93, "tokens": 3072, "tokens_per_s": 5120.4, "step_tokens": 1024,
+     "scored_tokens": 388, "positions": 1100, "seconds": 0.2, "time": 0.61}
     {"type": "eval", "step": 3, "loss": 2.65, "tokens": 812}
     {"type": "eval", "step": 3, "loss": 0.41, "accuracy": 0.875, "examples": 48}
 
 (the last for a classifier: mean cross-entropy and accuracy over examples).
+In a step's record ``tokens`` counts every non-padding token trained on so
+far and ``step_tokens`` this step's; ``positions`` are the batch's rows x
+length, padding included; ``seconds`` is this step's time, and ``time`` the
+seconds since the first step began (cumulative: one epoch's time is its last
+step's ``time``).
 
 ``step`` counts optimizer steps done. A resumed run first drops the records
 written after its checkpoint's step (a killed run may have logged past it), so

@@ -21,6 +21,7 @@ from peftspec.core.errors import PeftspecError
 from peftspec.core.facade import apply, trainable_parameters
 from peftspec.core.modelinfo import context_length
 from peftspec.core import threads
+from peftspec.train import precision
 from peftspec.core.registry import registry_or_default
 from peftspec.core.train_config import OPTIONS, TrainConfig
 from peftspec.data import examples as data
@@ -43,7 +44,7 @@ class Run:
                  resume: Path | None = None, rank0: bool = True,
                  world: distributed.World | None = None, force: bool = False):
         self.cfg, self.rank0 = cfg, rank0
-        threads.use(cfg.threads or None)  # torch's CPU threads: peftspec.core.threads
+        self.threads = threads.use(cfg.threads or None)  # peftspec.core.threads
         self.world = world or distributed.World()
         self.world.check_batch_size(cfg.batch_size)
         self.registry = registry_or_default(registry)
@@ -55,6 +56,9 @@ class Run:
         self.tok = tokenizer_for(model_source, self.model)
         self._read_data()
         self.resume_folder = ckpt.find(resume) if resume else None
+        chosen, self.precision_why = precision.for_run(cfg.precision, self.resume_folder,
+                                                       self.model)
+        self.cfg = cfg = cfg.with_(precision=chosen)
         if cfg.packing:
             self._check_packing(spec)
         torch.manual_seed(cfg.seed)
