@@ -44,28 +44,45 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-def _is_write(func, kwargs) -> bool:
+_WRITES: dict = {}  # torch function -> whether it writes its first argument (by name)
+
+
+def _writes(func) -> bool:
     name = getattr(func, "__name__", "")
-    if name in _DUNDER:
-        return True
-    if name.endswith("_") and not name.startswith("_") and name not in _METADATA:
-        return True
-    return bool(kwargs) and kwargs.get("out") is not None
+    w = name in _DUNDER or (name.endswith("_") and not name.startswith("_")
+                            and name not in _METADATA)
+    try:
+        _WRITES[func] = w
+    except TypeError:  # not hashable: asked again next time
+        pass
+    return w
 
 
 class WriteBarrier(TorchFunctionMode):
-    """Refuse torch's in-place writes into ``storages`` (data pointer -> tensor
-    name, the names relative to the step's target) while active."""
+    """Refuse torch's in-place writes into ``tensors`` (named by ``names``, relative
+    to the step's target) while active."""
 
-    def __init__(self, storages: dict[int, str]):
+    def __init__(self, names, tensors: list[torch.Tensor]):
         super().__init__()
-        self.storages = storages
+        self._names, self._tensors = names, tensors
+        self._storages: dict[int, str] | None = None  # made at the first write
         self.refused: BaseWriteRefused | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.storages and _is_write(func, kwargs):
+        # every torch call apply makes comes through here: a dictionary lookup
+        w = _WRITES.get(func)
+        if w is None:
+            w = _writes(func)
+        if w or (kwargs and kwargs.get("out") is not None):
             self._check(func, args, kwargs)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+    @property
+    def storages(self) -> dict[int, str]:
+        """Data pointer of each guarded tensor's storage -> its name."""
+        if self._storages is None:
+            self._storages = storages_of(list(self._names), self._tensors)
+        return self._storages
 
     def _check(self, func, args, kwargs) -> None:
         # the destination: the first argument, however it was passed
@@ -77,7 +94,8 @@ class WriteBarrier(TorchFunctionMode):
                 dests.extend(d if isinstance(d, (list, tuple)) else (d,))
         for t in dests:
             if isinstance(t, torch.Tensor):
-                name = self.storages.get(_storage(t))
+                ptr = _storage(t)
+                name = self.storages.get(ptr) if ptr else None
                 if name is not None:
                     op = getattr(func, "__name__", repr(func))
                     self.refused = self.refused or BaseWriteRefused(name, op)

@@ -230,8 +230,9 @@ class Method:
         still in the model, the same object over the same memory. A violation
         is a ``PluginError`` naming the distribution, method, rule, spec line
         and tensor, and the modules are rolled back (values written outside
-        torch cannot be put back: the message says to reload the model). A rule whose options have a :meth:`base_note` (PiSSA) is
-        exempt from the value check. New parameters must be reachable through
+        torch cannot be put back: the message says to reload the model). A
+        rule whose options have a :meth:`base_note` (PiSSA) is exempt from the
+        value check. New parameters must be reachable through
         :class:`AdapterModule`; buffers on modules ``apply`` builds are adapter
         state (:mod:`peftspec.core.buffers`). Raise ``ValueError`` to refuse the
         input; any other exception is reported as the plugin failing

@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from peftspec.core.barrier import BaseWriteRefused, WriteBarrier, storages_of
+from peftspec.core.barrier import BaseWriteRefused, WriteBarrier
 from peftspec.core.fastmodule import all_modules
 from peftspec.core.errors import PluginError
 
@@ -353,8 +353,7 @@ class ValueGuard:
         before they happen (``None``: nothing to guard)."""
         if not self.tensors:
             return None
-        return WriteBarrier(storages_of([".".join(p for p in n if p) for n in self.names],
-                                        self.tensors))
+        return WriteBarrier((".".join(p for p in n if p) for n in self.names), self.tensors)
 
     def refused(self, registry, step, refusal: BaseWriteRefused) -> PluginError:
         """The error for a write the barrier refused (nothing was written)."""
