@@ -58,7 +58,8 @@ def test_every_column_is_present_and_consistent_with_plan(compared):
     assert results["environment"]["torch"] and results["settings"]["steps"] == 3
     for spec in SPECS:
         plan = json.loads(CliRunner().invoke(cli, [
-            "plan", spec, "--memory", "--json", "--batch-size", "4", "--seq-len", "96"]).output)
+            "plan", spec, "--memory", "--json", "--batch-size", "4", "--seq-len", "96",
+            "--precision", results["settings"]["precision"]]).output)  # auto may pick bf16 here
         r = runs[plan["plan"]["spec"]["name"]]
         assert r["params"]["trainable"] == plan["plan"]["trainable_params"]
         assert r["params"]["base"] == plan["plan"]["base_params"]

@@ -92,7 +92,7 @@ def test_two_processes_under_ddp_train_the_one_process_adapter(tmp_path, data):
 
     (tmp_path / "s.toml").write_text(SPEC)
     args = ["--data", str(data), "--steps", "2", "--batch-size", "4", "--max-length", "24",
-            "--lr", "1e-2", "--seed", "3"]
+            "--lr", "1e-2", "--seed", "3", "--precision", "fp32"]  # compared: not auto
     one = tmp_path / "one.safetensors"
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "s.toml"), *args, "--out", str(one)])
     assert r.exit_code == 0, r.output
@@ -101,3 +101,21 @@ def test_two_processes_under_ddp_train_the_one_process_adapter(tmp_path, data):
                              tmp_path / "logs")
     assert proc.returncode == 0, (proc.stderr, outputs)
     assert_same_tensors(one, two)
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("nf4", "block_size = 32\nscaler_block_size = 4"), ("int8", ""), ("bf16", "")])
+def test_bf16_training_over_a_packed_base_learns_and_keeps_the_base(tmp_path, data, kind, extra):
+    # the LoRA's fused update met an fp32 packed-base output beside a bf16
+    # after_a under autocast: auto picks bf16 on an AMX CPU, where this crashed
+    spec = peftspec.parse_spec(SPEC.replace('"nf4"', f'"{kind}"').replace(
+        "block_size = 32\nscaler_block_size = 4", extra))
+    model = tiny()
+    result = train(spec, TrainConfig.resolve(data=str(data), steps=6, batch_size=4,
+                                             max_length=24, lr=1e-2, seed=3, precision="bf16"),
+                   model=model, out=tmp_path / "a.safetensors")
+    assert len(packed_parameters(model)) == 12
+    assert all(map(torch.isfinite, map(torch.tensor, result.losses)))
+    assert result.losses[-1] < result.losses[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randint(0, 257, (2, 8))).logits.isfinite().all()  # eval too

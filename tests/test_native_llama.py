@@ -119,7 +119,8 @@ from peftspec.train.loop import train
 spec_file, out, log = sys.argv[1:4]
 spec = peftspec.load_spec(spec_file)
 cfg = TrainConfig.resolve(spec.train_config, __import__("pathlib").Path(spec_file).parent,
-                          steps=3, eval_every=0, batch_size=2, max_length=48, log=log)
+                          steps=3, eval_every=0, batch_size=2, max_length=48, log=log,
+                          precision="fp32")  # compared bit for bit: not auto (bf16 on AMX)
 r = train(spec, cfg, model_source="smollm2", out=out)
 print(json.dumps({"transformers": "transformers" in sys.modules, "eval": r.eval_loss}))
 """

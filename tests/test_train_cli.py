@@ -122,10 +122,10 @@ def test_soft_prompt_tokens_count_in_the_activation_estimate():
     table = json.loads(result.stdout)
     tokens = peftspec.load_spec("specs/prompt-tuning.toml").rules[0].options.tokens
     assert table["spec_extra_tokens"] == tokens > 0
-    dims = mem.Dims(**table["dims"])
-    assert table["columns"]["full"]["activations"] == mem.activation_bytes(dims, 2, 30, "fp32")
+    dims, precision = mem.Dims(**table["dims"]), table["precision"]  # auto: bf16 on AMX
+    assert table["columns"]["full"]["activations"] == mem.activation_bytes(dims, 2, 30, precision)
     assert table["columns"]["spec"]["activations"] == \
-        mem.activation_bytes(dims, 2, 30 + tokens, "fp32")
+        mem.activation_bytes(dims, 2, 30 + tokens, precision)
 
 
 def test_checkpointing_shrinks_the_activation_estimate():

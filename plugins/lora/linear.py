@@ -118,9 +118,10 @@ class LoRALinear(nn.Module):
             out = F.linear(x2, p["weight"], p["bias"])
         h = F.dropout(x2, self.dropout, self.training) if self.dropout else x2
         after_a = F.linear(h, p["lora_A"])
-        if out.dtype == b.dtype:
+        if out.dtype == b.dtype == after_a.dtype:
             out.addmm_(after_a, self._b_t(b), alpha=self.scale)
-        else:  # autocast: in-place ops are not cast, so let F.linear cast B
+        else:  # autocast (in-place ops are not cast, so let F.linear cast B), and a
+            # packed base under autocast: its fp32 output, a bf16 ``after_a``
             out.add_(F.linear(after_a, b), alpha=self.scale)
         return out.view(*x.shape[:-1], out.shape[-1])
 
