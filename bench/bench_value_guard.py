@@ -1,11 +1,19 @@
 """What the framework's value checks cost at apply (issue 27, point 2).
 
-Around each step's ``Method.apply``, ``apply_plan`` holds a write barrier (a
-``TorchFunctionMode`` refusing torch's in-place writes into the step's base
-tensors: ``core.barrier``) and, after it, compares each base tensor's version
-counter and a few sampled bytes (``core.promise.ValueGuard``). This times
-``peftspec.apply`` with both, with the guard but no barrier, and with neither,
-rounds interleaved, on:
+``apply_plan`` takes every base tensor's version counter once before the first
+step and compares them once after the last (``core.promise.ValueGuard``). For a
+method that is not peftspec's own it also samples a few bytes per tensor, and
+holds a write barrier around that method's ``apply`` (a ``TorchFunctionMode``
+refusing torch's in-place writes into the base: ``core.barrier``). This times
+``peftspec.apply`` in three variants, rounds rotated:
+
+* ``neither``: the checks replaced by a no-op;
+* ``built-in``: peftspec's own LoRA, as a user runs it (version counters);
+* ``third-party``: the same LoRA registered by another distribution
+  (``bench-third-party``): counters, sampled bytes and the barrier;
+* ``third-party, no barrier``: the detection alone, for the barrier's share;
+
+on:
 
 * the 512-layer tiny Llama of ``bench_core`` (LoRA r=8 on its 3,584 linears);
 * SmolLM2-135M-Instruct (``--model smollm2``), LoRA r=16 on all seven
@@ -22,39 +30,52 @@ import gc
 import json
 import statistics
 import time
+import types
 
 import torch
 
 import peftspec
 import peftspec.core.patching as patching
 from peftspec.core.promise import ValueGuard
+from peftspec_plugins.lora import LoRA
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class NoGuard:
-    def __init__(self, module, step, base_ids):
+    def __init__(self, snap, exempt=(), sample=False):
         pass
 
-    def restore(self, which=None):
-        pass
-
-    def check(self, registry, step, **kw):
+    def check(self, registry, plan, failed=None):
         pass
 
     def barrier(self):
         return None
 
 
-class GuardOnly(ValueGuard):
-    """The version counters and sampled bytes, without the barrier."""
+class NoBarrier(ValueGuard):
+    """The counters and sampled bytes, without the barrier."""
     __slots__ = ()
 
     def barrier(self):
         return None
 
 
-VARIANTS = {"both": ValueGuard, "guard only": GuardOnly, "neither": NoGuard}
+class ThirdPartyLoRA(LoRA):
+    """peftspec's LoRA under another name, as a third party would ship it."""
+    name = "lora-third-party"
+
+
+def third_party_registry():
+    mod = types.ModuleType("bench_third_party")
+
+    @peftspec.hookimpl
+    def register_methods(register):
+        register(ThirdPartyLoRA())
+
+    mod.register_methods = register_methods
+    mod.__peftspec_dist__ = "bench-third-party"
+    return peftspec.build_registry(plugins=[mod])
 
 
 def tiny_llama(layers: int):
@@ -65,26 +86,54 @@ def tiny_llama(layers: int):
     return LlamaForCausalLM(cfg)
 
 
-def time_apply(make, spec, rounds: int) -> dict:
-    names = list(VARIANTS)
+def time_apply(make, spec_text: str, rounds: int) -> dict:
+    reg = third_party_registry()
+    variants = {"neither": (NoGuard, "lora"), "built-in": (ValueGuard, "lora"),
+                "third-party": (ValueGuard, ThirdPartyLoRA.name),
+                "third-party, no barrier": (NoBarrier, ThirdPartyLoRA.name)}
+    specs = {m: peftspec.parse_spec(spec_text.format(method=m), registry=reg)
+             for m in ("lora", ThirdPartyLoRA.name)}
+    names = list(variants)
     times = {k: [] for k in names}
-    peftspec.apply(spec, make())  # warm-up
+    for m in specs:  # warm-up
+        peftspec.apply(specs[m], make(), registry=reg)
     for i in range(rounds):
-        for variant in names[i % 3:] + names[:i % 3]:  # rotated round by round
-            patching.ValueGuard = VARIANTS[variant]
+        for variant in names[i % len(names):] + names[:i % len(names)]:  # rotated
+            guard, method = variants[variant]
+            patching.ValueGuard = guard
             torch.manual_seed(i)
             model = make()
             gc.collect()
             t0 = time.perf_counter()
-            peftspec.apply(spec, model)
+            peftspec.apply(specs[method], model, registry=reg)
             times[variant].append(time.perf_counter() - t0)
             del model
     patching.ValueGuard = ValueGuard
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med,
-            "overhead": {k: med[k] / med["neither"] - 1 for k in names[:2]},
-            "min_overhead": {k: min(times[k]) / min(times["neither"]) - 1 for k in names[:2]},
+    return {"median_s": med, "direct_s": time_guard(make(), specs["lora"], reg),
+            "overhead": {k: med[k] / med["neither"] - 1 for k in names[1:]},
+            "min_overhead": {k: min(times[k]) / min(times["neither"]) - 1 for k in names[1:]},
             "times_s": times}
+
+
+def time_guard(model, spec, reg, repeats: int = 21) -> dict:
+    """The guard's own work, timed directly (what the rounds above measure
+    through noise): taking the counters (and bytes) of every base tensor and
+    comparing them once, medians of ``repeats``."""
+    from peftspec.core.fingerprint import named_tensors
+    from peftspec.core.promise import BaseSnapshot
+
+    plan = peftspec.compile_plan(spec, model, registry=reg)
+    snap = BaseSnapshot(*named_tensors(model))
+    out = {}
+    for sample in (False, True):
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ValueGuard(snap, (), sample).check(reg, plan)
+            t.append(time.perf_counter() - t0)
+        out["counters and bytes" if sample else "counters"] = statistics.median(t)
+    return out
 
 
 def main() -> None:
@@ -94,23 +143,32 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true")
     a = ap.parse_args()
     res = {}
-    spec = peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\nmodules = ["type:Linear"]\n'
-                               'exclude = ["lm_head"]\nr = 8\nalpha = 8.0\n')
+    spec = ('[[reparameterize]]\nmethod = "{method}"\nmodules = ["type:Linear"]\n'
+            'exclude = ["lm_head"]\nr = 8\nalpha = 8.0\n')
     res["tiny_llama"] = time_apply(lambda: tiny_llama(a.layers), spec, a.rounds)
     if not a.skip_smollm2:
         reg = peftspec.get_registry()
         base = reg.load_model("smollm2")
         import copy
-        spec = peftspec.parse_spec('[[reparameterize]]\nmethod = "lora"\nmodules = '
-                                   + json.dumps([f"**.{n}" for n in LINEARS]) + "\nr = 16\n")
+        spec = ('[[reparameterize]]\nmethod = "{method}"\nmodules = '
+                + json.dumps([f"**.{n}" for n in LINEARS]) + "\nr = 16\n")
         res["smollm2"] = time_apply(lambda: copy.deepcopy(base), spec, a.rounds)
     for name, r in res.items():
         m = r["median_s"]
-        print(f"{name}: apply {m['neither'] * 1e3:.1f} ms with neither check; guard only "
-              f"{m['guard only'] * 1e3:.1f} ms ({r['overhead']['guard only']:+.1%}); barrier "
-              f"and guard {m['both'] * 1e3:.1f} ms ({r['overhead']['both']:+.1%}; fastest "
-              f"rounds {r['min_overhead']['both']:+.1%})")
-    print(json.dumps({k: {kk: v[kk] for kk in ("median_s", "overhead", "min_overhead")} for k, v in res.items()}))
+        o, lo = r["overhead"], r["min_overhead"]
+        print(f"{name}: apply {m['neither'] * 1e3:.1f} ms with neither check; peftspec's "
+              f"LoRA {m['built-in'] * 1e3:.1f} ms ({o['built-in']:+.1%}, fastest rounds "
+              f"{lo['built-in']:+.1%}); as a third party's {m['third-party'] * 1e3:.1f} ms "
+              f"({o['third-party']:+.1%}, fastest {lo['third-party']:+.1%}); of which the "
+              f"counters and sampled bytes (no barrier) {m['third-party, no barrier'] * 1e3:.1f}"
+              f" ms ({o['third-party, no barrier']:+.1%})")
+        d = r["direct_s"]
+        print(f"  timed directly: the counters {d['counters'] * 1e3:.2f} ms "
+              f"({d['counters'] / m['neither']:.1%} of apply), with sampled bytes "
+              f"{d['counters and bytes'] * 1e3:.2f} ms "
+              f"({d['counters and bytes'] / m['neither']:.1%})")
+    print(json.dumps({k: {kk: v[kk] for kk in ("median_s", "overhead", "min_overhead",
+                                               "direct_s")} for k, v in res.items()}))
 
 
 if __name__ == "__main__":

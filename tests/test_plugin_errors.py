@@ -468,3 +468,50 @@ def test_cli_apply_names_the_plugin_and_exits_by_kind(cli, tmp_path, scale, code
     assert f"plugin 'peftspec-scaled', method 'scaled' (augment[0], {p}:1)" in text
     assert words in text and "Traceback" not in text
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def _hook_setup(**hooks):
+    reg = peftspec.build_registry(autoload=False, plugins=[plugin(Good(), **hooks)])
+    model = tiny()
+    ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids).logits
+    spec = peftspec.parse_spec(_rule(Good.name), file="s.toml", registry=reg)
+    return reg, model, ids, out, spec
+
+
+def test_a_bug_in_an_after_apply_hook_names_the_plugin_and_rolls_back():
+    @peftspec.hookimpl
+    def after_apply(model, plan):
+        return {}["hook-state"]
+
+    reg, model, ids, out, spec = _hook_setup(after_apply=after_apply)
+    snap = snapshot(model)
+    with pytest.raises(peftspec.PluginError) as exc:
+        peftspec.apply(spec, model, registry=reg)
+    msg = str(exc.value)
+    assert exc.value.exit_code == 3 and isinstance(exc.value.__cause__, KeyError)
+    assert f"plugin '{DIST}'" in msg and "hook after_apply, spec s.toml" in msg, msg
+    assert "KeyError: 'hook-state'" in msg
+    assert_unchanged(model, snap, ids, out)
+
+
+@pytest.mark.parametrize("error, kind, code, words", [
+    (ValueError("two rules overlap"), peftspec.PluginInputError, 2, "refused: two rules"),
+    (RuntimeError("oops"), peftspec.PluginError, 3, "failed: RuntimeError: oops"),
+])
+def test_an_exception_from_a_check_plan_hook_names_the_plugin(error, kind, code, words):
+    @peftspec.hookimpl
+    def check_plan(plan):
+        raise error
+
+    reg, model, ids, out, spec = _hook_setup(check_plan=check_plan)
+    for run in (lambda: peftspec.compile_plan(spec, model, registry=reg),
+                lambda: peftspec.apply(spec, model, registry=reg)):
+        with pytest.raises(kind) as exc:
+            run()
+        msg = str(exc.value)
+        assert exc.value.exit_code == code and exc.value.__cause__ is error
+        assert f"plugin '{DIST}'" in msg and "hook check_plan, spec s.toml" in msg
+        assert words in msg, msg
+    assert not peftspec.is_patched(model)

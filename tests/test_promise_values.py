@@ -137,7 +137,7 @@ def _setup(method):
 
 def assert_rolled_back(model, snap, written):
     """Modules, tensor objects, memory and flags as before; values too, but for
-    ``written`` (the tensor the plugin wrote: reported, not restorable)."""
+    ``written`` (the tensors the plugin wrote: reported, not restorable)."""
     modules, params = snap
     assert not peftspec.is_patched(model)
     assert {n: (type(m), m) for n, m in model.named_modules()} == modules
@@ -145,7 +145,7 @@ def assert_rolled_back(model, snap, written):
     assert set(now) == set(params)
     for n, (p, value, grad, ptr) in params.items():
         assert now[n] is p and p.requires_grad == grad and p.data_ptr() == ptr
-        assert torch.equal(p, value) != (n == written), n
+        assert torch.equal(p, value) != (n in written), n
 
 
 def _refused(method, tensor):
@@ -178,9 +178,11 @@ def test_a_write_outside_torch_is_caught_and_named_as_not_restorable():
     with pytest.raises(peftspec.PluginError) as exc:
         peftspec.apply(spec, model, registry=reg)
     msg = str(exc.value)
+    # compared once after the last step: both targets were written by then
     assert "method 'writes-numpy'" in msg and "'blocks.0.attn.v_proj.weight'" in msg
+    assert "'blocks.1.attn.v_proj.weight'" in msg
     assert "in place" in msg and "reload the model" in msg
-    assert_rolled_back(model, snap, "blocks.0.attn.v_proj.weight")
+    assert_rolled_back(model, snap, {f"blocks.{i}.attn.v_proj.weight" for i in (0, 1)})
 
 
 @pytest.mark.parametrize("method", [Good(), OwnTensorsInPlace()], ids=["good", "own-in-place"])
@@ -250,3 +252,50 @@ def test_cli_apply_refuses_an_in_place_write(tmp_path):
     assert "plugin 'peftspec-inplace', method 'ia3-in-place'" in text
     assert "v_proj.weight'" in text and "in place" in text and "refused the write" in text
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_built_in_methods_skip_the_barrier_and_a_write_is_still_caught(monkeypatch):
+    """peftspec's own methods run without the barrier (its per-call cost exceeds
+    apply's: bench_value_guard); the version counters still catch a torch write."""
+    from peftspec.core.barrier import built_in
+    from peftspec_plugins.ia3 import IA3
+
+    reg = peftspec.build_registry()
+    assert built_in(reg.methods["ia3"]) and built_in(reg.methods["lora"])
+    assert not built_in(peftspec.build_registry(autoload=False, plugins=[plugin(Good())])
+                        .methods[Good.name])
+    plain = IA3.apply
+
+    def writes(self, module, step):
+        with torch.no_grad():
+            module.weight.add_(1e-3)
+        return plain(self, module, step)
+
+    monkeypatch.setattr(IA3, "apply", writes)
+    model = tiny()
+    snap = snapshot(model)
+    spec = peftspec.parse_spec('[[augment]]\nmethod = "ia3"\nmodules = ["**.v_proj"]\n')
+    with pytest.raises(peftspec.PluginError) as exc:
+        peftspec.apply(spec, model, registry=reg)
+    msg = str(exc.value)
+    assert "plugin 'peftspec', method 'ia3' (augment[0], spec line 1)" in msg
+    assert "'blocks.0.attn.v_proj.weight', 'blocks.1.attn.v_proj.weight'" in msg
+    assert "reload the model" in msg
+    assert_rolled_back(model, snap, {f"blocks.{i}.attn.v_proj.weight" for i in (0, 1)})
+
+
+def test_a_write_by_an_after_apply_hook_is_caught():
+    @peftspec.hookimpl
+    def after_apply(model, plan):
+        with torch.no_grad():
+            model.blocks[0].attn.q_proj.weight.mul_(2.0)
+
+    reg = peftspec.build_registry(autoload=False,
+                                  plugins=[plugin(Good(), after_apply=after_apply)])
+    model = tiny()
+    spec = peftspec.parse_spec(RULE.format(name=Good.name), registry=reg)
+    with pytest.raises(peftspec.PluginError) as exc:
+        peftspec.apply(spec, model, registry=reg)
+    msg = str(exc.value)
+    assert "an after_apply hook" in msg and "'blocks.0.attn.q_proj.weight'" in msg
+    assert not peftspec.is_patched(model)

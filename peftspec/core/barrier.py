@@ -59,8 +59,8 @@ def _writes(func) -> bool:
 
 
 class WriteBarrier(TorchFunctionMode):
-    """Refuse torch's in-place writes into ``tensors`` (named by ``names``, relative
-    to the step's target) while active."""
+    """Refuse torch's in-place writes into ``tensors`` (named by ``names``) while
+    active."""
 
     def __init__(self, names, tensors: list[torch.Tensor]):
         super().__init__()
@@ -112,4 +112,14 @@ def storages_of(names: list[str], tensors: list[torch.Tensor]) -> dict[int, str]
     return out
 
 
-__all__ = ["BaseWriteRefused", "WriteBarrier", "storages_of"]
+def built_in(info) -> bool:
+    """Whether a registered method (its ``MethodInfo``) is one of peftspec's own:
+    from the ``peftspec`` distribution, its class from ``peftspec_plugins``. Their
+    ``apply`` runs without the barrier (its per-call dispatch would cost more than
+    apply itself); the conformance kit checks them, and ``ValueGuard``'s version
+    counters still see any torch write."""
+    return (info is not None and info.dist == "peftspec"
+            and type(info.method).__module__.startswith("peftspec_plugins."))
+
+
+__all__ = ["BaseWriteRefused", "WriteBarrier", "built_in", "storages_of"]

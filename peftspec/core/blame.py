@@ -16,6 +16,9 @@ method, the rule and its spec line (``file:line``), with the original chained:
 * anything else is the plugin failing: :class:`~peftspec.core.errors.PluginError`,
   exit code 3.
 
+The plugin-level hooks ``check_plan`` and ``after_apply`` are called through
+:func:`plugin_hook`, which names the distribution whose implementation raised.
+
 Call sites catch with a plain ``try``/``except`` (free when nothing is raised:
 thousands of steps) and call :func:`reraise`.
 """
@@ -77,6 +80,43 @@ def reraise(exc: Exception, registry, steps, hook: str, file: str | None, *,
             "report it to the plugin's authors (PEFTSPEC_DEBUG=1 prints the traceback)")
     new.peftspec_blamed = True
     raise new from exc
+
+
+def plugin_hook(registry, hook: str, file: str | None, **kwargs):
+    """Call the pluggy hook ``hook`` (``check_plan``, ``after_apply``) with
+    ``kwargs``. An exception is reported as described in the module docstring,
+    naming the plugin whose implementation raised (found in the traceback) and
+    the spec; with no implementation registered nothing is called."""
+    caller = getattr(registry.pm.hook, hook)
+    impls = caller.get_hookimpls()
+    if not impls:
+        return []
+    try:
+        return caller(**kwargs)
+    except Exception as exc:
+        if isinstance(exc, PeftspecError) and getattr(exc, "peftspec_blamed", False):
+            raise
+        codes = {getattr(i.function, "__code__", None): i for i in impls}
+        tb, impl = exc.__traceback__, None
+        while tb is not None:  # the innermost implementation on the stack raised
+            impl = codes.get(tb.tb_frame.f_code, impl)
+            tb = tb.tb_next
+        name = impl.plugin_name if impl is not None else "<unknown>"
+        ctx = (f"plugin {name.split(':', 1)[0]!r} ({name.split(':', 1)[-1]}), "
+               f"hook {hook}, spec {file or '<spec>'}")
+        if isinstance(exc, PeftspecError):
+            exc.args = (f"{ctx}: {exc}", *exc.args[1:])
+            exc.peftspec_blamed = True
+            raise
+        if isinstance(exc, REFUSALS):
+            new: PeftspecError = PluginInputError(f"{ctx} refused: {exc}")
+        else:
+            new = PluginError(
+                f"{ctx} failed: {type(exc).__name__}: {exc}. This is the plugin failing, not "
+                "the spec being wrong: report it to the plugin's authors "
+                "(PEFTSPEC_DEBUG=1 prints the traceback)")
+        new.peftspec_blamed = True
+        raise new from exc
 
 
 def owner(records, name: str):

@@ -221,11 +221,11 @@ class Method:
         The frozen-base promise: the base module's parameters and buffers must
         stay the same objects, over the same memory, with the same values (bit
         for bit); the caller freezes them. :func:`peftspec.apply_plan` holds every
-        plugin to it: during each ``apply`` a
-        :class:`peftspec.core.barrier.WriteBarrier` refuses any in-place torch
-        write into a base tensor before it happens, after it a
+        plugin to it: during each ``apply`` of a method that is not peftspec's
+        own a :class:`peftspec.core.barrier.WriteBarrier` refuses any in-place
+        torch write into a base tensor before it happens; after the last step a
         :class:`peftspec.core.promise.ValueGuard` sees one made otherwise
-        (numpy, raw memory: sampled bytes), and after every apply
+        (version counters; numpy, raw memory: sampled bytes), and
         :func:`peftspec.core.promise.verify` checks that each base tensor is
         still in the model, the same object over the same memory. A violation
         is a ``PluginError`` naming the distribution, method, rule, spec line

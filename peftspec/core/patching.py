@@ -24,13 +24,14 @@ from torch import nn
 from peftspec.core.fastmodule import gc_paused
 from peftspec.core.errors import NotMergeableError, PeftspecError, PluginError
 from peftspec.core.fingerprint import named_tensors, tensors_digest
-from peftspec.core.blame import context, reraise
+from peftspec.core.blame import context, plugin_hook, reraise
 from peftspec.core.buffers import buffer_keys, new_base_buffers
 from peftspec.core.capabilities import SharesRuleState
 from peftspec.core.method import Method
 from peftspec.core.sizeguard import check_fits
 from peftspec.core.plan import ModelIndex, Plan
 from peftspec.core.freeze import freeze_steps
+from peftspec.core.barrier import built_in
 from peftspec.core.promise import BaseSnapshot, ValueGuard, kept_by_name, verify
 from peftspec.core.registry import registry_or_default
 from peftspec.core.state import (  # noqa: F401 (public names re-exported: the apply API)
@@ -122,6 +123,12 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         # across a rule (a protocol isinstance costs microseconds: not per target)
         methods: dict[str, tuple[Method, bool]] = {}
         hooks = registration_hooks()
+        # the base tensors' values, compared where a step fails and after the last
+        # (the promise); a rule that announced a rewritten base (PiSSA's) is exempt
+        methods_built_in = {m: built_in(registry.methods.get(m)) for m in
+                            {s.method for s in plan.steps if s.family not in ("train", "freeze")}}
+        guard = ValueGuard(snapshot, tuple(s.target for s in plan.steps if s.rule in plan.notes),
+                           sample=not all(methods_built_in.values()))
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue
@@ -149,29 +156,24 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                 # named_modules): read there, not through nn.Module.__getattr__
                 original = (parent._modules[child] if child in parent._modules
                             else getattr(parent, child))
-            # the values of the base tensors it touches, compared after (the promise);
-            # a rule that announced a rewritten base (PiSSA's residual) is exempt
-            guard = None if step.rule in plan.notes else ValueGuard(original, step, base_ids)
             keys = buffer_keys(original)
-            barrier = None if guard is None else guard.barrier()
+            # a plugin's torch writes into the base refused before they happen
+            barrier = None if methods_built_in[step.method] else guard.barrier()
             try:
                 if barrier is None:
                     installed = method.apply(original, step)
-                else:  # torch's in-place writes into the base refused before they happen
+                else:
                     with barrier:
                         installed = method.apply(original, step)
             except BaseException as exc:
                 if barrier is not None and barrier.refused is not None:
                     raise guard.refused(registry, step, barrier.refused) from exc
-                if guard is not None:
-                    guard.check(registry, step, failed=True)  # the write, named first
+                guard.check(registry, plan, failed=step)  # the write, named first
                 if not isinstance(exc, Exception):
                     raise
                 reraise(exc, registry, step, "apply", plan.spec.file, target=step.target)
             if barrier is not None and barrier.refused is not None:  # swallowed by the plugin
                 raise guard.refused(registry, step, barrier.refused)
-            if guard is not None:
-                guard.check(registry, step)
             if len(original._buffers) != len(keys) and id(original) not in built:
                 _refuse_base_buffers(registry, plan, step, original, keys)
             adapter.records.append(Record(step, method, original, installed))
@@ -201,7 +203,10 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         model.__dict__["_peftspec"] = state
         adapter_tensors = set_trainable(model, state, adapter, params.values())
         after = registry.pm.hook.after_apply
-        after(model=model, plan=plan)
+        guard.check(registry, plan)
+        if after.get_hookimpls():
+            plugin_hook(registry, "after_apply", plan.spec.file, model=model, plan=plan)
+            guard.check(registry, None)  # what changed now, a hook wrote
         # an after_apply hook may have changed the modules since: then verify looks again
         verify(model, snapshot, adapter_tensors, plan, adapter.records, registry,
                kept=None if after.get_hookimpls() else kept)

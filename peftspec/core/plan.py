@@ -20,7 +20,7 @@ from peftspec.core.fastmodule import gc_paused
 from peftspec.core.errors import PeftspecError, Problem, SpecError
 from peftspec.core.fingerprint import tensors_digest
 from peftspec.core.options import named_key, selector_fields
-from peftspec.core.blame import OPTION_REFUSALS, reraise, who
+from peftspec.core.blame import OPTION_REFUSALS, plugin_hook, reraise, who
 from peftspec.core.tomlpos import LineMap
 from peftspec.core.spec import Rule, Spec
 from peftspec.core.state import base_view
@@ -343,7 +343,7 @@ def compile_with_tensors(spec: Spec, model: nn.Module, registry=None):
                     hint="exclude it from one of the two rules")
     if not problems:
         draft = Plan(spec, tuple(steps), "", 0, trained_base, resolved, frozen=frozen)
-        for result in registry.pm.hook.check_plan(plan=draft):
+        for result in plugin_hook(registry, "check_plan", spec.file, plan=draft):
             for item in result or ():
                 problems.append(item if isinstance(item, Problem)
                                 else Problem(str(item), file=spec.file))

@@ -9,8 +9,8 @@ weight's ``.data``, forgets ``adapter_params()`` or miscounts breaks that
 promise silently; :func:`verify` catches it and raises a
 :class:`~peftspec.core.errors.PluginError` naming the plugin's distribution and
 method, and ``apply_plan`` rolls the model back. A plugin that writes a base
-tensor's values in place is caught by :class:`ValueGuard`, around each step's
-``Method.apply``.
+tensor's values in place is caught by :class:`ValueGuard`, over the whole
+apply.
 
 The check must stay cheap on models of thousands of modules (``bench_core``'s
 3,584-module apply): one pass over data pointers before, a few dictionary
@@ -302,84 +302,96 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class ValueGuard:
-    """Whether one step's ``Method.apply`` wrote a value of a frozen base tensor it
-    was given (``weight.add_(...)``), in time O(1) per tensor: a plugin doing so is
-    caught at apply and :class:`PluginError` names it.
+    """Whether a value of a frozen base tensor was written in place during apply
+    (``weight.add_(...)``), in time O(1) per tensor: :class:`PluginError` names
+    the plugin, and ``apply_plan`` rolls the model back.
 
-    The tensors are the target module's parameters and buffers that are base
-    tensors (``base_ids``), its children's included; for the whole model
-    (``target == ""``: soft prompts) only its own. Two things are compared: each
-    tensor's version counter, which every in-place torch operation bumps (on
-    the tensor, a view or ``detach()`` of it, under ``no_grad`` too), and a
-    fingerprint of a few evenly spaced elements, for a write through ``.data``
-    (which bypasses the counter). Torch's own in-place writes are refused
-    before they happen by :meth:`barrier` (so nothing needs putting back);
-    these checks are behind it, for a write that is not a torch call (numpy,
-    raw memory), which is reported but cannot be put back: no copy of the base
-    is kept (copying every touched weight would cost several times apply
-    itself on SmolLM2: ``bench/bench_value_guard.py``). A write through numpy
-    that misses every sampled element is not seen. Packed (``[[freeze]]``) and
-    meta tensors are left out: the former refuse writes anyway.
+    It covers every plain base tensor of the model (``snap``), taken once before
+    the first step and compared once after the last (and after ``after_apply``
+    hooks), and when a step fails. Each tensor's version counter is compared:
+    every in-place torch operation bumps it (on the tensor, a view or
+    ``detach()`` of it, under ``no_grad`` too). Where the plan has a method that
+    is not peftspec's own (``sample``), a few sampled bytes too, for a write
+    through ``.data`` (which bypasses the counter) or numpy; and each such
+    method's ``apply`` runs inside :meth:`barrier`, which refuses torch's
+    in-place writes into the base before they happen, so nothing needs putting
+    back. A write it cannot refuse (numpy, raw memory) is reported but cannot be
+    put back: no copy of the base is kept (copying it would cost several times
+    apply itself: ``bench/bench_value_guard.py``). The tensors of a rule that
+    announced a rewritten base (``exempt``: PiSSA's residual) are left out, and
+    so are packed (``[[freeze]]``) and meta tensors: the former refuse writes.
     """
 
-    __slots__ = ("names", "tensors", "versions", "spots", "samples")
+    __slots__ = ("names", "tensors", "versions", "spots", "samples", "_barrier")
 
-    def __init__(self, module: nn.Module, step, base_ids: set[int]):
-        # written for speed: thousands of steps (bench/bench_value_guard.py)
-        self.names: list[tuple[str, str]] = []  # (module path, key), joined when reported
-        self.tensors: list[torch.Tensor] = []
-        mods = module.named_modules() if step.target and module._modules else (("", module),)
-        for mod_name, mod in mods:
-            for group in (mod._parameters, mod._buffers) if mod._buffers else (mod._parameters,):
-                for key, t in group.items():
-                    if (id(t) in base_ids and type(t) in _PLAIN and (t.is_cpu or not t.is_meta)
-                            and all(t is not u for u in self.tensors)):
-                        self.names.append((mod_name, key))
-                        self.tensors.append(t)
+    def __init__(self, snap: BaseSnapshot, exempt: tuple[str, ...] = (), sample: bool = False):
+        # written for speed: thousands of tensors (bench/bench_value_guard.py)
+        keep = [i for i, t in enumerate(snap.tensors) if type(t) in _PLAIN and not t.is_meta]
+        if exempt:
+            keep = [i for i in keep if not _under(snap.names[i], exempt)]
+        self.names = [snap.names[i] for i in keep]
+        self.tensors = [snap.tensors[i] for i in keep]
         self.versions = [t._version for t in self.tensors]
-        self.spots = list(map(_spots, self.tensors))
-        self.samples = list(map(_read, self.spots, self.tensors))
+        self.spots = list(map(_spots, self.tensors)) if sample else None
+        self.samples = list(map(_read, self.spots, self.tensors)) if sample else None
+        self._barrier: WriteBarrier | None = None
 
     def changed(self) -> list[int]:
         """Which tensors were written (one whose memory moved is :meth:`BaseSnapshot.moved`'s)."""
-        return [i for i, (t, v, sp, s) in enumerate(zip(self.tensors, self.versions, self.spots,
-                                                        self.samples))
-                if t._version != v or (not sp or sp[0] == t.data_ptr()) and
-                not _same(_read(sp, t), s)]
+        now = [t._version for t in self.tensors]
+        out = [] if now == self.versions else [  # the common case, compared in C
+            i for i, (a, b) in enumerate(zip(now, self.versions)) if a != b]
+        if self.samples is not None:
+            out += [i for i, (t, sp, s) in enumerate(zip(self.tensors, self.spots, self.samples))
+                    if (not sp or sp[0] == t.data_ptr()) and not _same(_read(sp, t), s)
+                    and i not in out]
+        return out
 
-    def barrier(self) -> WriteBarrier | None:
+    def barrier(self) -> WriteBarrier:
         """A :class:`~peftspec.core.barrier.WriteBarrier` over these tensors, to
-        hold around ``Method.apply``: torch's in-place writes into them are refused
-        before they happen (``None``: nothing to guard)."""
-        if not self.tensors:
-            return None
-        return WriteBarrier((".".join(p for p in n if p) for n in self.names), self.tensors)
+        hold around a plugin's ``Method.apply`` (one for the whole apply: its
+        ``refused`` is cleared here)."""
+        if self._barrier is None:
+            self._barrier = WriteBarrier(self.names, self.tensors)
+        self._barrier.refused = None
+        return self._barrier
 
-    def refused(self, registry, step, refusal: BaseWriteRefused) -> PluginError:
+    @staticmethod
+    def refused(registry, step, refusal: BaseWriteRefused) -> PluginError:
         """The error for a write the barrier refused (nothing was written)."""
-        name = ".".join(p for p in (step.target, refusal.name) if p)
         return PluginError(
             f"{_who(registry, step)} ({step.rule}, spec line {step.line}) tried to write "
-            f"frozen base tensor '{name}' in place during apply ({refusal.op}); peftspec "
-            "refused the write before it happened, so the base keeps its values and the "
-            "model was rolled back unchanged. Base tensors must keep their values: put a "
-            "change in the adapter's own parameters, or announce a rewritten base with "
-            "Method.base_note")
+            f"frozen base tensor '{refusal.name}' in place during apply ({refusal.op}); "
+            "peftspec refused the write before it happened, so the base keeps its values "
+            "and the model was rolled back unchanged. Base tensors must keep their values: "
+            "put a change in the adapter's own parameters, or announce a rewritten base "
+            "with Method.base_note")
 
-    def check(self, registry, step, *, failed: bool = False) -> None:
-        """Raise :class:`PluginError` if a value changed (``failed``: apply raised
-        too; the message then says so)."""
+    def check(self, registry, plan, failed=None) -> None:
+        """Raise :class:`PluginError` if a value changed, naming the step that owns
+        the first changed tensor (``failed``: the step whose apply raised; ``plan``
+        ``None``: after the steps were checked, so an ``after_apply`` hook)."""
         changed = self.changed()
         if not changed:
             return
-        where = step.target
-        names = ["'" + ".".join(p for p in (where, *self.names[i]) if p) + "'" for i in changed]
-        more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+        names = [self.names[i] for i in changed]
+        step = _owner_step(plan, names[0].rpartition(".")[0]) if plan is not None else None
+        rule = step.rule if step else None  # the tensors of that rule's targets, listed
+        mine = [n for n in names if plan is None or getattr(
+            _owner_step(plan, n.rpartition(".")[0]), "rule", None) == rule]
+        listed = ", ".join(f"'{n}'" for n in mine[:3])
+        more = len(names) - len(mine[:3])
+        more = f" (and {more} more)" if more else ""
+        who = (f"{_who(registry, step)} ({step.rule}, spec line {step.line})" if step else
+               "an after_apply hook" if plan is None else "code outside the planned modules")
         raise PluginError(
-            f"{_who(registry, step)} ({step.rule}, spec line {step.line}) wrote frozen base "
-            f"tensor {', '.join(names[:3])}{more} in place during apply"
-            + (" before raising" if failed else "") + "; base tensors must keep their "
-            "values (put a change in the adapter's own parameters, or announce a rewritten "
-            "base with Method.base_note). The modules were rolled back, but the values it "
-            "wrote cannot be put back (peftspec keeps no copy of the base): reload the model "
-            "before using it")
+            f"{who} wrote frozen base tensor {listed}{more} in place during apply"
+            + (" before raising" if failed is not None and failed.rule == rule else "")
+            + "; base tensors must keep their values (put a change in the adapter's own "
+            "parameters, or announce a rewritten base with Method.base_note). The modules "
+            "were rolled back, but the values it wrote cannot be put back (peftspec keeps no "
+            "copy of the base): reload the model before using it")
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(p == "" or name.startswith(p + ".") for p in prefixes)
