@@ -181,3 +181,24 @@ def test_rows_batched_lora_path(build, modules, tmp_path, monkeypatch):
     fast, slow = grads(True), grads(False)
     for k in slow:
         assert torch.allclose(fast[k], slow[k], atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", None])
+def test_rows_of_one_adapter_run_its_own_forward(name, tmp_path, monkeypatch):
+    """Every row naming one adapter (or the base) runs that module's own forward,
+    with no per-row kernels: the output equals using the adapter, bit for bit."""
+    from peftspec_plugins.lora import LoRALinear
+
+    model = loaded(default_model, ["lora", "dora"], tmp_path)
+
+    def per_row(*args, **kwargs):
+        raise AssertionError("a per-row kernel ran for a batch of one adapter")
+
+    ids = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), peftspec.using(model, name):
+        alone = tail(model(ids), 7)
+    monkeypatch.setattr(LoRALinear, "add_rows_batched", staticmethod(per_row))
+    monkeypatch.setattr(LoRALinear, "_add_rows", per_row)
+    with torch.no_grad(), peftspec.rows(model, [name] * 3):
+        together = tail(model(ids), 7)
+    assert torch.equal(together, alone)

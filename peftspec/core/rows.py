@@ -9,7 +9,8 @@ Inside the block, every module that any of the named adapters replaces is
 stood in for by a :class:`RowDispatch`, which runs each row group through
 that adapter's module (``None`` rows through the original). Modules that can
 adapt a precomputed base output (LoRA's ``adapt(x, base_out)``) share one base
-computation for all rows. Methods that patch the whole model in place (soft
+computation for all rows; where every row names one adapter, its own module
+runs the batch. Methods that patch the whole model in place (soft
 prompts) take part through :class:`~peftspec.core.capabilities.PerRow`. Outputs equal running
 each row alone. The batch must have ``len(names)`` rows.
 """
@@ -78,6 +79,10 @@ class RowDispatch(nn.Module):
             raise PeftspecError(f"per-row adapters were given for {len(ctx.names)} rows, but "
                                 f"the batch has {x.shape[0]}")
         groups = ctx.groups(x.device)
+        if len(groups) == 1:  # every row one adapter (or the base): its own forward,
+            (name,) = groups    # without per-row kernels (the server's single tenant)
+            module = self.branches.get(name) if name is not None else None
+            return (module if module is not None else self.original)(x, *args, **kwargs)
         if self.shared_base:
             out = self.original(x, *args, **kwargs)  # a fresh tensor: updated in place
             if self.batched is not None:  # one batched update for all rows at once
