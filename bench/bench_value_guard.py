@@ -1,17 +1,18 @@
 """What the framework's value checks cost at apply (issue 27, point 2).
 
 ``apply_plan`` takes every base tensor's version counter once before the first
-step and compares them once after the last (``core.promise.ValueGuard``). For a
-method that is not peftspec's own it also samples a few bytes per tensor, and
-holds a write barrier around that method's ``apply`` (a ``TorchFunctionMode``
-refusing torch's in-place writes into the base: ``core.barrier``). This times
-``peftspec.apply`` in three variants, rounds rotated:
+step and compares them once after the last (``core.valueguard.ValueGuard``). For
+a method that is not peftspec's own it holds a write barrier around that
+method's ``apply`` (a ``TorchFunctionMode`` refusing torch's in-place writes into
+the base, ``core.barrier``, and sampling a few bytes of a base tensor whose
+memory leaves torch). This times ``peftspec.apply`` in four variants, rounds
+rotated:
 
 * ``neither``: the checks replaced by a no-op;
 * ``built-in``: peftspec's own LoRA, as a user runs it (version counters);
 * ``third-party``: the same LoRA registered by another distribution
-  (``bench-third-party``): counters, sampled bytes and the barrier;
-* ``third-party, no barrier``: the detection alone, for the barrier's share;
+  (``bench-third-party``): counters and the barrier;
+* ``third-party, no barrier``: the counters alone, for the barrier's share;
 
 on:
 
@@ -20,6 +21,9 @@ on:
   projections of its 30 layers (210 targets).
 
 Prints medians and the overheads against neither; goal: within 10% of apply time.
+Also timed directly: the counters, and the counters with every tensor's bytes
+sampled up front (what an ``after_apply`` hook, which runs outside any barrier,
+costs).
 Run ``python bench/bench_value_guard.py [--rounds N] [--skip-smollm2]``.
 """
 
@@ -36,7 +40,7 @@ import torch
 
 import peftspec
 import peftspec.core.patching as patching
-from peftspec.core.promise import ValueGuard
+from peftspec.core.valueguard import ValueGuard
 from peftspec_plugins.lora import LoRA
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +58,7 @@ class NoGuard:
 
 
 class NoBarrier(ValueGuard):
-    """The counters and sampled bytes, without the barrier."""
+    """The counters alone, without the barrier."""
     __slots__ = ()
 
     def barrier(self):
@@ -159,12 +163,12 @@ def main() -> None:
         print(f"{name}: apply {m['neither'] * 1e3:.1f} ms with neither check; peftspec's "
               f"LoRA {m['built-in'] * 1e3:.1f} ms ({o['built-in']:+.1%}, fastest rounds "
               f"{lo['built-in']:+.1%}); as a third party's {m['third-party'] * 1e3:.1f} ms "
-              f"({o['third-party']:+.1%}, fastest {lo['third-party']:+.1%}); of which the "
-              f"counters and sampled bytes (no barrier) {m['third-party, no barrier'] * 1e3:.1f}"
+              f"({o['third-party']:+.1%}, fastest {lo['third-party']:+.1%}); without the "
+              f"barrier (the counters) {m['third-party, no barrier'] * 1e3:.1f}"
               f" ms ({o['third-party, no barrier']:+.1%})")
         d = r["direct_s"]
         print(f"  timed directly: the counters {d['counters'] * 1e3:.2f} ms "
-              f"({d['counters'] / m['neither']:.1%} of apply), with sampled bytes "
+              f"({d['counters'] / m['neither']:.1%} of apply), with every tensor's bytes "
               f"{d['counters and bytes'] * 1e3:.2f} ms "
               f"({d['counters and bytes'] / m['neither']:.1%})")
     print(json.dumps({k: {kk: v[kk] for kk in ("median_s", "overhead", "min_overhead",

@@ -3,8 +3,9 @@ place during apply (issue 27, point 2), whoever wrote the plugin: the kit is
 not needed for it. A write through torch (``add_``, ``.data``, a view, ``t[i] =
 v``, ``out=``, ``torch.nn.init``) is refused before it happens
 (``core.barrier``), so the model is left exactly as it was; one that is not a
-torch call (numpy) is still caught by the version counters and sampled bytes
-and reported as not restorable. Either way the modules are rolled back and the
+torch call (numpy, raw memory) is caught by a few bytes sampled when the
+memory leaves torch (``.numpy()``, ``data_ptr()``) and reported as not
+restorable. Either way the modules are rolled back and the
 error names the distribution, method, rule and tensor."""
 
 from __future__ import annotations
@@ -113,6 +114,19 @@ class WritesNumpy(Good):
         return wrapped(module)
 
 
+class WritesRaw(Good):
+    """Raw memory at the weight's middle, through its data pointer."""
+    name = "writes-raw"
+
+    def apply(self, module, step):
+        import ctypes
+
+        w = module.weight
+        mid = w.data_ptr() + (w.numel() * w.element_size() // 2 & ~15)
+        ctypes.memset(mid, 0x7F, 4)
+        return wrapped(module)
+
+
 class OwnTensorsInPlace(Good):
     """In-place work on its own new tensors, reads of the base, autograd flags: fine."""
     name = "own-in-place"
@@ -171,15 +185,15 @@ def test_a_torch_write_into_the_base_is_refused_before_it_happens(method, tensor
     assert f"({op})" in _refused(method, tensor)
 
 
-def test_a_write_outside_torch_is_caught_and_named_as_not_restorable():
-    method = WritesNumpy()
+@pytest.mark.parametrize("method", [WritesNumpy(), WritesRaw()], ids=["numpy", "raw"])
+def test_a_write_outside_torch_is_caught_and_named_as_not_restorable(method):
     reg, model, ids, out, spec = _setup(method)
     snap = snapshot(model)
     with pytest.raises(peftspec.PluginError) as exc:
         peftspec.apply(spec, model, registry=reg)
     msg = str(exc.value)
     # compared once after the last step: both targets were written by then
-    assert "method 'writes-numpy'" in msg and "'blocks.0.attn.v_proj.weight'" in msg
+    assert f"method '{method.name}'" in msg and "'blocks.0.attn.v_proj.weight'" in msg
     assert "'blocks.1.attn.v_proj.weight'" in msg
     assert "in place" in msg and "reload the model" in msg
     assert_rolled_back(model, snap, {f"blocks.{i}.attn.v_proj.weight" for i in (0, 1)})
@@ -287,8 +301,8 @@ def test_built_in_methods_skip_the_barrier_and_a_write_is_still_caught(monkeypat
 def test_a_write_by_an_after_apply_hook_is_caught():
     @peftspec.hookimpl
     def after_apply(model, plan):
-        with torch.no_grad():
-            model.blocks[0].attn.q_proj.weight.mul_(2.0)
+        with torch.no_grad():  # through .data: no version counter sees it
+            model.blocks[0].attn.q_proj.weight.data.mul_(2.0)
 
     reg = peftspec.build_registry(autoload=False,
                                   plugins=[plugin(Good(), after_apply=after_apply)])

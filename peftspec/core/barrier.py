@@ -10,8 +10,11 @@ rolling back the modules leaves the model exactly as it was. The refusal is
 also recorded, so a plugin that swallows the exception is still reported.
 
 Reads, new tensors and metadata (``requires_grad_``) pass through. A write
-through numpy or raw memory is not a torch call: ``core.promise.ValueGuard``'s
-version counters and sampled bytes are the check behind this one.
+through numpy or raw memory is not a torch call, but taking the memory out of
+torch is (``.numpy()``, ``__array__``, ``data_ptr()``, ``untyped_storage()``,
+``__dlpack__``): for a base tensor the barrier calls ``on_escape(name)`` first,
+and ``core.valueguard.ValueGuard`` samples a few of its bytes then, compared after
+apply.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ _DUNDER = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itrue
                      "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"})
 
 _DEST_KEYS = ("tensor", "input", "self", "out")
+# hand a tensor's memory out of torch, where writes bypass its version counter
+_ESCAPES = frozenset({"numpy", "__array__", "data_ptr", "untyped_storage", "storage",
+                      "_typed_storage", "__dlpack__", "__cuda_array_interface__"})
 
 
 class BaseWriteRefused(RuntimeError):
@@ -44,37 +50,44 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-_WRITES: dict = {}  # torch function -> whether it writes its first argument (by name)
+_KIND: dict = {}  # torch function -> 1 writes its first argument, 2 escapes it, 0 neither
 
 
-def _writes(func) -> bool:
+def _kind(func) -> int:
     name = getattr(func, "__name__", "")
-    w = name in _DUNDER or (name.endswith("_") and not name.startswith("_")
-                            and name not in _METADATA)
+    k = (1 if name in _DUNDER or (name.endswith("_") and not name.startswith("_")
+                                  and name not in _METADATA)
+         else 2 if name in _ESCAPES else 0)
     try:
-        _WRITES[func] = w
+        _KIND[func] = k
     except TypeError:  # not hashable: asked again next time
         pass
-    return w
+    return k
 
 
 class WriteBarrier(TorchFunctionMode):
     """Refuse torch's in-place writes into ``tensors`` (named by ``names``) while
     active."""
 
-    def __init__(self, names, tensors: list[torch.Tensor]):
+    def __init__(self, names, tensors: list[torch.Tensor], on_escape=None):
         super().__init__()
-        self._names, self._tensors = names, tensors
+        self._names, self._tensors, self._on_escape = names, tensors, on_escape
         self._storages: dict[int, str] | None = None  # made at the first write
         self.refused: BaseWriteRefused | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # every torch call apply makes comes through here: a dictionary lookup
-        w = _WRITES.get(func)
-        if w is None:
-            w = _writes(func)
-        if w or (kwargs and kwargs.get("out") is not None):
+        k = _KIND.get(func)
+        if k is None:
+            k = _kind(func)
+        if k == 1 or (kwargs and kwargs.get("out") is not None):
             self._check(func, args, kwargs)
+        elif k == 2 and self._on_escape is not None and args and \
+                isinstance(args[0], torch.Tensor):
+            ptr = _storage(args[0])
+            name = self.storages.get(ptr) if ptr else None
+            if name is not None:
+                self._on_escape(name)  # sampled before the memory leaves torch
         return func(*args, **kwargs) if kwargs else func(*args)
 
     @property

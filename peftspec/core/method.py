@@ -224,8 +224,8 @@ class Method:
         plugin to it: during each ``apply`` of a method that is not peftspec's
         own a :class:`peftspec.core.barrier.WriteBarrier` refuses any in-place
         torch write into a base tensor before it happens; after the last step a
-        :class:`peftspec.core.promise.ValueGuard` sees one made otherwise
-        (version counters; numpy, raw memory: sampled bytes), and
+        :class:`peftspec.core.valueguard.ValueGuard` sees one made otherwise
+        (version counters; numpy, raw memory: bytes sampled as it leaves torch), and
         :func:`peftspec.core.promise.verify` checks that each base tensor is
         still in the model, the same object over the same memory. A violation
         is a ``PluginError`` naming the distribution, method, rule, spec line

@@ -32,7 +32,8 @@ from peftspec.core.sizeguard import check_fits
 from peftspec.core.plan import ModelIndex, Plan
 from peftspec.core.freeze import freeze_steps
 from peftspec.core.barrier import built_in
-from peftspec.core.promise import BaseSnapshot, ValueGuard, kept_by_name, verify
+from peftspec.core.promise import BaseSnapshot, kept_by_name, verify
+from peftspec.core.valueguard import ValueGuard
 from peftspec.core.registry import registry_or_default
 from peftspec.core.state import (  # noqa: F401 (public names re-exported: the apply API)
     Adapter, DEFAULT_NAME, PatchState, Record, active_adapter, adapter_names, base_view, disabled,
@@ -127,8 +128,9 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         # (the promise); a rule that announced a rewritten base (PiSSA's) is exempt
         methods_built_in = {m: built_in(registry.methods.get(m)) for m in
                             {s.method for s in plan.steps if s.family not in ("train", "freeze")}}
+        # (after_apply hooks run outside any barrier: their bytes sampled up front)
         guard = ValueGuard(snapshot, tuple(s.target for s in plan.steps if s.rule in plan.notes),
-                           sample=not all(methods_built_in.values()))
+                           sample=bool(registry.pm.hook.after_apply.get_hookimpls()))
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue

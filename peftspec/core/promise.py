@@ -9,7 +9,7 @@ weight's ``.data``, forgets ``adapter_params()`` or miscounts breaks that
 promise silently; :func:`verify` catches it and raises a
 :class:`~peftspec.core.errors.PluginError` naming the plugin's distribution and
 method, and ``apply_plan`` rolls the model back. A plugin that writes a base
-tensor's values in place is caught by :class:`ValueGuard`, over the whole
+tensor's values in place is caught by :class:`~peftspec.core.valueguard.ValueGuard`, over the whole
 apply.
 
 The check must stay cheap on models of thousands of modules (``bench_core``'s
@@ -20,14 +20,12 @@ when something is wrong.
 
 from __future__ import annotations
 
-import ctypes
 from operator import attrgetter, methodcaller
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from peftspec.core.barrier import BaseWriteRefused, WriteBarrier
 from peftspec.core.fastmodule import all_modules
 from peftspec.core.errors import PluginError
 
@@ -178,14 +176,14 @@ def _present(modules) -> tuple[set[int], set[int]]:
     return present_p, present_b
 
 
-def _who(registry, step, where: bool = False) -> str:
+def plugin_who(registry, step, where: bool = False) -> str:
     info = registry.methods.get(step.method)
     dist = info.dist if info is not None else "<unknown>"
     return f"plugin {dist!r}, method {step.method!r}" + (
         f" ({step.rule}, spec line {step.line})" if where else "")
 
 
-def _owner_step(plan, name: str):
+def owner_step(plan, name: str):
     """The step whose target is the longest prefix of the dotted ``name`` (of several
     methods on that module, the last: it changed the module last)."""
     best = None
@@ -202,8 +200,8 @@ def _owner_step(plan, name: str):
 def _raise_for_names(model, plan, registry, items) -> None:
     lines = []
     for name, why in items[:5]:
-        step = _owner_step(plan, name.rpartition(".")[0])
-        who = _who(registry, step, True) + f" on '{step.target or '<model>'}'" if step else \
+        step = owner_step(plan, name.rpartition(".")[0])
+        who = plugin_who(registry, step, True) + f" on '{step.target or '<model>'}'" if step else \
             "an after_apply hook or code outside the planned modules"
         lines.append(f"{who}: {why}")
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
@@ -216,8 +214,8 @@ def _raise_stray(model, plan, registry, stray: set[int]) -> None:
     names = list(dict.fromkeys(names))
     by_step: dict[str, list[str]] = {}
     for n in names:
-        step = _owner_step(plan, n.rpartition(".")[0])
-        key = (_who(registry, step, True) if step else "an after_apply hook")
+        step = owner_step(plan, n.rpartition(".")[0])
+        key = (plugin_who(registry, step, True) if step else "an after_apply hook")
         by_step.setdefault(key, []).append(n)
     parts = [f"{who}: apply added parameters that no adapter_params() reports "
              f"({', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''}); return every new "
@@ -256,142 +254,11 @@ def _raise_count(plan, records, registry, added: int) -> None:
     if not wrong:
         wrong = sorted(announced)
     step_of = {rec.step.method: rec.step for rec in records}
-    parts = [f"{_who(registry, step_of[m], True)}: count_params announced {announced[m]:,} "
+    parts = [f"{plugin_who(registry, step_of[m], True)}: count_params announced {announced[m]:,} "
              f"parameters, apply added {actual[m]:,}" if m in actual else
-             f"{_who(registry, step_of[m], True)}: count_params announced {announced[m]:,}"
+             f"{plugin_who(registry, step_of[m], True)}: count_params announced {announced[m]:,}"
              for m in wrong]
     raise PluginError("; ".join(parts) + f" (in all: {plan.params_added:,} announced, "
                       f"{added:,} reachable through adapter_params(); the plan, `peftspec "
                       "plan` and the adapter file rely on the count). The model was left as "
                       "it was")
-
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
-def _spots(t: torch.Tensor) -> tuple[int, ...]:
-    """Where :func:`_read` samples ``t``: the addresses of its first 16 bytes and of
-    16 in its middle (all of it when smaller); ``()`` where it cannot read memory
-    directly (not a contiguous CPU tensor)."""
-    if not t.is_cpu or not t.is_contiguous():
-        return ()
-    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    if nbytes <= 32:
-        return (ptr, nbytes)
-    return (ptr, 16, ptr + (nbytes // 2 & ~15), 16)
-
-
-def _read(spots: tuple[int, ...], t: torch.Tensor) -> bytes | torch.Tensor:
-    """The sampled bytes (what a write through ``.data``, which bypasses the
-    version counter, changes), read straight from memory: a microsecond, where
-    a torch operation costs several. Elsewhere (CUDA) a few elements' bits."""
-    if spots:
-        if len(spots) == 2:
-            return ctypes.string_at(*spots)
-        return ctypes.string_at(spots[0], 16) + ctypes.string_at(spots[2], 16)
-    flat = t.detach().reshape(-1)
-    picked = flat[::max(1, flat.numel() // 4)]
-    d = _BITS.get(picked.element_size())
-    return (picked.view(d) if d is not None and picked.dtype != d else picked).clone()
-
-
-def _same(a, b) -> bool:
-    return a == b if isinstance(a, bytes) else torch.equal(a, b)
-
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class ValueGuard:
-    """Whether a value of a frozen base tensor was written in place during apply
-    (``weight.add_(...)``), in time O(1) per tensor: :class:`PluginError` names
-    the plugin, and ``apply_plan`` rolls the model back.
-
-    It covers every plain base tensor of the model (``snap``), taken once before
-    the first step and compared once after the last (and after ``after_apply``
-    hooks), and when a step fails. Each tensor's version counter is compared:
-    every in-place torch operation bumps it (on the tensor, a view or
-    ``detach()`` of it, under ``no_grad`` too). Where the plan has a method that
-    is not peftspec's own (``sample``), a few sampled bytes too, for a write
-    through ``.data`` (which bypasses the counter) or numpy; and each such
-    method's ``apply`` runs inside :meth:`barrier`, which refuses torch's
-    in-place writes into the base before they happen, so nothing needs putting
-    back. A write it cannot refuse (numpy, raw memory) is reported but cannot be
-    put back: no copy of the base is kept (copying it would cost several times
-    apply itself: ``bench/bench_value_guard.py``). The tensors of a rule that
-    announced a rewritten base (``exempt``: PiSSA's residual) are left out, and
-    so are packed (``[[freeze]]``) and meta tensors: the former refuse writes.
-    """
-
-    __slots__ = ("names", "tensors", "versions", "spots", "samples", "_barrier")
-
-    def __init__(self, snap: BaseSnapshot, exempt: tuple[str, ...] = (), sample: bool = False):
-        # written for speed: thousands of tensors (bench/bench_value_guard.py)
-        keep = [i for i, t in enumerate(snap.tensors) if type(t) in _PLAIN and not t.is_meta]
-        if exempt:
-            keep = [i for i in keep if not _under(snap.names[i], exempt)]
-        self.names = [snap.names[i] for i in keep]
-        self.tensors = [snap.tensors[i] for i in keep]
-        self.versions = [t._version for t in self.tensors]
-        self.spots = list(map(_spots, self.tensors)) if sample else None
-        self.samples = list(map(_read, self.spots, self.tensors)) if sample else None
-        self._barrier: WriteBarrier | None = None
-
-    def changed(self) -> list[int]:
-        """Which tensors were written (one whose memory moved is :meth:`BaseSnapshot.moved`'s)."""
-        now = [t._version for t in self.tensors]
-        out = [] if now == self.versions else [  # the common case, compared in C
-            i for i, (a, b) in enumerate(zip(now, self.versions)) if a != b]
-        if self.samples is not None:
-            out += [i for i, (t, sp, s) in enumerate(zip(self.tensors, self.spots, self.samples))
-                    if (not sp or sp[0] == t.data_ptr()) and not _same(_read(sp, t), s)
-                    and i not in out]
-        return out
-
-    def barrier(self) -> WriteBarrier:
-        """A :class:`~peftspec.core.barrier.WriteBarrier` over these tensors, to
-        hold around a plugin's ``Method.apply`` (one for the whole apply: its
-        ``refused`` is cleared here)."""
-        if self._barrier is None:
-            self._barrier = WriteBarrier(self.names, self.tensors)
-        self._barrier.refused = None
-        return self._barrier
-
-    @staticmethod
-    def refused(registry, step, refusal: BaseWriteRefused) -> PluginError:
-        """The error for a write the barrier refused (nothing was written)."""
-        return PluginError(
-            f"{_who(registry, step)} ({step.rule}, spec line {step.line}) tried to write "
-            f"frozen base tensor '{refusal.name}' in place during apply ({refusal.op}); "
-            "peftspec refused the write before it happened, so the base keeps its values "
-            "and the model was rolled back unchanged. Base tensors must keep their values: "
-            "put a change in the adapter's own parameters, or announce a rewritten base "
-            "with Method.base_note")
-
-    def check(self, registry, plan, failed=None) -> None:
-        """Raise :class:`PluginError` if a value changed, naming the step that owns
-        the first changed tensor (``failed``: the step whose apply raised; ``plan``
-        ``None``: after the steps were checked, so an ``after_apply`` hook)."""
-        changed = self.changed()
-        if not changed:
-            return
-        names = [self.names[i] for i in changed]
-        step = _owner_step(plan, names[0].rpartition(".")[0]) if plan is not None else None
-        rule = step.rule if step else None  # the tensors of that rule's targets, listed
-        mine = [n for n in names if plan is None or getattr(
-            _owner_step(plan, n.rpartition(".")[0]), "rule", None) == rule]
-        listed = ", ".join(f"'{n}'" for n in mine[:3])
-        more = len(names) - len(mine[:3])
-        more = f" (and {more} more)" if more else ""
-        who = (f"{_who(registry, step)} ({step.rule}, spec line {step.line})" if step else
-               "an after_apply hook" if plan is None else "code outside the planned modules")
-        raise PluginError(
-            f"{who} wrote frozen base tensor {listed}{more} in place during apply"
-            + (" before raising" if failed is not None and failed.rule == rule else "")
-            + "; base tensors must keep their values (put a change in the adapter's own "
-            "parameters, or announce a rewritten base with Method.base_note). The modules "
-            "were rolled back, but the values it wrote cannot be put back (peftspec keeps no "
-            "copy of the base): reload the model before using it")
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(p == "" or name.startswith(p + ".") for p in prefixes)
