@@ -24,8 +24,9 @@ early), through two code paths:
   requests submitted directly (no HTTP); per token: from the first token to
   the request's end, over the tokens after the first.
 
-Configurations are interleaved round by round (the order rotates), after a
-warm-up round; the table gives each one's median over the rounds with the
+Configurations are interleaved round by round (the order rotates), each
+loaded afresh on its engine's thread, warmed up (4 tokens), timed and closed,
+so that one thread at a time runs torch, as in a server; the table gives each one's median over the rounds with the
 min-max, and the median of the per-round ratios to ``base fp32``.
 
 Run: python bench/bench_decode.py [--rounds 7] [--tokens 64] [--batch 1 --batch 8]
@@ -86,21 +87,24 @@ class _Stamps:
 
 
 def build(label: str, files: dict[str, Path], reg):
-    """``(engine, adapter name or None)`` for one configuration, loaded as serve loads it.
+    """``(engine, adapter name or None)`` for one configuration, loaded as serve loads it:
+    everything on the engine's own thread (``peftspec.serve.engine``).
 
     The server refuses an adapter whose spec has ``[[freeze]]`` rules (they do
     not run per row), so the nf4 base is frozen first (a spec of only the
-    ``[[freeze]]`` rule) and the LoRA file served on it."""
-    model = reg.load_model("smollm2")
-    if label.startswith("nf4"):
-        peftspec.apply(peftspec.parse_spec(NF4), model, registry=reg)
-    if label in ("base fp32", "nf4 base"):
-        return start("smollm2", {}, registry=reg, model=model, max_batch=64).engine, None
+    ``[[freeze]]`` rule) and the LoRA file loaded on it."""
     file = "dora" if label == "DoRA" else "lora"
-    merge = label == "LoRA merged"
-    loaded = start("smollm2", {file: files[file]}, registry=reg, model=model, max_batch=64,
-                   merge=merge)
-    return loaded.engine, None if merge else file
+    if label == "LoRA merged":
+        return start("smollm2", {file: files[file]}, registry=reg, max_batch=64,
+                     merge=True).engine, None
+    engine = start("smollm2", {}, registry=reg, max_batch=64).engine
+    if label.startswith("nf4"):
+        engine.call(lambda: peftspec.apply(peftspec.parse_spec(NF4), engine.model,
+                                           registry=reg))
+    if label in ("base fp32", "nf4 base"):
+        return engine, None
+    engine.call(lambda: engine.adapters.load(file, files[file]))
+    return engine, file
 
 
 def prompts(engine, batch: int) -> list[list[int]]:
@@ -118,7 +122,7 @@ def time_generate(engine, adapter, batch: int, tokens: int) -> float:
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     stamps = _Stamps()
-    with engine.model_lock, torch.no_grad(), adapters_for(engine.model, [adapter] * batch):
+    with torch.no_grad(), adapters_for(engine.model, [adapter] * batch):
         engine.model.generate(input_ids=ids, attention_mask=mask, streamer=stamps,
                               max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                               temperature=None, top_p=None, top_k=None, pad_token_id=pad)
@@ -155,6 +159,15 @@ def time_engine(engine, adapter, batch: int, tokens: int) -> float:
     return (max(ended) - first) / (tokens - 1)
 
 
+def on_a_thread(fn):
+    """``fn()`` on a thread of its own that then ends (its OpenMP team with it)."""
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=fn()))
+    t.start()
+    t.join()
+    return box["out"]
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -179,24 +192,25 @@ def main(argv=None):
     t0, load0 = time.time(), loadavg()
     reg = peftspec.build_registry()
     folder = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    files = {"lora": make_adapter("smollm2", LORA, folder / "lora.safetensors", 1, reg, 0.02),
-             "dora": make_adapter("smollm2", DORA, folder / "dora.safetensors", 2, reg, 0.02)}
-    built = {label: build(label, files, reg) for label in labels}
-    timers = {"generate": time_generate, "engine": time_engine}
+    # torch runs on one thread at a time, as in a server: the main thread's own
+    # OpenMP team beside an engine's would slow both (peftspec.serve.engine)
+    files = on_a_thread(lambda: {
+        "lora": make_adapter("smollm2", LORA, folder / "lora.safetensors", 1, reg, 0.02),
+        "dora": make_adapter("smollm2", DORA, folder / "dora.safetensors", 2, reg, 0.02)})
+    timers = {"generate": lambda e, *a: e.call(lambda: time_generate(e, *a)),
+              "engine": time_engine}
     cases = [(p, b) for p in paths for b in batches]
     times = {(label, p, b): [] for label in labels for p, b in cases}
-    try:
-        for rnd in range(args.rounds + 1):  # round 0: warm-up, not recorded
-            order = labels[rnd % len(labels):] + labels[:rnd % len(labels)]
-            for p, b in cases:
-                for label in order:
-                    engine, adapter = built[label]
-                    s = timers[p](engine, adapter, b, args.tokens if rnd else 4)
-                    if rnd:
-                        times[(label, p, b)].append(s)
-    finally:
-        for engine, _ in built.values():
-            engine.close()
+    for rnd in range(1, args.rounds + 1):
+        order = labels[rnd % len(labels):] + labels[:rnd % len(labels)]
+        for label in order:  # one engine at a time, loaded afresh, warmed up, closed
+            engine, adapter = build(label, files, reg)
+            try:
+                for p, b in cases:
+                    timers[p](engine, adapter, b, 4)
+                    times[(label, p, b)].append(timers[p](engine, adapter, b, args.tokens))
+            finally:
+                engine.close()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     print(f"{when} | {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads | torch "
           f"{torch.__version__}, Python {platform.python_version()} | load avg {load0} -> "

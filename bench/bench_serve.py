@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import peftspec  # noqa: E402
 from peftspec.serve.app import Limits  # noqa: E402
 from peftspec.serve.server import start  # noqa: E402
-from serve_helpers import ThreadServer, make_adapter  # noqa: E402
+from serve_helpers import ThreadServer  # noqa: E402
+from shared_helpers import make_adapter  # noqa: E402
 
 LORA = '[[reparameterize]]\nmethod = "lora"\nmodules = ["**.q_proj", "**.v_proj"]\nr = 16\n'
 QUESTIONS = ["Where is the harbour?", "Name three colours.", "What is the capital of France?",
@@ -95,8 +96,14 @@ def main():
     reg = peftspec.build_registry()
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     names = [f"a{i}" for i in range(args.adapters)]
-    files = {n: make_adapter("smollm2", LORA, folder / f"{n}.safetensors", i, reg, scale=0.02)
-             for i, n in enumerate(names)}
+    # made on a thread that ends: torch then runs on the engine's thread alone, as
+    # in `peftspec serve` (a second OpenMP team slows both: peftspec.serve.engine)
+    files = {}
+    maker = threading.Thread(target=lambda: files.update(
+        {n: make_adapter("smollm2", LORA, folder / f"{n}.safetensors", i, reg, scale=0.02)
+         for i, n in enumerate(names)}))
+    maker.start()
+    maker.join()
     loaded = start("smollm2", files, registry=reg, max_batch=args.clients,
                    max_queue=args.clients, base_name="smollm2")
     server = ThreadServer(loaded, Limits(max_tokens=args.tokens))

@@ -304,11 +304,19 @@ def _passes(model, adapters: list[str | None]) -> list[set]:
 
 
 @contextlib.contextmanager
-def adapters_for(model, names: list[str | None]):
-    """Row ``i`` through ``names[i]``: one adapter (or none) by switching, several by rows."""
+def adapters_for(model, names: list[str | None], keep: bool = False):
+    """Row ``i`` through ``names[i]``: one adapter (or none) by switching, several by rows.
+
+    ``keep``: where every row names one adapter (or the base), leave it active
+    after the block instead of switching back, so that the next block for the
+    same one switches nothing (the server's scheduler, step after step: a
+    switch walks the model's modules)."""
 
     distinct = set(names)
     if not is_patched(model):
+        yield
+    elif keep and len(distinct) == 1:
+        use(model, names[0])
         yield
     elif distinct == {None}:
         with disabled(model):

@@ -301,3 +301,31 @@ def test_health_and_metrics(setup):
                  "request_seconds_count"):
         assert f"peftspec_serve_{name}" in text
     assert 'status="200"' in text
+
+
+def test_all_torch_work_runs_on_the_engines_thread(setup, client, monkeypatch):
+    """Loading, steps and run-time loads: one thread (a second thread running
+    torch's kernels slows every step: peftspec.serve.engine)."""
+    engine = setup["engine"]
+    assert engine.thread is not threading.main_thread() and engine.thread.is_alive()
+    seen = set()
+    forward = engine.model.forward
+
+    def spy(*a, **k):
+        seen.add(threading.current_thread())
+        return forward(*a, **k)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    client.completions.create(model="town", prompt="Hello", max_tokens=3, temperature=0)
+    loads = []
+    load = engine.adapters.load
+    monkeypatch.setattr(engine.adapters, "load",
+                        lambda *a: loads.append(threading.current_thread()) or load(*a))
+    r = _post(setup, "/v1/load_lora_adapter",
+              {"lora_name": "deck2", "lora_path": "deck.safetensors"})
+    assert r.status_code == 200, r.text
+    _post(setup, "/v1/unload_lora_adapter", {"lora_name": "deck2"})
+    assert seen == {engine.thread} and loads == [engine.thread]
+    assert engine.call(threading.current_thread) is engine.thread
+    with pytest.raises(KeyError):  # an exception comes back to the caller
+        engine.call(lambda: {}["missing"])

@@ -188,10 +188,8 @@ def build_app(engine: Engine, base_name: str, limits: Limits = Limits()):
             raise ServeError(f"{name!r} is the base model's name", param="lora_name")
         full = resolve_in(engine.adapters.folder, path)
 
-        def work():
-            with engine.model_lock:
-                engine.adapters.load(name, full)
-        await asyncio.to_thread(work)
+        # on the engine's thread, between steps (peftspec.serve.engine)
+        await asyncio.to_thread(engine.call, lambda: engine.adapters.load(name, full))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @endpoint("unload_lora_adapter")
@@ -202,10 +200,7 @@ def build_app(engine: Engine, base_name: str, limits: Limits = Limits()):
             raise ServeError(f"adapter {name!r} has {busy} request(s) in flight; retry when "
                              "they finish", param="lora_name", status=409, code="in_use")
 
-        def work():
-            with engine.model_lock:
-                engine.adapters.unload(name)
-        await asyncio.to_thread(work)
+        await asyncio.to_thread(engine.call, lambda: engine.adapters.unload(name))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def health(request):

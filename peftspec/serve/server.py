@@ -9,6 +9,7 @@ engine stops and :func:`serve` returns (the command exits 0).
 from __future__ import annotations
 
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,31 @@ def start(source: str | None, adapters: dict[str, Path], adapter_dir: Path | Non
     ``merge``: one adapter, folded into the base weights once: the server then
     serves that adapter alone (under its name) at the base model's speed, and
     loads nothing at run time."""
+    # everything below runs on the engine's thread, which then schedules
+    # (peftspec.serve.engine: one thread for all of a server's torch work)
+    box: dict = {}
+    ready = threading.Event()
+
+    def body():
+        try:
+            box["loaded"] = _load(source, adapters, adapter_dir, registry, max_batch, max_queue,
+                                  model, tokenizer, base_name, merge)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            box["error"] = exc
+            return
+        finally:
+            ready.set()
+        box["loaded"].engine.run()
+
+    threading.Thread(target=body, name="peftspec-serve", daemon=True).start()
+    ready.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["loaded"]
+
+
+def _load(source, adapters, adapter_dir, registry, max_batch, max_queue, model, tokenizer,
+          base_name, merge) -> Loaded:
     registry = registry_or_default(registry)
     if model is None:
         model = registry.load_model(source)
@@ -71,7 +97,7 @@ def start(source: str | None, adapters: dict[str, Path], adapter_dir: Path | Non
         served.files.clear()
         base_name = base_name or name
     engine = Engine(model, tokenizer, served, max_batch=max_batch, max_queue=max_queue,
-                    metrics=Metrics(), stops=stop_ids(tokenizer, model))
+                    metrics=Metrics(), stops=stop_ids(tokenizer, model), own_thread=False)
     return Loaded(engine, base_name or source or "default")
 
 
