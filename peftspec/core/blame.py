@@ -66,18 +66,27 @@ def reraise(exc: Exception, registry, steps, hook: str, file: str | None, *,
     block. ``target``: the module the hook worked on, when it was one."""
     on = f" on '{target or '<model>'}'" if target is not None else ""
     ctx = context(registry, steps, file)
+    _raise_blamed(exc, f"{ctx}, {hook}{on}", f"{ctx} refused{on} in {hook}",
+                  f"{ctx} failed in {hook}{on}", refusals)
+
+
+def _raise_blamed(exc: Exception, ctx: str, refused: str, failed: str,
+                  refusals: tuple[type[BaseException], ...]) -> NoReturn:
+    """Raise ``exc`` as the module docstring says: a PeftspecError gains ``ctx``;
+    a refusal becomes ``PluginInputError("<refused>: ...")``, anything else
+    ``PluginError("<failed>: ...")``, the original chained."""
     if isinstance(exc, PeftspecError):
         if not getattr(exc, "peftspec_blamed", False):
-            exc.args = (f"{ctx}, {hook}{on}: {exc}", *exc.args[1:])
+            exc.args = (f"{ctx}: {exc}", *exc.args[1:])
             exc.peftspec_blamed = True
         raise exc
     if isinstance(exc, refusals):
-        new: PeftspecError = PluginInputError(f"{ctx} refused{on} in {hook}: {exc}")
+        new: PeftspecError = PluginInputError(f"{refused}: {exc}")
     else:
         new = PluginError(
-            f"{ctx} failed in {hook}{on}: {type(exc).__name__}: {exc}. This is the plugin "
-            "failing, not the spec being wrong: if the message does not say what to do, "
-            "report it to the plugin's authors (PEFTSPEC_DEBUG=1 prints the traceback)")
+            f"{failed}: {type(exc).__name__}: {exc}. This is the plugin failing, not the "
+            "spec being wrong: if the message does not say what to do, report it to the "
+            "plugin's authors (PEFTSPEC_DEBUG=1 prints the traceback)")
     new.peftspec_blamed = True
     raise new from exc
 
@@ -104,19 +113,7 @@ def plugin_hook(registry, hook: str, file: str | None, **kwargs):
         name = impl.plugin_name if impl is not None else "<unknown>"
         ctx = (f"plugin {name.split(':', 1)[0]!r} ({name.split(':', 1)[-1]}), "
                f"hook {hook}, spec {file or '<spec>'}")
-        if isinstance(exc, PeftspecError):
-            exc.args = (f"{ctx}: {exc}", *exc.args[1:])
-            exc.peftspec_blamed = True
-            raise
-        if isinstance(exc, REFUSALS):
-            new: PeftspecError = PluginInputError(f"{ctx} refused: {exc}")
-        else:
-            new = PluginError(
-                f"{ctx} failed: {type(exc).__name__}: {exc}. This is the plugin failing, not "
-                "the spec being wrong: report it to the plugin's authors "
-                "(PEFTSPEC_DEBUG=1 prints the traceback)")
-        new.peftspec_blamed = True
-        raise new from exc
+        _raise_blamed(exc, ctx, f"{ctx} refused", f"{ctx} failed", REFUSALS)
 
 
 def owner(records, name: str):
