@@ -7,9 +7,10 @@ The rule: bf16 autocast where bf16 is native and pays, fp32 elsewhere.
 * CPU: bf16 only when the CPU advertises bf16 instructions (``avx512_bf16`` or
   ``amx_bf16`` in ``/proc/cpuinfo``) *and* a bf16 matmul of a transformer's
   shapes, timed here once per process (about 0.1 s), runs at least
-  :data:`GAIN` times the speed of fp32. The flag alone is not enough: on this
-  project's CI machine (a virtualised Xeon advertising ``avx512_bf16``) bf16
-  matmuls measured half the speed of fp32, so ``auto`` keeps fp32 there.
+  :data:`GAIN` times the speed of fp32. The flag alone is not enough: on one
+  of this project's machines (a virtualised Xeon advertising ``avx512_bf16``)
+  bf16 matmuls measured half the speed of fp32, so ``auto`` keeps fp32 there;
+  on another (a Xeon with AMX) 6-7x, so ``auto`` picks bf16.
 * Anything else (MPS, no flag, not faster): fp32.
 
 bf16 here is autocast: the weights stay as loaded, the LoRA factors and the
