@@ -127,6 +127,15 @@ class WritesRaw(Good):
         return wrapped(module)
 
 
+class PreparesInPlace(Good):
+    """A rule-sharing method (VeRA's kind) whose ``prepare`` writes through ``.data``."""
+    name = "prepares-in-place"
+
+    def prepare(self, modules, steps):
+        with torch.no_grad():
+            next(iter(modules.values())).weight.data.mul_(2.0)
+
+
 class OwnTensorsInPlace(Good):
     """In-place work on its own new tensors, reads of the base, autograd flags: fine."""
     name = "own-in-place"
@@ -180,7 +189,8 @@ def _refused(method, tensor):
     (AddsInPlace(), "weight", "add_"), (WritesData(), "weight", "mul_"),
     (FlipsOneBit(), "weight", "__ixor__"), (SetsItem(), "weight", "__setitem__"),
     (InitsBase(), "weight", "kaiming_uniform_"), (WritesOut(), "bias", "mul"),
-    (Swallows(), "weight", "zero_"), (WritesThenFails(), "bias", "add_")])
+    (Swallows(), "weight", "zero_"), (WritesThenFails(), "bias", "add_"),
+    (PreparesInPlace(), "weight", "mul_")])
 def test_a_torch_write_into_the_base_is_refused_before_it_happens(method, tensor, op):
     assert f"({op})" in _refused(method, tensor)
 

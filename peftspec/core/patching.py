@@ -17,6 +17,7 @@ propagates: the model is never left half-patched.
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 from torch import nn
@@ -142,11 +143,17 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
             if shares_state and step.rule not in prepared:
                 prepared.add(step.rule)  # the rule's modules, before any of them is swapped
                 mine = [s for s in plan.steps if s.rule == step.rule]
+                barrier = None if methods_built_in[step.method] else guard.barrier()
                 try:
-                    method.prepare({s.target: _module_at(model, parent_of, s.target)
-                                    for s in mine}, mine)
+                    with barrier or contextlib.nullcontext():  # as apply, below
+                        method.prepare({s.target: _module_at(model, parent_of, s.target)
+                                        for s in mine}, mine)
                 except Exception as exc:  # noqa: BLE001 - named (core.blame)
+                    if barrier is not None and barrier.refused is not None:
+                        raise guard.refused(registry, step, barrier.refused) from exc
                     reraise(exc, registry, mine, "prepare", plan.spec.file)
+                if barrier is not None and barrier.refused is not None:
+                    raise guard.refused(registry, step, barrier.refused)
             path, _, child = step.target.rpartition(".")
             if not child:  # "": the model itself
                 parent = original = model
