@@ -34,7 +34,12 @@ class _Kept(dict):
         return _Kept()
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _versions(t: torch.Tensor) -> tuple:
+    if type(t) in _PLAIN:  # the common case, without getattr's miss (an exception)
+        return (t.data_ptr(), t._version)
     stored = getattr(t, "stored", None)
     if isinstance(stored, dict):
         return tuple((v.data_ptr(), v._version) for v in stored.values())
@@ -46,14 +51,16 @@ def kept(layer, name: str, tensors: tuple, context, compute: Callable[[], torch.
     and ``context`` (anything else it depends on, compared with ``==``) are
     unchanged since. Tensors that keep no version counter (made under
     ``torch.inference_mode``) are never kept."""
-    try:
-        versions = tuple(_versions(t) for t in tensors)
+    try:  # (once per projection per token: no generators for the usual one tensor)
+        versions = ((_versions(tensors[0]),) if len(tensors) == 1
+                    else tuple(_versions(t) for t in tensors))
     except RuntimeError:  # an inference tensor: no version counter to trust
         return compute()
     slots = layer.__dict__.get(SLOT)
     hit = slots.get(name) if slots is not None else None
-    if hit is not None and hit[1] == versions and hit[2] == context and \
-            all(ref() is t for ref, t in zip(hit[0], tensors)):
+    if hit is not None and hit[1] == versions and hit[2] == context and (
+            hit[0][0]() is tensors[0] if len(tensors) == 1 else
+            all(ref() is t for ref, t in zip(hit[0], tensors))):
         return hit[3]
     value = compute()
     if slots is None:
