@@ -56,6 +56,9 @@ class NoGuard:
     def barrier(self):
         return None
 
+    def raise_refused(self, registry, step, barrier, cause=None):
+        pass
+
 
 class NoBarrier(ValueGuard):
     """The counters alone, without the barrier."""

@@ -106,7 +106,6 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         state = PatchState(requires_grad=list(zip(base, map(requires_grad_of, base))),
                            base_buffer_names=list(buffers))
     adapter = Adapter(name, plan, registry=registry)
-    base_ids = set(map(id, snapshot.tensors))
     try:
         parent_of = parent_finder(model)
         # peftspec.apply's compile walked this model a moment ago: its path -> module
@@ -125,13 +124,15 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         # across a rule (a protocol isinstance costs microseconds: not per target)
         methods: dict[str, tuple[Method, bool]] = {}
         hooks = registration_hooks()
-        # the base tensors' values, compared where a step fails and after the last
-        # (the promise); a rule that announced a rewritten base (PiSSA's) is exempt
+        # peftspec's own methods run without the write barrier (core.barrier.built_in)
         methods_built_in = {m: built_in(registry.methods.get(m)) for m in
                             {s.method for s in plan.steps if s.family not in ("train", "freeze")}}
-        # (after_apply hooks run outside any barrier: their bytes sampled up front)
+        # the base tensors' values, compared where a step fails and after the last
+        # (the promise); a rule that announced a rewritten base (PiSSA's) is exempt;
+        # after_apply hooks run outside any barrier: then every tensor sampled up front
+        after_hooks = bool(registry.pm.hook.after_apply.get_hookimpls())
         guard = ValueGuard(snapshot, tuple(s.target for s in plan.steps if s.rule in plan.notes),
-                           sample=bool(registry.pm.hook.after_apply.get_hookimpls()))
+                           sample=after_hooks)
         for step in plan.steps:
             if step.family in ("train", "freeze"):
                 continue
@@ -149,11 +150,9 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                         method.prepare({s.target: _module_at(model, parent_of, s.target)
                                         for s in mine}, mine)
                 except Exception as exc:  # noqa: BLE001 - named (core.blame)
-                    if barrier is not None and barrier.refused is not None:
-                        raise guard.refused(registry, step, barrier.refused) from exc
+                    guard.raise_refused(registry, step, barrier, exc)
                     reraise(exc, registry, mine, "prepare", plan.spec.file)
-                if barrier is not None and barrier.refused is not None:
-                    raise guard.refused(registry, step, barrier.refused)
+                guard.raise_refused(registry, step, barrier)  # swallowed by the plugin
             path, _, child = step.target.rpartition(".")
             if not child:  # "": the model itself
                 parent = original = model
@@ -175,14 +174,12 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
                     with barrier:
                         installed = method.apply(original, step)
             except BaseException as exc:
-                if barrier is not None and barrier.refused is not None:
-                    raise guard.refused(registry, step, barrier.refused) from exc
+                guard.raise_refused(registry, step, barrier, exc)
                 guard.check(registry, plan, failed=step)  # the write, named first
                 if not isinstance(exc, Exception):
                     raise
                 reraise(exc, registry, step, "apply", plan.spec.file, target=step.target)
-            if barrier is not None and barrier.refused is not None:  # swallowed by the plugin
-                raise guard.refused(registry, step, barrier.refused)
+            guard.raise_refused(registry, step, barrier)  # swallowed by the plugin
             if len(original._buffers) != len(keys) and id(original) not in built:
                 _refuse_base_buffers(registry, plan, step, original, keys)
             adapter.records.append(Record(step, method, original, installed))
@@ -211,14 +208,13 @@ def apply_plan(plan: Plan, model: nn.Module, registry=None, *,
         state.active = name
         model.__dict__["_peftspec"] = state
         adapter_tensors = set_trainable(model, state, adapter, params.values())
-        after = registry.pm.hook.after_apply
         guard.check(registry, plan)
-        if after.get_hookimpls():
+        if after_hooks:
             plugin_hook(registry, "after_apply", plan.spec.file, model=model, plan=plan)
             guard.check(registry, None)  # what changed now, a hook wrote
         # an after_apply hook may have changed the modules since: then verify looks again
         verify(model, snapshot, adapter_tensors, plan, adapter.records, registry,
-               kept=None if after.get_hookimpls() else kept)
+               kept=None if after_hooks else kept)
     except BaseException:
         state.adapters.pop(name, None)
         state.active = None

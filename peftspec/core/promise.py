@@ -9,8 +9,8 @@ weight's ``.data``, forgets ``adapter_params()`` or miscounts breaks that
 promise silently; :func:`verify` catches it and raises a
 :class:`~peftspec.core.errors.PluginError` naming the plugin's distribution and
 method, and ``apply_plan`` rolls the model back. A plugin that writes a base
-tensor's values in place is caught by :class:`~peftspec.core.valueguard.ValueGuard`, over the whole
-apply.
+tensor's values in place is caught by
+:class:`~peftspec.core.valueguard.ValueGuard`, over the whole apply.
 
 The check must stay cheap on models of thousands of modules (``bench_core``'s
 3,584-module apply): one pass over data pointers before, a few dictionary
@@ -28,6 +28,7 @@ from torch import nn
 
 from peftspec.core.fastmodule import all_modules
 from peftspec.core.errors import PluginError
+from peftspec.core.blame import who as method_who
 
 
 def _ptr(t: torch.Tensor) -> int | None:
@@ -177,9 +178,8 @@ def _present(modules) -> tuple[set[int], set[int]]:
 
 
 def plugin_who(registry, step, where: bool = False) -> str:
-    info = registry.methods.get(step.method)
-    dist = info.dist if info is not None else "<unknown>"
-    return f"plugin {dist!r}, method {step.method!r}" + (
+    """:func:`peftspec.core.blame.who` for ``step``'s method, with its rule and line."""
+    return method_who(registry, step.method) + (
         f" ({step.rule}, spec line {step.line})" if where else "")
 
 
@@ -201,8 +201,8 @@ def _raise_for_names(model, plan, registry, items) -> None:
     lines = []
     for name, why in items[:5]:
         step = owner_step(plan, name.rpartition(".")[0])
-        who = plugin_who(registry, step, True) + f" on '{step.target or '<model>'}'" if step else \
-            "an after_apply hook or code outside the planned modules"
+        who = (plugin_who(registry, step, True) + f" on '{step.target or '<model>'}'" if step
+               else "an after_apply hook or code outside the planned modules")
         lines.append(f"{who}: {why}")
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
     raise PluginError("apply broke the frozen-base promise, the model was left as it was: "
@@ -254,9 +254,9 @@ def _raise_count(plan, records, registry, added: int) -> None:
     if not wrong:
         wrong = sorted(announced)
     step_of = {rec.step.method: rec.step for rec in records}
-    parts = [f"{plugin_who(registry, step_of[m], True)}: count_params announced {announced[m]:,} "
-             f"parameters, apply added {actual[m]:,}" if m in actual else
-             f"{plugin_who(registry, step_of[m], True)}: count_params announced {announced[m]:,}"
+    said = {m: f"{plugin_who(registry, step_of[m], True)}: count_params announced "
+                  f"{announced[m]:,}" for m in wrong}
+    parts = [said[m] + (f" parameters, apply added {actual[m]:,}" if m in actual else "")
              for m in wrong]
     raise PluginError("; ".join(parts) + f" (in all: {plan.params_added:,} announced, "
                       f"{added:,} reachable through adapter_params(); the plan, `peftspec "

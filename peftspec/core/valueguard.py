@@ -79,8 +79,7 @@ class ValueGuard:
     so are packed (``[[freeze]]``) and meta tensors: the former refuse writes.
     """
 
-    __slots__ = ("names", "tensors", "versions", "spots", "samples", "escaped", "_index",
-                 "_barrier")
+    __slots__ = ("names", "tensors", "versions", "sampled", "_index", "_barrier")
 
     def __init__(self, snap: BaseSnapshot, exempt: tuple[str, ...] = (), sample: bool = False):
         # written for speed: thousands of tensors (bench/bench_value_guard.py)
@@ -90,34 +89,28 @@ class ValueGuard:
         self.names = [snap.names[i] for i in keep]
         self.tensors = [snap.tensors[i] for i in keep]
         self.versions = [t._version for t in self.tensors]
-        self.spots = list(map(_spots, self.tensors)) if sample else None
-        self.samples = list(map(_read, self.spots, self.tensors)) if sample else None
-        self.escaped: dict[int, tuple] = {}  # index -> (spots, bytes), sampled at the escape
+        # index -> (spots, bytes): sampled at its escape, or all of them now
+        self.sampled: dict[int, tuple] = {i: (sp, _read(sp, t)) for i, t in enumerate(
+            self.tensors) for sp in (_spots(t),)} if sample else {}
         self._index: dict[str, int] | None = None
         self._barrier: WriteBarrier | None = None
 
     def escape(self, name: str) -> None:
         """Sample tensor ``name`` now: its memory is being handed out of torch, where
         a write would bypass its version counter (called by the barrier)."""
-        if self.samples is not None:
-            return  # sampled up front
         if self._index is None:
             self._index = {n: i for i, n in enumerate(self.names)}
         i = self._index.get(name)
-        if i is not None and i not in self.escaped:
+        if i is not None and i not in self.sampled:
             sp = _spots(self.tensors[i])
-            self.escaped[i] = (sp, _read(sp, self.tensors[i]))
+            self.sampled[i] = (sp, _read(sp, self.tensors[i]))
 
     def changed(self) -> list[int]:
         """Which tensors were written (one whose memory moved is :meth:`BaseSnapshot.moved`'s)."""
         now = [t._version for t in self.tensors]
         out = [] if now == self.versions else [  # the common case, compared in C
             i for i, (a, b) in enumerate(zip(now, self.versions)) if a != b]
-        if self.samples is not None:
-            out += [i for i, (t, sp, s) in enumerate(zip(self.tensors, self.spots, self.samples))
-                    if (not sp or sp[0] == t.data_ptr()) and not _same(_read(sp, t), s)
-                    and i not in out]
-        for i, (sp, s) in self.escaped.items():
+        for i, (sp, s) in self.sampled.items():
             t = self.tensors[i]
             if i not in out and (not sp or sp[0] == t.data_ptr()) and not _same(_read(sp, t), s):
                 out.append(i)
@@ -131,6 +124,13 @@ class ValueGuard:
             self._barrier = WriteBarrier(self.names, self.tensors, on_escape=self.escape)
         self._barrier.refused = None
         return self._barrier
+
+    def raise_refused(self, registry, step, barrier: WriteBarrier | None,
+                      cause: BaseException | None = None) -> None:
+        """Raise :meth:`refused`'s error where ``barrier`` (``None``: none was held)
+        refused a write, ``cause`` chained."""
+        if barrier is not None and barrier.refused is not None:
+            raise self.refused(registry, step, barrier.refused) from cause
 
     @staticmethod
     def refused(registry, step, refusal: BaseWriteRefused) -> PluginError:
