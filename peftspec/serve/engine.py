@@ -70,6 +70,11 @@ class Request:
         self.cancelled = True
 
 
+def _shutting_down() -> ServeError:
+    return ServeError("the server is shutting down", status=503, kind="server_error",
+                      code="shutting_down")
+
+
 class Engine:
     """Owns ``model``; :meth:`submit` requests from any thread."""
 
@@ -105,8 +110,7 @@ class Engine:
         done: Future = Future()
         with self.lock:
             if self.stopped:
-                raise ServeError("the server is shutting down", status=503,
-                                 kind="server_error", code="shutting_down")
+                raise _shutting_down()
             self.tasks.append((fn, done))
             self.lock.notify()
         return done.result()
@@ -165,9 +169,7 @@ class Engine:
                     self.lock.wait()
                 if self.stopped:
                     for _fn, done in self.tasks:
-                        done.set_exception(ServeError("the server is shutting down",
-                                                      status=503, kind="server_error",
-                                                      code="shutting_down"))
+                        done.set_exception(_shutting_down())
                     self.tasks.clear()
                     return
                 tasks, self.tasks = list(self.tasks), deque()
